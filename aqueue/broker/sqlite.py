@@ -1,0 +1,389 @@
+"""sqlite:///path.db — the embedded broker: several processes on one machine share one file, no server.
+
+Every broker owns one sqlite3 connection in WAL mode (readers do not block the writer) with a busy
+timeout, and runs every statement on one dedicated thread, so the event loop never waits on the disk.
+Each write is one short transaction, so processes sharing the file take turns quickly.
+
+Messages are rows of ``aqueue_messages``; a row is visible when ``visible_at <= now`` (publishing sets it
+to the ETA, or now). A consumer claims rows with one ``UPDATE ... RETURNING`` that moves ``visible_at`` a
+visibility timeout ahead and counts the delivery, so two processes never claim the same row. While the
+consumer lives, it renews the claim of every delivery it holds each third of the timeout, so a long task
+is not redelivered; when its process dies the claims lapse and the rows are delivered again, flagged
+``redelivered``. Ack deletes the row, requeue makes it visible now, reject moves it to
+``aqueue_dead_letters``. A settle applies only to the claim it came from (row id and delivery count): a
+consumer whose claim lapsed cannot delete a message that another consumer is now running.
+
+SQLite cannot notify other processes, so consumers poll: every ``polling_interval`` seconds at first,
+backing off to half a second while the queues stay empty; a publish in the same broker wakes its
+consumers at once. Broadcasts are rows that subscribers poll every 0.1 s; rows older than a minute are
+pruned. Priorities: a higher number is delivered first; among equals, the oldest message first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import logging
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aqueue.broker.base import Broker, Consumer, Delivery
+from aqueue.exceptions import ImproperlyConfigured, OperationalError
+from aqueue.message import Envelope
+from aqueue.urls import sqlite_path
+
+__all__ = ["SQLiteBroker"]
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+Tag = tuple[int, int]
+"""A claim: the row id and the delivery count the claim set."""
+
+_OPTIONS = ("visibility_timeout", "polling_interval")
+_MAX_PAUSE = 0.5
+_BROADCAST_POLL = 0.1
+_BROADCAST_KEEP = 60.0
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS aqueue_messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, msg_id TEXT NOT NULL, queue TEXT NOT NULL, body BLOB NOT NULL,
+    content_type TEXT NOT NULL, priority INTEGER NOT NULL, visible_at REAL NOT NULL,
+    delivery_count INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS aqueue_messages_order ON aqueue_messages (queue, priority DESC, id);
+CREATE TABLE IF NOT EXISTS aqueue_dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, msg_id TEXT NOT NULL, queue TEXT NOT NULL, body BLOB NOT NULL,
+    content_type TEXT NOT NULL, priority INTEGER NOT NULL, reason TEXT NOT NULL, rejected_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS aqueue_broadcasts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, channel TEXT NOT NULL, data BLOB NOT NULL, created REAL NOT NULL);
+"""
+
+
+class _Connection:
+    """One sqlite3 connection, used only from its own thread; opened on first use."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="aqueue-sqlite")
+        return asyncio.wrap_future(self._executor.submit(self._call, fn))
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self.submit(fn)
+
+    async def aclose(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            await asyncio.wrap_future(executor.submit(self._close))
+            executor.shutdown(wait=False)
+
+    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            if self._db is None:
+                self._db = _open(self.path)
+            return fn(self._db)
+        except (sqlite3.Error, OSError) as exc:
+            raise OperationalError(f"SQLite broker {self.path}: {exc}") from exc
+
+    def _close(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            db.close()
+
+
+def _open(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    # NORMAL keeps every commit across a process crash (SIGKILL); only an OS crash may lose the last ones.
+    db.execute("PRAGMA synchronous=NORMAL")
+    with _transaction(db):
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                db.execute(statement)
+    return db
+
+
+@contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    # IMMEDIATE takes the write lock up front, so the busy timeout applies instead of a deadlock error.
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+class SQLiteBroker(Broker):
+    """A broker in one SQLite file that several processes on this machine may share."""
+
+    def __init__(
+        self, url: str, *, visibility_timeout: float = 30.0, polling_interval: float = 0.05, **options: Any
+    ) -> None:
+        """Parameters: ``visibility_timeout`` (seconds a claim lasts unless renewed) and ``polling_interval``.
+
+        Raises:
+            InvalidURL: ``url`` is not ``sqlite:///relative.db`` or ``sqlite:////absolute.db``.
+            ImproperlyConfigured: an unknown option (names the closest one) or a duration that is not > 0.
+        """
+        if options:
+            raise _unknown_option(next(iter(options)))
+        if not (visibility_timeout > 0 and polling_interval > 0):
+            raise ImproperlyConfigured("visibility_timeout and polling_interval must be seconds > 0")
+        self.url, self.path = url, sqlite_path(url)
+        self.visibility_timeout, self.polling_interval = float(visibility_timeout), float(polling_interval)
+        self._db = _Connection(self.path)
+        self._waiters: set[asyncio.Future[None]] = set()
+        self._renewals: set[asyncio.Task[None]] = set()
+
+    async def connect(self) -> None:
+        await self._db.run(lambda db: None)
+
+    async def aclose(self) -> None:
+        """Stop renewing claims and close the connection; unsettled deliveries lapse after the timeout."""
+        for task in self._renewals:
+            task.cancel()
+        await asyncio.gather(*self._renewals, return_exceptions=True)
+        await self._db.aclose()
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        if envelopes:
+            await self._db.run(partial(_insert, list(envelopes)))
+            self._wake()
+
+    def consume(self, queues: Sequence[str], prefetch: int) -> Consumer:
+        return _SQLiteConsumer(self, queues, prefetch)
+
+    async def purge(self, queue: str) -> int:
+        return await self._db.run(partial(_purge, queue))
+
+    async def dead_letters(self, queue: str) -> list[Envelope]:
+        """Envelopes rejected from ``queue``, oldest first."""
+        rows = await self._db.run(partial(_dead_letters, queue))
+        return [
+            Envelope(msg_id, queue, body, ctype, None, priority or None)
+            for msg_id, body, ctype, priority in rows
+        ]
+
+    async def broadcast(self, channel: str, data: bytes) -> None:
+        await self._db.run(partial(_broadcast, channel, data))
+        self._wake()
+
+    @asynccontextmanager
+    async def subscribe(self, channel: str) -> AsyncIterator[AsyncIterator[bytes]]:
+        last = await self._db.run(partial(_last_broadcast, channel))
+        yield self._listen(channel, last)
+
+    async def _listen(self, channel: str, last: int) -> AsyncIterator[bytes]:
+        while True:
+            rows = await self._db.run(partial(_broadcasts_after, channel, last))
+            for last, data in rows:  # noqa: B007  (the loop advances the cursor)
+                yield data
+            if not rows:
+                await self._nap(_BROADCAST_POLL)
+
+    def _wake(self) -> None:
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
+
+    async def _nap(self, timeout: float) -> None:
+        """Sleep ``timeout`` seconds, or less when this broker publishes."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.add(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            self._waiters.discard(waiter)
+
+
+def _unknown_option(name: str) -> ImproperlyConfigured:
+    close = difflib.get_close_matches(name, _OPTIONS, n=1, cutoff=0.5)
+    hint = f" Did you mean {close[0]!r}?" if close else f" Known options: {', '.join(_OPTIONS)}."
+    return ImproperlyConfigured(f"Unknown SQLite broker option {name!r} in broker_transport_options.{hint}")
+
+
+class _SQLiteConsumer(Consumer):
+    def __init__(self, broker: SQLiteBroker, queues: Sequence[str], prefetch: int) -> None:
+        super().__init__(queues, prefetch)
+        self._broker = broker
+        self._pause = broker.polling_interval
+        self._renewal: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def _fetch(self, n: int) -> Sequence[Delivery]:
+        self._start_renewal()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 1.0
+        while not (rows := await self._claim(n)):
+            left = deadline - loop.time()
+            if left <= 0:
+                return []
+            await self._broker._nap(min(self._pause, left))
+            self._pause = min(self._pause * 2, _MAX_PAUSE)
+        self._pause = self._broker.polling_interval
+        rows.sort(key=lambda row: (-row[5], row[0]))
+        return [
+            Delivery(self, msg_id, queue, body, ctype, count > 1, (rowid, count))
+            for rowid, msg_id, queue, body, ctype, _, count in rows
+        ]
+
+    async def _claim(self, n: int) -> list[Any]:
+        future = self._broker._db.submit(partial(_claim, self.queues, n, self._broker.visibility_timeout))
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # Cancelled while the claim ran: give the rows back now rather than after the timeout.
+            future.add_done_callback(self._unclaim)
+            raise
+
+    def _unclaim(self, future: asyncio.Future[list[Any]]) -> None:
+        if not future.cancelled() and future.exception() is None and (rows := future.result()):
+            tags = [(row[0], row[6]) for row in rows]
+            self._broker._db.submit(partial(_settle, tags, "unclaim")).add_done_callback(_log_failure)
+
+    async def _ack(self, delivery: Delivery) -> None:
+        await self._broker._db.run(partial(_settle, [delivery.tag], "ack"))
+
+    async def _reject(self, delivery: Delivery) -> None:
+        await self._broker._db.run(partial(_settle, [delivery.tag], "reject"))
+
+    async def _requeue(self, delivery: Delivery) -> None:
+        await self._broker._db.run(partial(_settle, [delivery.tag], "requeue"))
+        self._broker._wake()
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        self._closed = True
+        if not self.held and self._renewal is not None:
+            self._renewal.cancel()
+
+    def _start_renewal(self) -> None:
+        if self._renewal is None:
+            self._renewal = asyncio.get_running_loop().create_task(self._renew_claims())
+            self._broker._renewals.add(self._renewal)
+            self._renewal.add_done_callback(self._broker._renewals.discard)
+
+    async def _renew_claims(self) -> None:
+        """Keep held deliveries invisible to others; after aclose, until the last one is settled."""
+        timeout = self._broker.visibility_timeout
+        while not (self._closed and not self.held):
+            await asyncio.sleep(timeout / 3)
+            if tags := [delivery.tag for delivery in self.held.values()]:
+                try:
+                    await self._broker._db.run(partial(_renew, tags, timeout))
+                except OperationalError as exc:
+                    logger.warning("Could not renew %d claims in %s: %s", len(tags), self._broker.path, exc)
+
+
+def _log_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and (exc := future.exception()) is not None:
+        logger.warning("SQLite broker: %s", exc)
+
+
+def _insert(envelopes: list[Envelope], db: sqlite3.Connection) -> None:
+    now = time.time()
+    rows = [
+        (e.id, e.queue, e.body, e.content_type, e.priority or 0, now if e.eta is None else e.eta)
+        for e in envelopes
+    ]
+    with _transaction(db):
+        db.executemany(
+            "INSERT INTO aqueue_messages (msg_id, queue, body, content_type, priority, visible_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+
+
+def _claim(queues: Sequence[str], n: int, timeout: float, db: sqlite3.Connection) -> list[Any]:
+    now = time.time()
+    marks = ", ".join("?" * len(queues))
+    return db.execute(
+        "UPDATE aqueue_messages SET visible_at = ?, delivery_count = delivery_count + 1 WHERE id IN "
+        f"(SELECT id FROM aqueue_messages WHERE queue IN ({marks}) AND visible_at <= ? "
+        "ORDER BY priority DESC, id LIMIT ?) "
+        "RETURNING id, msg_id, queue, body, content_type, priority, delivery_count",
+        (now + timeout, *queues, now, n),
+    ).fetchall()
+
+
+_SETTLE = {
+    "ack": ["DELETE FROM aqueue_messages WHERE id = :id AND delivery_count = :count"],
+    "requeue": ["UPDATE aqueue_messages SET visible_at = :now WHERE id = :id AND delivery_count = :count"],
+    "unclaim": [
+        "UPDATE aqueue_messages SET visible_at = :now, delivery_count = delivery_count - 1 "
+        "WHERE id = :id AND delivery_count = :count"
+    ],
+    "reject": [
+        "INSERT INTO aqueue_dead_letters (msg_id, queue, body, content_type, priority, reason, rejected_at) "
+        "SELECT msg_id, queue, body, content_type, priority, 'rejected', :now FROM aqueue_messages "
+        "WHERE id = :id AND delivery_count = :count",
+        "DELETE FROM aqueue_messages WHERE id = :id AND delivery_count = :count",
+    ],
+}
+
+
+def _settle(tags: list[Tag], how: str, db: sqlite3.Connection) -> None:
+    now = time.time()
+    params = [{"now": now, "id": rowid, "count": count} for rowid, count in tags]
+    with _transaction(db):
+        for statement in _SETTLE[how]:
+            db.executemany(statement, params)
+
+
+def _renew(tags: list[Tag], timeout: float, db: sqlite3.Connection) -> None:
+    until = time.time() + timeout
+    with _transaction(db):
+        db.executemany(
+            "UPDATE aqueue_messages SET visible_at = ? WHERE id = ? AND delivery_count = ?",
+            [(until, rowid, count) for rowid, count in tags],
+        )
+
+
+def _purge(queue: str, db: sqlite3.Connection) -> int:
+    # Waiting rows only: a row claimed by a live consumer is left for it to settle.
+    cursor = db.execute(
+        "DELETE FROM aqueue_messages WHERE queue = ? AND (delivery_count = 0 OR visible_at <= ?)",
+        (queue, time.time()),
+    )
+    return cursor.rowcount
+
+
+def _dead_letters(queue: str, db: sqlite3.Connection) -> list[Any]:
+    return db.execute(
+        "SELECT msg_id, body, content_type, priority FROM aqueue_dead_letters WHERE queue = ? ORDER BY id",
+        (queue,),
+    ).fetchall()
+
+
+def _broadcast(channel: str, data: bytes, db: sqlite3.Connection) -> None:
+    now = time.time()
+    with _transaction(db):
+        db.execute("DELETE FROM aqueue_broadcasts WHERE created < ?", (now - _BROADCAST_KEEP,))
+        db.execute(
+            "INSERT INTO aqueue_broadcasts (channel, data, created) VALUES (?, ?, ?)", (channel, data, now)
+        )
+
+
+def _last_broadcast(channel: str, db: sqlite3.Connection) -> int:
+    row = db.execute("SELECT max(id) FROM aqueue_broadcasts WHERE channel = ?", (channel,)).fetchone()
+    return int(row[0] or 0)
+
+
+def _broadcasts_after(channel: str, last: int, db: sqlite3.Connection) -> list[Any]:
+    return db.execute(
+        "SELECT id, data FROM aqueue_broadcasts WHERE channel = ? AND id > ? ORDER BY id", (channel, last)
+    ).fetchall()
