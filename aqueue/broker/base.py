@@ -1,0 +1,179 @@
+"""The broker seam: what every transport implements.
+
+A :class:`Broker` publishes envelopes and hands out a :class:`Consumer`, an async iterator of
+:class:`Delivery`. The consumer keeps at most ``prefetch`` deliveries unsettled; each delivery is
+settled exactly once by ``ack()``, ``reject()`` (dead-letter) or ``requeue()``. Brokers also carry
+remote-control broadcasts (``broadcast`` / ``subscribe``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
+from typing import Any, Self
+
+from aqueue.message import Envelope
+
+__all__ = ["Broker", "Consumer", "Delivery"]
+
+
+class Delivery:
+    """One message handed to a consumer, to be settled once."""
+
+    __slots__ = ("_consumer", "body", "content_type", "id", "queue", "redelivered", "settled", "tag")
+
+    def __init__(
+        self,
+        consumer: Consumer,
+        id: str,
+        queue: str,
+        body: bytes,
+        content_type: str,
+        redelivered: bool = False,
+        tag: Any = None,
+    ) -> None:
+        self._consumer = consumer
+        self.id, self.queue, self.body, self.content_type = id, queue, body, content_type
+        self.redelivered, self.tag, self.settled = redelivered, tag, False
+
+    async def ack(self) -> None:
+        """The message is done with: remove it from the broker."""
+        if self._settle():
+            await self._consumer._ack(self)
+
+    async def reject(self) -> None:
+        """The message must never run: dead-letter it."""
+        if self._settle():
+            await self._consumer._reject(self)
+
+    async def requeue(self) -> None:
+        """Give the message back so that any consumer may receive it again."""
+        if self._settle():
+            await self._consumer._requeue(self)
+
+    def _settle(self) -> bool:
+        if self.settled:
+            return False
+        self.settled = True
+        self._consumer._release(self)
+        return True
+
+    def __repr__(self) -> str:
+        return f"<Delivery {self.id} queue={self.queue!r}>"
+
+
+class Consumer(ABC):
+    """Deliveries from some queues, at most ``prefetch`` of them unsettled at once.
+
+    Subclasses implement ``_fetch`` (wait for up to ``n`` deliveries) and the three settle steps.
+    """
+
+    def __init__(self, queues: Sequence[str], prefetch: int) -> None:
+        self.queues, self.prefetch = tuple(queues), max(1, prefetch)
+        self.held: dict[int, Delivery] = {}
+        self._buffer: deque[Delivery] = deque()
+        self._room = asyncio.Event()
+        self._room.set()
+
+    async def receive(self) -> Delivery:
+        """The next delivery; waits while ``prefetch`` deliveries are unsettled."""
+        while not self._buffer:
+            while len(self.held) >= self.prefetch:
+                self._room.clear()
+                await self._room.wait()
+            for delivery in await self._fetch(self.prefetch - len(self.held)):
+                self.held[id(delivery)] = delivery
+                self._buffer.append(delivery)
+        return self._buffer.popleft()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Delivery:
+        return await self.receive()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop consuming; requeue deliveries fetched but never handed out."""
+        while self._buffer:
+            await self._buffer.popleft().requeue()
+
+    def _release(self, delivery: Delivery) -> None:
+        self.held.pop(id(delivery), None)
+        self._room.set()
+
+    @abstractmethod
+    async def _fetch(self, n: int) -> Sequence[Delivery]:
+        """Wait for, claim and return between 0 and ``n`` deliveries (0 lets the loop re-check)."""
+
+    @abstractmethod
+    async def _ack(self, delivery: Delivery) -> None: ...
+
+    @abstractmethod
+    async def _reject(self, delivery: Delivery) -> None: ...
+
+    @abstractmethod
+    async def _requeue(self, delivery: Delivery) -> None: ...
+
+
+class Broker(ABC):
+    """A message transport. Use it as ``async with broker:`` or call ``connect()``/``aclose()``."""
+
+    url: str
+
+    async def connect(self) -> None:
+        """Open connections; safe to call more than once."""
+
+    async def aclose(self) -> None:
+        """Close connections."""
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    @abstractmethod
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        """Store ``envelopes`` in their queues; returns once the broker has accepted all of them.
+
+        An envelope with an ``eta`` is not delivered before that time. Publishing declares the queue.
+
+        Raises:
+            OperationalError: the broker could not be reached or refused the messages.
+        """
+
+    @abstractmethod
+    def consume(self, queues: Sequence[str], prefetch: int) -> Consumer:
+        """A consumer of ``queues`` holding at most ``prefetch`` unsettled deliveries."""
+
+    @abstractmethod
+    async def purge(self, queue: str) -> int:
+        """Delete every waiting message of ``queue``; returns how many were deleted."""
+
+    @abstractmethod
+    async def broadcast(self, channel: str, data: bytes) -> None:
+        """Send ``data`` to every current subscriber of ``channel`` (remote control)."""
+
+    @abstractmethod
+    def subscribe(self, channel: str) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        """Receive what is broadcast on ``channel`` from the moment the context is entered."""
+
+    def __repr__(self) -> str:
+        from aqueue.urls import mask_password
+
+        return f"<{type(self).__name__} {mask_password(self.url)}>"
+
+    __str__ = __repr__

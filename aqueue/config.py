@@ -1,0 +1,181 @@
+"""Settings: Celery's names and defaults, validated; unknown names suggest the closest known one."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import types
+from collections.abc import Callable, Iterator, Mapping
+from datetime import timedelta
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator
+
+from aqueue.exceptions import ImproperlyConfigured, UnknownSetting
+from aqueue.rates import parse_rate
+
+__all__ = ["DEFAULT_BROKER_URL", "Settings"]
+
+DEFAULT_BROKER_URL = "sqlite:///aqueue.db"
+"""The embedded store used when no broker is configured anywhere: a file in the working directory."""
+
+_ENVIRONMENT = {"broker_url": "AQUEUE_BROKER_URL", "result_backend": "AQUEUE_RESULT_BACKEND"}
+
+
+class Settings(BaseModel):
+    """The app's configuration, under Celery's setting names."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, arbitrary_types_allowed=True)
+
+    # Broker
+    broker_url: str | None = None
+    broker_transport_options: dict[str, Any] = {}
+    broker_connection_retry: bool = True
+    broker_connection_retry_on_startup: bool = True
+    broker_connection_max_retries: int | None = 100
+    broker_connection_timeout: float = 4.0
+    broker_pool_limit: int | None = 10
+    # Results
+    result_backend: str | None = None
+    result_backend_transport_options: dict[str, Any] = {}
+    result_serializer: str = "json"
+    result_accept_content: list[str] | None = None
+    result_expires: float | None = 86400.0
+    result_extended: bool = False
+    # Tasks
+    task_serializer: str = "json"
+    accept_content: list[str] = ["json"]
+    task_default_queue: str = "celery"
+    task_default_priority: int | None = None
+    task_routes: Any = None
+    task_annotations: Any = None
+    task_ignore_result: bool = False
+    task_acks_late: bool = False
+    task_acks_on_failure_or_timeout: bool = True
+    task_reject_on_worker_lost: bool = False
+    task_track_started: bool = False
+    task_default_rate_limit: str | float | None = None
+    task_time_limit: float | None = None
+    task_soft_time_limit: float | None = None
+    task_default_retry_delay: float = 180.0
+    task_always_eager: bool = False
+    task_eager_propagates: bool = False
+    task_publish_retry: bool = True
+    task_publish_retry_policy: dict[str, float] = {
+        "max_retries": 3,
+        "interval_start": 0.0,
+        "interval_step": 0.2,
+        "interval_max": 0.2,
+    }
+    task_create_missing_queues: bool = True
+    # Worker
+    worker_concurrency: int = 100
+    worker_prefetch_multiplier: int = 4
+    worker_shutdown_timeout: float = 10.0
+    worker_state_db: str | None = None
+    worker_hijack_root_logger: bool = True
+    worker_send_task_events: bool = False
+    control_exchange: str = "celery"
+    # Time
+    timezone: str | None = None
+    enable_utc: bool = True
+    # Modules
+    imports: list[str] | tuple[str, ...] = ()
+    include: list[str] | tuple[str, ...] = ()
+
+    _version: int = PrivateAttr(0)
+
+    @property
+    def version(self) -> int:
+        """Incremented on every change, so that values worked out from settings can be cached."""
+        return self._version
+
+    @field_validator("result_expires", "task_time_limit", "task_soft_time_limit", mode="before")
+    @classmethod
+    def _seconds(cls, value: Any) -> Any:
+        return value.total_seconds() if isinstance(value, timedelta) else value
+
+    @field_validator("task_default_rate_limit")
+    @classmethod
+    def _rate(cls, value: Any) -> Any:
+        parse_rate(value)
+        return value
+
+    @field_validator("worker_concurrency", "worker_prefetch_multiplier")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_"):
+            return super().__setattr__(name, value)
+        self._check(name)
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as exc:
+            raise _invalid(exc) from None
+        self._version += 1
+
+    def update(self, mapping: Mapping[str, Any] | None = None, /, **settings: Any) -> None:
+        """Set several settings at once; every name is checked before any is set."""
+        values = {**(mapping or {}), **settings}
+        for name in values:
+            self._check(name)
+        for name, value in values.items():
+            setattr(self, name, value)
+
+    def config_from_object(self, obj: object | str) -> None:
+        """Load settings from a module name, a module, or any object with setting attributes."""
+        if isinstance(obj, str):
+            try:
+                obj = importlib.import_module(obj)
+            except ImportError as exc:
+                raise ImproperlyConfigured(f"Cannot import the configuration module {obj!r}: {exc}") from exc
+        self.update(dict(_public_settings(obj)))
+
+    def from_environment(self) -> None:
+        """Fill broker_url and result_backend from AQUEUE_* variables where they are not set."""
+        for name, variable in _ENVIRONMENT.items():
+            if getattr(self, name) is None and os.environ.get(variable):
+                setattr(self, name, os.environ[variable])
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return getattr(self, name, default)
+
+    def __getitem__(self, name: str) -> Any:
+        self._check(name)
+        return getattr(self, name)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        setattr(self, name, value)
+
+    def _check(self, name: str) -> None:
+        if name not in type(self).model_fields:
+            raise UnknownSetting(name, type(self).model_fields)
+
+
+def _public_settings(obj: object) -> Iterator[tuple[str, Any]]:
+    """The lowercase, non-callable, non-module attributes of a configuration object."""
+    items = obj.items() if isinstance(obj, Mapping) else ((k, getattr(obj, k)) for k in dir(obj))
+    for name, value in items:
+        if name.startswith("_") or not name.islower():
+            continue
+        if isinstance(value, types.ModuleType | type) or _is_function(value):
+            continue
+        yield name, value
+
+
+def _is_function(value: Any) -> bool:
+    return isinstance(value, types.FunctionType | types.BuiltinFunctionType | Callable) and not isinstance(
+        value, str | bytes | dict | list | tuple
+    )
+
+
+def _invalid(exc: ValidationError) -> ImproperlyConfigured:
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error["loc"])
+    return ImproperlyConfigured(
+        f"Invalid value for setting {where!r}: {error['msg']} (got {error.get('input')!r})"
+    )

@@ -1,0 +1,141 @@
+"""AsyncResult: Celery's result handle. Properties hold the last state fetched; awaited methods fetch."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Generator
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from aqueue import states
+from aqueue.exceptions import ResultNotStored, TaskRevokedError
+from aqueue.result.failure import exception_from_result
+
+if TYPE_CHECKING:
+    from aqueue.result.base import ResultBackend, TaskMeta
+
+__all__ = ["AsyncResult"]
+
+R = TypeVar("R")
+
+
+class AsyncResult(Generic[R]):
+    """The result of a task call.
+
+    ``await result`` waits until the broker has accepted the message (a publish failure raises there)
+    and returns the result itself.
+    """
+
+    __slots__ = ("_meta", "_sent", "backend", "id", "ignored", "task_name")
+
+    def __init__(
+        self,
+        id: str,
+        backend: ResultBackend,
+        *,
+        sent: asyncio.Future[None] | None = None,
+        ignored: bool = False,
+        task_name: str | None = None,
+    ) -> None:
+        self.id, self.backend, self.task_name = id, backend, task_name
+        self.ignored = ignored
+        self._sent = sent
+        self._meta: TaskMeta | None = None
+
+    def __await__(self) -> Generator[Any, None, AsyncResult[R]]:
+        if self._sent is not None:
+            yield from asyncio.shield(self._sent).__await__()
+        return self
+
+    async def get(self, timeout: float | None = None, propagate: bool = True) -> R:
+        """Wait for the task to finish and return its return value.
+
+        Parameters:
+            timeout: seconds to wait at most; ``None`` waits for ever.
+            propagate: re-raise the task's exception (else return the exception instance).
+
+        Raises:
+            TimeoutError: the task did not finish in time (aqueue.exceptions.TimeoutError).
+            NoResultBackend: the app has no result backend.
+            ResultNotStored: the task was sent with ignore_result.
+            Exception: the task's own exception, when it failed and ``propagate`` is true.
+        """
+        if self.ignored:
+            raise ResultNotStored(self.id)
+        await self
+        self._meta = await self.backend.wait(self.id, timeout)
+        if self._meta.status == states.SUCCESS:
+            return self._meta.result  # type: ignore[no-any-return]
+        exc = self._exception()
+        if propagate:
+            raise exc
+        return exc  # type: ignore[return-value]
+
+    async def refresh(self) -> str:
+        """Fetch the task's state from the backend; returns it."""
+        self._meta = await self.backend.get(self.id)
+        return self._meta.status
+
+    async def ready(self) -> bool:
+        """Whether the task has finished (succeeded, failed or was revoked)."""
+        return await self.refresh() in states.READY_STATES
+
+    async def successful(self) -> bool:
+        return await self.refresh() == states.SUCCESS
+
+    async def failed(self) -> bool:
+        return await self.refresh() == states.FAILURE
+
+    async def forget(self) -> None:
+        """Remove the stored result."""
+        await self.backend.forget(self.id)
+        self._meta = None
+
+    @property
+    def state(self) -> str:
+        """The last state fetched (no I/O); PENDING before any fetch."""
+        return self._meta.status if self._meta is not None else states.PENDING
+
+    status = state
+
+    @property
+    def result(self) -> Any:
+        """The return value, or the exception instance for a failed task, from the last fetch."""
+        meta = self._meta
+        if meta is None:
+            return None
+        if meta.status in (states.FAILURE, states.REVOKED, states.RETRY):
+            return self._exception()
+        return meta.result
+
+    info = result
+
+    @property
+    def traceback(self) -> str | None:
+        """The worker-side traceback of a failed task, from the last fetch."""
+        return self._meta.traceback if self._meta is not None else None
+
+    @property
+    def date_done(self) -> datetime | None:
+        meta = self._meta
+        return datetime.fromisoformat(meta.date_done) if meta and meta.date_done else None
+
+    def _exception(self) -> BaseException:
+        assert self._meta is not None
+        if self._meta.status == states.REVOKED:
+            return TaskRevokedError(f"Task {self.id} was revoked: {self._meta.result}")
+        return exception_from_result(self._meta.result)
+
+    def __repr__(self) -> str:
+        return f"<AsyncResult: {self.id}>"
+
+    def __str__(self) -> str:
+        return self.id
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, AsyncResult):
+            return self.id == other.id
+        return other == self.id if isinstance(other, str) else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.id)

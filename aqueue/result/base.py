@@ -1,0 +1,151 @@
+"""The result backend seam: where task states and results are kept.
+
+The base class implements the public behaviour once (encoding, PENDING for unknown ids, waiting with
+a deadline); a backend fills in ``_set``, ``_get`` and ``_delete``, and may override ``wait`` to be
+woken instead of polling.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+
+from aqueue import states
+from aqueue.exceptions import DecodeError, TimeoutError
+from aqueue.message import Message
+from aqueue.serialization import Serializer, get_serializer
+
+__all__ = ["ResultBackend", "TaskMeta"]
+
+
+@dataclass(slots=True)
+class TaskMeta:
+    """A task's state as stored: for FAILURE, ``result`` holds exc_type, exc_module and exc_message."""
+
+    task_id: str
+    status: str = states.PENDING
+    result: Any = None
+    traceback: str | None = None
+    date_done: str | None = None
+    name: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.status in states.READY_STATES
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task_id": self.task_id,
+            "status": self.status,
+            "result": self.result,
+            "traceback": self.traceback,
+            "date_done": self.date_done,
+            "name": self.name,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> TaskMeta:
+        try:
+            return cls(
+                data["task_id"],
+                data["status"],
+                data.get("result"),
+                data.get("traceback"),
+                data.get("date_done"),
+                data.get("name"),
+            )
+        except (KeyError, TypeError) as exc:
+            raise DecodeError(f"Not a stored task result: {exc}") from exc
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+class ResultBackend(ABC):
+    """Stores task states. Use it as ``async with backend:`` or call ``connect()``/``aclose()``."""
+
+    url: str
+    poll_interval: float = 0.5
+    """The longest pause between two reads while ``wait`` polls."""
+
+    def __init__(self, url: str, serializer: str = "json", expires: float | None = None) -> None:
+        self.url, self.expires = url, expires
+        self.serializer: Serializer = get_serializer(serializer)
+
+    async def connect(self) -> None:
+        """Open connections; safe to call more than once."""
+
+    async def aclose(self) -> None:
+        """Close connections."""
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    def prepare(self, message: Message) -> None:
+        """Called for each message this process publishes, before it is encoded."""
+
+    async def store(self, meta: TaskMeta, request: Message | None = None) -> None:
+        """Record ``meta``; ``request`` is the message being run, when there is one."""
+        if meta.date_done is None and meta.ready:
+            meta.date_done = now_iso()
+        await self._set(meta.task_id, self.serializer.dumps(meta.to_dict()), meta)
+
+    async def get(self, task_id: str) -> TaskMeta:
+        """The stored state of ``task_id``; PENDING when nothing is stored."""
+        data = await self._get(task_id)
+        if data is None:
+            return TaskMeta(task_id)
+        return TaskMeta.from_dict(self.serializer.decode(data))
+
+    async def wait(self, task_id: str, timeout: float | None = None) -> TaskMeta:
+        """Wait until ``task_id`` is ready and return its state.
+
+        Raises:
+            TimeoutError: ``timeout`` seconds passed first.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.005
+        while True:
+            meta = await self.get(task_id)
+            if meta.ready:
+                return meta
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"The operation timed out waiting for task {task_id}.")
+                pause = min(pause, left)
+            await anyio.sleep(pause)
+            pause = min(pause * 2, self.poll_interval)
+
+    async def forget(self, task_id: str) -> None:
+        """Remove what is stored for ``task_id``."""
+        await self._delete(task_id)
+
+    @abstractmethod
+    async def _set(self, task_id: str, data: bytes, meta: TaskMeta) -> None: ...
+
+    @abstractmethod
+    async def _get(self, task_id: str) -> bytes | None: ...
+
+    @abstractmethod
+    async def _delete(self, task_id: str) -> None: ...
+
+    def __repr__(self) -> str:
+        from aqueue.urls import mask_password
+
+        return f"<{type(self).__name__} {mask_password(self.url)}>"
+
+    __str__ = __repr__

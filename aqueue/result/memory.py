@@ -1,0 +1,60 @@
+"""memory:// — results kept in this process; ``wait`` is woken when the result is stored."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+from collections import defaultdict
+from urllib.parse import urlsplit
+
+from aqueue.exceptions import TimeoutError
+from aqueue.result.base import ResultBackend, TaskMeta
+
+__all__ = ["MemoryBackend"]
+
+
+class _Store:
+    def __init__(self) -> None:
+        self.results: dict[str, bytes] = {}
+        self.waiters: defaultdict[str, set[asyncio.Future[None]]] = defaultdict(set)
+
+
+_STORES: defaultdict[str, _Store] = defaultdict(_Store)
+
+
+class MemoryBackend(ResultBackend):
+    """Results in this process's memory, shared by every ``memory://NAME`` backend of the same name."""
+
+    def __init__(
+        self, url: str = "memory://", serializer: str = "json", expires: float | None = None
+    ) -> None:
+        super().__init__(url, serializer, expires)
+        self._shared = _STORES[urlsplit(url).netloc]
+
+    async def _set(self, task_id: str, data: bytes, meta: TaskMeta) -> None:
+        self._shared.results[task_id] = data
+        if meta.ready:
+            for waiter in self._shared.waiters.pop(task_id, ()):
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def _get(self, task_id: str) -> bytes | None:
+        return self._shared.results.get(task_id)
+
+    async def _delete(self, task_id: str) -> None:
+        self._shared.results.pop(task_id, None)
+
+    async def wait(self, task_id: str, timeout: float | None = None) -> TaskMeta:
+        meta = await self.get(task_id)
+        if meta.ready:
+            return meta
+        waiter = asyncio.get_running_loop().create_future()
+        waiters = self._shared.waiters[task_id]
+        waiters.add(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except builtins.TimeoutError:
+            raise TimeoutError(f"The operation timed out waiting for task {task_id}.") from None
+        finally:
+            waiters.discard(waiter)
+        return await self.get(task_id)

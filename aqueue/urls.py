@@ -1,0 +1,68 @@
+"""Broker and backend URLs: parsing, scheme checks and password masking."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import SplitResult, urlsplit, urlunsplit
+
+from aqueue.exceptions import InvalidURL
+
+__all__ = ["BACKEND_SCHEMES", "BROKER_SCHEMES", "mask_password", "parse", "sqlite_path"]
+
+BROKER_SCHEMES = ("memory", "sqlite", "redis", "rediss", "amqp", "amqps", "pyamqp")
+BACKEND_SCHEMES = ("memory", "sqlite", "redis", "rediss", "rpc")
+
+
+def parse(url: str, *, kinds: tuple[str, ...], role: str) -> SplitResult:
+    """Split ``url`` and check that its scheme is one of ``kinds``.
+
+    Raises:
+        InvalidURL: the URL is not a string, has no scheme, or a scheme not in ``kinds``.
+    """
+    if not isinstance(url, str) or "://" not in url:
+        raise InvalidURL(
+            f"Invalid {role} URL {url!r}: expected scheme://..., one of "
+            + ", ".join(f"{k}://" for k in kinds)
+        )
+    parts = urlsplit(url)
+    if parts.scheme not in kinds:
+        raise InvalidURL(
+            f"Unsupported {role} URL scheme {parts.scheme!r} in {mask_password(url)!r}: use one of "
+            + ", ".join(f"{k}://" for k in kinds)
+        )
+    try:
+        parts.port  # noqa: B018  (validates the port)
+    except ValueError as exc:
+        raise InvalidURL(f"Invalid port in {role} URL {mask_password(url)!r}: {exc}") from exc
+    return parts
+
+
+def mask_password(url: str) -> str:
+    """Return ``url`` with any password replaced by ``**``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    netloc = f"{user}:**@{host}{port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def sqlite_path(url: str) -> Path:
+    """The file of a ``sqlite://`` URL, following SQLAlchemy's convention.
+
+    ``sqlite:///q.db`` is relative to the working directory and ``sqlite:////abs/q.db`` is absolute.
+    """
+    rest = url.split("://", 1)[1]
+    if not rest.startswith("/") or rest == "/":
+        raise InvalidURL(
+            f"Invalid sqlite URL {url!r}: use sqlite:///relative/path.db or sqlite:////absolute/path.db"
+        )
+    path = rest[1:].split("?", 1)[0]
+    return Path(path).expanduser().resolve()

@@ -1,0 +1,83 @@
+"""The consumer loop: deliveries within the prefetch window, decode, reject bad ones, hand over."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aqueue import states
+from aqueue.broker.base import Consumer, Delivery
+from aqueue.exceptions import ContentDisallowed, DecodeError, NotRegistered
+from aqueue.message import Message, decode_message
+from aqueue.result.base import ResultBackend, TaskMeta
+from aqueue.result.failure import exception_to_result
+from aqueue.worker.execution import Executor, TaskRuntime
+
+__all__ = ["ConsumerLoop"]
+
+logger = logging.getLogger("aqueue.worker")
+
+
+class ConsumerLoop:
+    """Takes deliveries from a consumer and starts one execution per good message."""
+
+    def __init__(
+        self,
+        consumer: Consumer,
+        runtimes: dict[str, TaskRuntime],
+        executor: Executor,
+        backend: ResultBackend,
+        accepted: frozenset[str],
+    ) -> None:
+        self.consumer, self.runtimes, self.executor = consumer, runtimes, executor
+        self.backend, self.accepted = backend, accepted
+        self.running: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        """Consume until cancelled."""
+        log_info = logger.isEnabledFor(logging.INFO)
+        runtimes, accepted, spawn = self.runtimes, self.accepted, asyncio.get_running_loop().create_task
+        running, execute = self.running, self.executor.run
+        async for delivery in self.consumer:
+            try:
+                message = decode_message(delivery.body, delivery.content_type, accepted)
+            except (ContentDisallowed, DecodeError) as exc:
+                await self._bad(delivery, exc)
+                continue
+            runtime = runtimes.get(message.task)
+            if runtime is None:
+                await self._unregistered(delivery, message)
+                continue
+            if log_info:
+                logger.info("Task %s[%s] received", message.task, message.id)
+            job = spawn(execute(delivery, message, runtime))
+            running.add(job)
+            job.add_done_callback(running.discard)
+
+    async def _bad(self, delivery: Delivery, exc: Exception) -> None:
+        kind = "refused" if isinstance(exc, ContentDisallowed) else "undecodable"
+        logger.error(
+            "Rejecting %s message %s from queue %r: %s. It was not run and has been dead-lettered.",
+            kind,
+            delivery.id,
+            delivery.queue,
+            exc,
+        )
+        await delivery.reject()
+
+    async def _unregistered(self, delivery: Delivery, message: Message) -> None:
+        logger.error(
+            "Received unregistered task of type %r (id %s). The message has been ignored, not run, and "
+            "dead-lettered. Did you import the module that defines it (worker -A, or the 'imports' setting)?",
+            message.task,
+            message.id,
+        )
+        await delivery.reject()
+        failure: Any = exception_to_result(NotRegistered(message.task))
+        try:
+            await self.backend.store(
+                TaskMeta(message.id, states.FAILURE, failure, name=message.task), message
+            )
+        except Exception as exc:
+            logger.debug("Could not record the unregistered task %s: %s", message.id, exc)

@@ -1,0 +1,263 @@
+"""One task run: early or late ack, STARTED, await or thread, time limit, retry, store, log."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import time
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import anyio.to_thread
+
+from aqueue import states
+from aqueue.broker.base import Delivery
+from aqueue.exceptions import Ignore, Reject, Retry, TimeLimitExceeded
+from aqueue.message import Envelope, Message, encode_message
+from aqueue.rates import parse_rate
+from aqueue.result.base import ResultBackend, TaskMeta
+from aqueue.result.failure import exception_to_result, format_traceback
+from aqueue.serialization import get_serializer
+from aqueue.task import Context, Task, _request
+from aqueue.worker.limits import ConcurrencyLimit, TokenBucket
+from aqueue.worker.state import WorkerState
+
+if TYPE_CHECKING:
+    from aqueue.app import App
+    from aqueue.publish import Publisher
+
+__all__ = ["Executor", "TaskRuntime"]
+
+logger = logging.getLogger("aqueue.worker")
+
+
+@dataclass(slots=True)
+class TaskRuntime:
+    """A task's settings as the worker applies them, worked out once at start-up."""
+
+    task: Task[Any, Any]
+    acks_late: bool
+    ignore_result: bool
+    track_started: bool
+    time_limit: float | None
+    bucket: TokenBucket
+
+    @classmethod
+    def build(cls, app: App, task: Task[Any, Any]) -> TaskRuntime:
+        conf, options, annotated = app.conf, task.options, app.annotation(task.name)
+
+        def pick(name: str, setting: Any) -> Any:
+            own = getattr(options, name)
+            return own if own is not None else annotated.get(name, setting)
+
+        rate = pick("rate_limit", conf.task_default_rate_limit)
+        return cls(
+            task,
+            bool(pick("acks_late", conf.task_acks_late)),
+            bool(pick("ignore_result", conf.task_ignore_result)),
+            bool(pick("track_started", conf.task_track_started)),
+            pick("time_limit", conf.task_time_limit),
+            TokenBucket(parse_rate(rate)),
+        )
+
+
+class Executor:
+    """Runs deliveries within the concurrency limit and each task's rate limit."""
+
+    def __init__(
+        self,
+        backend: ResultBackend,
+        publisher: Publisher,
+        state: WorkerState,
+        slots: ConcurrencyLimit,
+        hostname: str,
+    ) -> None:
+        self.backend, self.publisher, self.state, self.slots = backend, publisher, state, slots
+        self.hostname = hostname
+        self.log_info = logger.isEnabledFor(logging.INFO)
+
+    async def run(self, delivery: Delivery, message: Message, runtime: TaskRuntime) -> None:
+        """Wait for a token and a slot, then run; on cancellation give the message back."""
+        started = False
+        try:
+            if not runtime.bucket.try_acquire():
+                await runtime.bucket.acquire()
+            if not self.slots.try_acquire():
+                await self.slots.acquire()
+            try:
+                started = True
+                await self._run(delivery, message, runtime)
+            finally:
+                self.slots.release()
+        except asyncio.CancelledError:
+            await asyncio.shield(self._give_back(delivery, message, started))
+            raise
+
+    async def _give_back(self, delivery: Delivery, message: Message, started: bool) -> None:
+        if not delivery.settled:
+            await delivery.requeue()
+        elif started:
+            # Acknowledged when it started, cut short by shutdown: send it again so it is not lost.
+            await self.publisher.submit(
+                Envelope(message.id, delivery.queue, delivery.body, delivery.content_type)
+            )
+            logger.warning(
+                "Task %s[%s] was cut short by shutdown and returned to the queue", message.task, message.id
+            )
+
+    async def _run(self, delivery: Delivery, message: Message, runtime: TaskRuntime) -> None:
+        task_id, name = message.id, message.task
+        if await self._skip(delivery, message):
+            return
+        if not runtime.acks_late:
+            await delivery.ack()
+        self.state.active[task_id] = (message, time.time())
+        if runtime.track_started:
+            await self._store(
+                TaskMeta(task_id, states.STARTED, {"pid": os.getpid(), "hostname": self.hostname}, name=name),
+                message,
+            )
+        token = _request.set(
+            Context(
+                task_id,
+                name,
+                message.args,
+                message.kwargs,
+                message.retries,
+                message.eta,
+                message.expires,
+                self.hostname,
+                {"routing_key": delivery.queue},
+                message.headers,
+                False,
+                False,
+            )
+        )
+        began = time.perf_counter()
+        try:
+            result = await self._call(runtime, message)
+        except Retry as retry:
+            await self._retry(delivery, message, runtime, retry)
+        except Ignore:
+            pass
+        except Reject as reject:
+            await (delivery.requeue() if reject.requeue else delivery.reject())
+        except Exception as exc:
+            again = _autoretry(runtime, exc)
+            if again is not None:
+                await self._retry(delivery, message, runtime, again)
+            else:
+                await self._fail(message, exc)
+        else:
+            if self.log_info:
+                logger.info(
+                    "Task %s[%s] succeeded in %.6fs: %r", name, task_id, time.perf_counter() - began, result
+                )
+            if not runtime.ignore_result and not message.ignore_result:
+                await self._store(TaskMeta(task_id, states.SUCCESS, result, name=name), message)
+        finally:
+            _request.reset(token)
+            self.state.active.pop(task_id, None)
+            self.state.total[name] += 1
+        await delivery.ack()
+
+    async def _skip(self, delivery: Delivery, message: Message) -> bool:
+        """Revoked, expired, or already finished (a redelivered copy): ack without running."""
+        why = None
+        if message.id in self.state.revoked:
+            why = "revoked"
+        elif message.expires is not None and time.time() > message.expires:
+            why = "expired"
+        elif delivery.redelivered and await self._finished(message.id):
+            logger.info(
+                "Task %s[%s] already finished: redelivered copy acknowledged", message.task, message.id
+            )
+            await delivery.ack()
+            return True
+        if why is None:
+            return False
+        logger.info("Discarding %s task %s[%s]", why, message.task, message.id)
+        await delivery.ack()
+        await self.backend.store(TaskMeta(message.id, states.REVOKED, why, name=message.task), message)
+        return True
+
+    async def _finished(self, task_id: str) -> bool:
+        try:
+            return (await self.backend.get(task_id)).ready
+        except Exception:
+            return False
+
+    async def _call(self, runtime: TaskRuntime, message: Message) -> Any:
+        task = runtime.task
+        args = (task, *message.args) if task.bind else message.args
+        if not task.is_async:
+            call = functools.partial(task.fn, *args, **message.kwargs)
+            return await anyio.to_thread.run_sync(call)
+        if runtime.time_limit is None:
+            return await task.fn(*args, **message.kwargs)
+        try:
+            async with asyncio.timeout(runtime.time_limit):
+                return await task.fn(*args, **message.kwargs)
+        except TimeoutError as exc:
+            raise TimeLimitExceeded(
+                f"Task {task.name}[{message.id}] exceeded its time limit of {runtime.time_limit}s"
+            ) from exc
+
+    async def _retry(self, delivery: Delivery, message: Message, runtime: TaskRuntime, retry: Retry) -> None:
+        when = retry.when or 0.0
+        again = replace(message, retries=message.retries + 1, eta=time.time() + when if when else None)
+        serializer = get_serializer(delivery.content_type)
+        await self.publisher.submit(
+            Envelope(
+                again.id,
+                delivery.queue,
+                encode_message(again, serializer),
+                serializer.content_type,
+                again.eta,
+            )
+        )
+        logger.info(
+            "Task %s[%s] retry: Retry in %ss%s",
+            message.task,
+            message.id,
+            when,
+            f": {retry.exc!r}" if retry.exc else "",
+        )
+        if not runtime.ignore_result:
+            meta = TaskMeta(
+                message.id,
+                states.RETRY,
+                exception_to_result(retry.exc or retry),
+                format_traceback(retry.exc) if retry.exc else None,
+                name=message.task,
+            )
+            await self._store(meta, message)
+
+    async def _fail(self, message: Message, exc: Exception) -> None:
+        trace = format_traceback(exc)
+        logger.error("Task %s[%s] raised unexpected: %r\n%s", message.task, message.id, exc, trace.rstrip())
+        meta = TaskMeta(message.id, states.FAILURE, exception_to_result(exc), trace, name=message.task)
+        await self._store(meta, message)
+
+    async def _store(self, meta: TaskMeta, message: Message) -> None:
+        try:
+            await self.backend.store(meta, message)
+        except Exception as exc:
+            logger.error(
+                "Cannot store the %s state of task %s[%s]: %s", meta.status, message.task, message.id, exc
+            )
+
+
+def _autoretry(runtime: TaskRuntime, exc: Exception) -> Retry | None:
+    """The Retry that ``autoretry_for`` asks for, or None (also when the retry limit is reached)."""
+    if not (runtime.task.options.autoretry_for and isinstance(exc, runtime.task.options.autoretry_for)):
+        return None
+    try:
+        runtime.task.retry(exc=exc)
+    except Retry as retry:
+        return retry
+    except Exception:
+        return None
+    return None

@@ -1,0 +1,66 @@
+"""What a worker knows about itself: active requests, revoked ids (kept in --statedb), counters."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aqueue.message import Message
+
+__all__ = ["WorkerState", "WorkerStatistics"]
+
+logger = logging.getLogger("aqueue.worker")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStatistics:
+    active: int
+    total: dict[str, int]
+    revoked: int
+    uptime: float
+
+
+class WorkerState:
+    """Per-worker bookkeeping; revoked ids survive restarts when a state file is given."""
+
+    def __init__(self, statedb: str | Path | None = None) -> None:
+        self.active: dict[str, tuple[Message, float]] = {}
+        self.total: Counter[str] = Counter()
+        self.revoked: set[str] = set()
+        self.started = time.monotonic()
+        self.statedb = Path(statedb) if statedb else None
+        if self.statedb is not None and self.statedb.exists():
+            self._load(self.statedb)
+
+    def _load(self, path: Path) -> None:
+        try:
+            data = json.loads(path.read_text())
+            self.revoked.update(str(i) for i in data.get("revoked", []))
+        except (OSError, ValueError, AttributeError) as exc:
+            logger.warning("Ignoring unreadable state file %s: %s", path, exc)
+
+    def save(self) -> None:
+        if self.statedb is not None:
+            tmp = self.statedb.with_name(self.statedb.name + ".tmp")
+            tmp.write_text(json.dumps({"revoked": sorted(self.revoked)}))
+            tmp.replace(self.statedb)
+
+    def revoke(self, task_ids: list[str]) -> None:
+        self.revoked.update(task_ids)
+        self.save()
+
+    def describe_active(self) -> list[dict[str, Any]]:
+        return [
+            {"id": m.id, "name": m.task, "args": m.args, "kwargs": m.kwargs, "time_start": started}
+            for m, started in self.active.values()
+        ]
+
+    def statistics(self) -> WorkerStatistics:
+        return WorkerStatistics(
+            len(self.active), dict(self.total), len(self.revoked), time.monotonic() - self.started
+        )

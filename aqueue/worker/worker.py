@@ -1,0 +1,152 @@
+"""Worker lifecycle: ``async with Worker(app):`` or ``await worker.run()``; parts run as tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
+
+from aqueue.exceptions import OperationalError
+from aqueue.serialization import accepted_content_types
+from aqueue.worker.consumer import ConsumerLoop
+from aqueue.worker.control import ControlServer
+from aqueue.worker.execution import Executor, TaskRuntime
+from aqueue.worker.limits import ConcurrencyLimit
+from aqueue.worker.state import WorkerState
+
+if TYPE_CHECKING:
+    from aqueue.app import App
+
+__all__ = ["Worker", "default_hostname"]
+
+logger = logging.getLogger("aqueue.worker")
+
+
+def default_hostname() -> str:
+    return f"aqueue@{socket.gethostname()}"
+
+
+class Worker:
+    """Consumes ``queues`` and runs up to ``concurrency`` tasks at once, inside the current event loop.
+
+    Parameters:
+        app: the app whose tasks this worker runs.
+        concurrency: tasks at once (default: ``worker_concurrency``).
+        queues: queues to consume (default: ``[task_default_queue]``).
+        hostname: the worker's name in remote control (default ``aqueue@<hostname>``).
+        prefetch_multiplier: unacknowledged messages held = concurrency x this.
+        shutdown_timeout: seconds running tasks get to finish on shutdown before they are requeued.
+        statedb: a file keeping revoked task ids across restarts.
+    """
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        concurrency: int | None = None,
+        queues: Sequence[str] | None = None,
+        hostname: str | None = None,
+        prefetch_multiplier: int | None = None,
+        shutdown_timeout: float | None = None,
+        statedb: str | None = None,
+    ) -> None:
+        conf = app.conf
+        self.app = app
+        self.concurrency = concurrency or conf.worker_concurrency
+        self.queues = list(queues or [conf.task_default_queue])
+        self.hostname = hostname or default_hostname()
+        self.prefetch = self.concurrency * (prefetch_multiplier or conf.worker_prefetch_multiplier)
+        self.shutdown_timeout = conf.worker_shutdown_timeout if shutdown_timeout is None else shutdown_timeout
+        self.state = WorkerState(statedb or conf.worker_state_db)
+        self.slots = ConcurrencyLimit(self.concurrency)
+        self.runtimes: dict[str, TaskRuntime] = {}
+        self._stack: AsyncExitStack | None = None
+        self._loop: ConsumerLoop | None = None
+        self._parts: list[asyncio.Task[None]] = []
+        self._stop_requested = asyncio.Event()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def run(self) -> None:
+        """Start, consume until :meth:`request_stop` is called (e.g. by a signal), then stop gracefully."""
+        await self.start()
+        try:
+            await self._stop_requested.wait()
+        finally:
+            await asyncio.shield(self.stop())
+
+    def request_stop(self) -> None:
+        """Ask :meth:`run` to shut down gracefully (safe to call from a signal handler)."""
+        self._stop_requested.set()
+
+    async def start(self) -> None:
+        """Connect, then start consuming and answering remote control."""
+        app = self.app
+        await self._connect()
+        self.runtimes = {name: TaskRuntime.build(app, task) for name, task in app.tasks.items()}
+        accepted = accepted_content_types(app.conf.accept_content)
+        stack = self._stack = AsyncExitStack()
+        consumer = await stack.enter_async_context(app.broker.consume(self.queues, self.prefetch))
+        control = ControlServer(self, f"{app.conf.control_exchange}.control")
+        inbox = await stack.enter_async_context(app.broker.subscribe(control.channel))
+        executor = Executor(app.backend, app.publisher, self.state, self.slots, self.hostname)
+        self._loop = ConsumerLoop(consumer, self.runtimes, executor, app.backend, accepted)
+        self._parts = [asyncio.create_task(self._loop.run()), asyncio.create_task(control.serve(inbox))]
+        for part in self._parts:
+            part.add_done_callback(self._part_done)
+        logger.info("%s ready.", self.hostname)
+
+    def _part_done(self, part: asyncio.Task[None]) -> None:
+        if not part.cancelled() and part.exception() is not None:
+            logger.critical("Worker part failed: %r; shutting down.", part.exception())
+            self.request_stop()
+
+    async def _connect(self) -> None:
+        conf, delay = self.app.conf, 0.5
+        attempts = (conf.broker_connection_max_retries or 0) if conf.broker_connection_retry_on_startup else 0
+        for attempt in range(attempts + 1):
+            try:
+                await self.app.connect()
+                return
+            except OperationalError as exc:
+                if attempt == attempts:
+                    raise
+                logger.error(
+                    "Cannot connect to %s: %s. Trying again in %.1fs...", self.app.broker, exc, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def stop(self) -> None:
+        """Stop taking work, let running tasks finish within the grace period, requeue the rest."""
+        if self._stack is None:
+            return
+        for part in self._parts:
+            part.cancel()
+        await asyncio.gather(*self._parts, return_exceptions=True)
+        running = self._loop.running if self._loop else set()
+        if running:
+            logger.info("Waiting up to %.1fs for %d running task(s)...", self.shutdown_timeout, len(running))
+            _, pending = await asyncio.wait(running, timeout=self.shutdown_timeout)
+            for job in pending:
+                job.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        await self.app.publisher.drain()
+        stack, self._stack = self._stack, None
+        await stack.aclose()
+        self.state.save()
+        logger.info("%s stopped.", self.hostname)
+
+    def statistics(self) -> dict[str, Any]:
+        return {"state": self.state.statistics(), "pool": self.slots.statistics()}

@@ -1,0 +1,132 @@
+"""Shared fixtures: brokers, backends and apps over every transport.
+
+Tests that need Redis or RabbitMQ fail under ``CI=true`` when the server cannot be reached, and skip
+with a message saying how to start it otherwise.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aqueue.broker import Broker
+from aqueue.broker import from_url as broker_from_url
+from aqueue.result import ResultBackend
+from aqueue.result import from_url as backend_from_url
+
+REDIS_URL = "redis://127.0.0.1:6379"
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
+CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+_HOW_TO_START = {
+    "redis": "redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save '' --appendonly no",
+    "amqp": "rabbitmq-server -detached && rabbitmqctl await_startup",
+}
+_PORTS = {"redis": 6379, "amqp": 5672}
+_redis_dbs = itertools.cycle(range(1, 16))
+
+
+def require_server(kind: str) -> None:
+    """Fail under CI, else skip, when the ``kind`` server is not listening on loopback."""
+    try:
+        socket.create_connection(("127.0.0.1", _PORTS[kind]), timeout=2).close()
+    except OSError:
+        message = f"{kind} is not reachable on 127.0.0.1:{_PORTS[kind]}; start it with: {_HOW_TO_START[kind]}"
+        if CI:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short name unique to this test, for queues, channels and prefixes."""
+    return uuid.uuid4().hex[:10]
+
+
+class Transport:
+    """URLs and options for one transport, unique to one test."""
+
+    def __init__(self, kind: str, tmp_path: Path, unique: str) -> None:
+        self.kind, self.unique = kind, unique
+        self.redis_db = next(_redis_dbs)
+        self.queue = f"q-{unique}"
+        if kind in ("redis", "amqp", "rpc"):
+            require_server("amqp" if kind == "rpc" else kind)
+        self.broker_url = {
+            "memory": f"memory://{unique}",
+            "sqlite": f"sqlite:///{tmp_path}/broker.db",
+            "redis": f"{REDIS_URL}/{self.redis_db}",
+            "amqp": AMQP_URL,
+            "rpc": AMQP_URL,
+        }[kind]
+        self.backend_url = {
+            "memory": f"memory://{unique}",
+            "sqlite": f"sqlite:///{tmp_path}/results.db",
+            "redis": f"{REDIS_URL}/{self.redis_db}",
+            "amqp": "rpc://",
+            "rpc": "rpc://",
+        }[kind]
+        self.broker_options: dict[str, Any] = (
+            {"global_keyprefix": f"t{unique}:"} if kind == "redis" else {}
+        )
+
+    async def cleanup(self) -> None:
+        if self.kind == "redis":
+            import redis.asyncio as aioredis
+
+            client = aioredis.Redis.from_url(self.broker_url)
+            try:
+                await client.flushdb()
+            finally:
+                await client.aclose()
+
+
+BROKER_KINDS = ["memory", "sqlite", "redis", "amqp"]
+BACKEND_KINDS = ["memory", "sqlite", "redis"]
+
+
+@pytest.fixture(params=BROKER_KINDS)
+async def broker_transport(request: pytest.FixtureRequest, tmp_path: Path, unique: str) -> AsyncIterator[Transport]:
+    transport = Transport(request.param, tmp_path, unique)
+    yield transport
+    await transport.cleanup()
+
+
+@pytest.fixture
+async def broker(broker_transport: Transport) -> AsyncIterator[Broker]:
+    """A connected broker of each kind, cleaned up after the test."""
+    async with broker_from_url(broker_transport.broker_url, broker_transport.broker_options) as b:
+        yield b
+        await b.purge(broker_transport.queue)
+
+
+@pytest.fixture(params=BACKEND_KINDS)
+async def backend_transport(
+    request: pytest.FixtureRequest, tmp_path: Path, unique: str
+) -> AsyncIterator[Transport]:
+    transport = Transport(request.param, tmp_path, unique)
+    yield transport
+    await transport.cleanup()
+
+
+@pytest.fixture
+async def backend(backend_transport: Transport) -> AsyncIterator[ResultBackend]:
+    """A connected result backend of each kind (rpc is tested with the AMQP broker)."""
+    async with backend_from_url(backend_transport.backend_url, expires=3600) as b:
+        yield b
+
+
+@pytest.fixture
+def tmp_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+
+
+Factory = Callable[..., Any]
