@@ -1,0 +1,167 @@
+"""``aqueue worker``: run a worker in this process until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from aqueue.app import App
+from aqueue.cli._common import app_option, get_app, run
+from aqueue.worker.banner import banner
+from aqueue.worker.shutdown import handle_signals
+from aqueue.worker.worker import Worker, default_hostname
+
+__all__ = ["worker"]
+
+LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "FATAL")
+
+
+@click.command()
+@app_option
+@click.option(
+    "-l",
+    "--loglevel",
+    default="WARNING",
+    show_default=True,
+    metavar="LEVEL",
+    type=click.Choice(LEVELS, case_sensitive=False),
+    help="Logging level.",
+)
+@click.option(
+    "-c",
+    "--concurrency",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Tasks run at once (default: worker_concurrency, 100).",
+)
+@click.option("-Q", "--queues", metavar="Q1,Q2", help="Comma-separated queues to consume (default: celery).")
+@click.option(
+    "-n", "--hostname", metavar="NAME", help="The worker's name, used verbatim (default: aqueue@<host>)."
+)
+@click.option(
+    "--pidfile",
+    type=click.Path(dir_okay=False),
+    help="Write the pid here; refuse to start if a live worker holds it.",
+)
+@click.option("-f", "--logfile", type=click.Path(dir_okay=False), help="Log to this file instead of stderr.")
+@click.option(
+    "-S",
+    "--statedb",
+    type=click.Path(dir_okay=False),
+    help="Keep revoked task ids in this file across restarts.",
+)
+@click.option(
+    "--prefetch-multiplier",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Unacknowledged messages held = concurrency x N (default 4).",
+)
+@click.option(
+    "--shutdown-timeout",
+    type=float,
+    metavar="SECONDS",
+    help="Grace period for running tasks on shutdown (default 10).",
+)
+@click.pass_context
+def worker(
+    ctx: click.Context,
+    app_spec: str | None,
+    loglevel: str,
+    concurrency: int | None,
+    queues: str | None,
+    hostname: str | None,
+    pidfile: str | None,
+    logfile: str | None,
+    statedb: str | None,
+    prefetch_multiplier: int | None,
+    shutdown_timeout: float | None,
+) -> None:
+    """Start a worker: consume tasks and run them until SIGTERM or SIGINT (Ctrl-C).
+
+    \b
+    python -m aqueue -A tasks worker --loglevel=info
+    python -m aqueue -A tasks worker -Q low-priority -c 50 -n w1@example
+    """
+    app = get_app(ctx, app_spec)
+    _setup_logging(loglevel, logfile)
+    names = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
+    w = Worker(
+        app,
+        concurrency=concurrency,
+        queues=names,
+        hostname=hostname or default_hostname(),
+        prefetch_multiplier=prefetch_multiplier,
+        shutdown_timeout=shutdown_timeout,
+        statedb=statedb,
+    )
+    with _pidfile(pidfile):
+        click.echo(banner(app, hostname=w.hostname, concurrency=w.concurrency, queues=w.queues), err=True)
+        run(_serve(app, w))
+
+
+async def _serve(app: App, w: Worker) -> None:
+    try:
+        with handle_signals(w):
+            await w.run()
+    finally:
+        await app.aclose()
+
+
+def _setup_logging(level: str, logfile: str | None) -> None:
+    handler: logging.Handler = logging.FileHandler(logfile) if logfile else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper().replace("FATAL", "CRITICAL"))
+
+
+@contextmanager
+def _pidfile(path: str | None) -> Iterator[None]:
+    if path is None:
+        yield
+        return
+    pidfile = Path(path)
+    _claim(pidfile)
+    try:
+        yield
+    finally:
+        try:
+            if pidfile.read_text().strip() == str(os.getpid()):
+                pidfile.unlink()
+        except OSError:
+            pass
+
+
+def _claim(pidfile: Path) -> None:
+    for _ in range(2):
+        try:
+            fd = os.open(pidfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            other = _live_pid(pidfile)
+            if other is not None:
+                raise click.ClickException(
+                    f"Pidfile {pidfile} holds pid {other}, a worker that is still running. "
+                    "Stop it first, or use another --pidfile."
+                ) from None
+            pidfile.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        return
+    raise click.ClickException(f"Cannot create pidfile {pidfile}.")
+
+
+def _live_pid(pidfile: Path) -> int | None:
+    try:
+        pid = int(pidfile.read_text().strip())
+        os.kill(pid, 0)
+    except (ValueError, OSError):
+        return None
+    return pid

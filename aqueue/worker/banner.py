@@ -1,0 +1,45 @@
+"""The worker's start-up banner, a pure function of the app and the worker's options."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from aqueue.urls import mask_password
+
+if TYPE_CHECKING:
+    from aqueue.app import App
+
+__all__ = ["banner"]
+
+
+def banner(
+    app: App, *, hostname: str, concurrency: int, queues: Sequence[str], now: datetime | None = None
+) -> str:
+    """The text printed when a worker starts: app, masked URLs, concurrency, queues, tasks."""
+    from aqueue import __version__
+
+    when = (now or datetime.now()).strftime("%Y-%m-%d %H:%M:%S")
+    backend = app.conf.result_backend
+    art = [
+        f" -------------- {hostname} v{__version__}",
+        "--- ***** -----",
+        f"-- ******* ---- {platform.platform()} {when}",
+        "- *** --- * ---",
+        "- ** ---------- [config]",
+        f"- ** ---------- .> app:         {app.main or '__main__'}:{id(app):#x}",
+        f"- ** ---------- .> transport:   {mask_password(app.broker_url)}",
+        f"- ** ---------- .> results:     {mask_password(backend) if backend else 'disabled://'}",
+        f"- *** --- * --- .> concurrency: {concurrency} (asyncio)",
+        "-- ******* ---- .> task events: OFF",
+        "--- ***** -----",
+        " -------------- [queues]",
+        *(f"                .> {queue:<16} exchange={queue}(direct) key={queue}" for queue in queues),
+        "",
+        "[tasks]",
+        *(f"  . {name}" for name in sorted(app.tasks)),
+        "",
+    ]
+    return "\n".join(art)
