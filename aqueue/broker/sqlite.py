@@ -77,7 +77,8 @@ class _Connection:
         return asyncio.wrap_future(self._executor.submit(self._call, fn))
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return await self.submit(fn)
+        # Shielded: a statement once submitted runs to the end, so a cancelled ack still happens.
+        return await asyncio.shield(self.submit(fn))
 
     async def aclose(self) -> None:
         executor, self._executor = self._executor, None
