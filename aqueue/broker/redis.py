@@ -1,0 +1,550 @@
+"""redis:// and rediss:// — Redis Streams, one consumer group per queue.
+
+Keys, with ``P`` the ``global_keyprefix`` option:
+
+- ``P<queue>``: the queue's stream. An entry holds ``body``, ``content_type``, ``id`` and
+  ``priority`` (carried, not used for ordering: a stream is first in, first out), plus
+  ``redelivered`` once requeued. Its consumer group, ``aqueue``, is created at id 0 by the first
+  consumer, so entries published before any worker started are delivered.
+- ``P<queue>.delayed``: a sorted set of the envelopes whose ``eta`` is still ahead (score = eta).
+- ``P<queue>.dead``: the dead-letter stream: rejected entries, and entries delivered
+  ``max_deliveries`` times without being settled. It is not trimmed. (So a queue must not be
+  named like another queue's dead-letter stream.)
+- ``P<channel>``: the pub/sub channel of ``broadcast``/``subscribe``.
+
+Delivery. Each consumer has a unique name in the group and reads with ``XREADGROUP ... BLOCK`` on
+a connection of its own, so the blocking read never holds a pooled connection. What it reads is
+pending for it in the group until settled:
+
+- ack is ``XACK`` + ``XDEL`` (streams do not grow); the acks of one loop turn go out in one
+  pipeline, and acks arriving while it is in flight go in the next one;
+- reject copies the entry to the dead-letter stream, requeue re-adds it to its stream marked
+  ``redelivered``; either way the original is acknowledged and deleted, in one Lua script;
+- every ``visibility_timeout / 3`` a live consumer resets the idle time of everything it holds
+  (``XCLAIM ... JUSTID``, which leaves the delivery count alone), so a long task is never
+  reclaimed while its worker lives;
+- at start and then every ``visibility_timeout / 2`` (at most 5 s), a consumer claims the entries
+  other consumers have left idle past ``visibility_timeout`` and delivers them with
+  ``redelivered=True``; an entry already delivered ``max_deliveries`` times goes to the
+  dead-letter stream instead. Consumers that hold nothing and stayed idle an hour are dropped from
+  the group.
+
+ETA. ``publish`` puts an envelope whose ``eta`` is ahead in the sorted set; consumers move due
+ones to the stream (Lua, atomic) at least every 0.5 s while fetching, and their blocking reads
+end by then. A due message thus waits at most about 0.5 s once a consumer of its queue has room.
+
+Connections (redis.asyncio, RESP2, hiredis when installed): one bounded pool per broker,
+``max_connections`` (default 20) connections shared by publish, acks, renewals and scripts,
+waiting up to 20 s for a free one; plus one connection per open consumer and one per open
+``subscribe``. Redis errors become :class:`~aqueue.exceptions.OperationalError`. A consumer whose
+connection drops logs once, reconnects with backoff (0.1 s doubling to 5 s) and goes on; entries
+whose reply was lost are given back to the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import difflib
+import logging
+import os
+import re
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool, parse_url
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from aqueue.broker.base import Broker, Consumer, Delivery
+from aqueue.exceptions import ImproperlyConfigured, InvalidURL, OperationalError
+from aqueue.message import Envelope
+from aqueue.urls import mask_password, parse
+
+__all__ = ["RedisBroker"]
+
+logger = logging.getLogger("aqueue.broker.redis")
+
+GROUP = "aqueue"
+_BLOCK = 1.0
+_ETA_POLL = 0.5
+_CHUNK = 500
+_LOST = (RedisConnectionError, RedisTimeoutError, OSError)
+_SCRIPTS = ("reclaim", "settle", "move_due", "purge", "leave")
+_LUA = {name: (Path(__file__).parent / f"redis_{name}.lua").read_text() for name in _SCRIPTS}
+_OWN_OPTIONS = ("visibility_timeout", "global_keyprefix", "max_deliveries", "max_connections")
+_CONNECTION_OPTIONS = (
+    "socket_timeout",
+    "socket_connect_timeout",
+    "socket_keepalive",
+    "health_check_interval",
+    "client_name",
+)
+# Celery transport options that mean nothing here; accepted so that a Celery config works as is.
+_CELERY_ONLY = ("fanout_prefix", "fanout_patterns", "priority_steps", "queue_order_strategy", "sep")
+
+
+class RedisBroker(Broker):
+    """A broker keeping each queue in a Redis stream.
+
+    Parameters:
+        url: ``redis://[[user]:password@]host[:port][/db]``, or ``rediss://`` for TLS.
+        visibility_timeout: seconds an unsettled delivery of a silent consumer stays claimed.
+        global_keyprefix: prepended to every key and channel name.
+        max_deliveries: deliveries of one entry before it is dead-lettered instead.
+        max_connections: size of the shared connection pool.
+        options: ``socket_timeout``, ``socket_connect_timeout``, ``socket_keepalive``,
+            ``health_check_interval``, ``client_name`` (passed to the connections).
+
+    Raises:
+        InvalidURL: the URL is not a usable redis URL.
+        ImproperlyConfigured: an unknown option (naming the closest known one) or a bad value.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        visibility_timeout: float = 30.0,
+        global_keyprefix: str = "",
+        max_deliveries: int = 10,
+        max_connections: int = 20,
+        **options: Any,
+    ) -> None:
+        parse(url, kinds=("redis", "rediss"), role="broker")
+        _check_positive(visibility_timeout=visibility_timeout, max_deliveries=max_deliveries)
+        _check_positive(max_connections=max_connections)
+        self.url, self.prefix = url, global_keyprefix
+        self.visibility_timeout, self.max_deliveries = float(visibility_timeout), int(max_deliveries)
+        self.client_name = str(options.get("client_name") or "aqueue")
+        self._pool = _pool(url, max_connections, _connection_options(options))
+        self._client = aioredis.Redis.from_pool(self._pool)
+        self._scripts = {name: self._client.register_script(source) for name, source in _LUA.items()}
+        self._consumers: set[_RedisConsumer] = set()
+
+    def stream_key(self, queue: str) -> str:
+        """The key of ``queue``'s stream."""
+        return f"{self.prefix}{queue}"
+
+    def dead_key(self, queue: str) -> str:
+        """The key of ``queue``'s dead-letter stream."""
+        return f"{self.prefix}{queue}.dead"
+
+    def delayed_key(self, queue: str) -> str:
+        """The key of the sorted set holding ``queue``'s envelopes with an eta ahead."""
+        return f"{self.prefix}{queue}.delayed"
+
+    async def connect(self) -> None:
+        with self._errors("connect"):
+            await self._client.ping()
+
+    async def aclose(self) -> None:
+        for consumer in list(self._consumers):
+            await consumer._shutdown()
+        await self._client.aclose()
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        if not envelopes:
+            return
+        now = time.time()
+        async with self._client.pipeline(transaction=False) as pipe:
+            for e in envelopes:
+                fields = (b"body", e.body, b"content_type", e.content_type, b"id", e.id, b"priority")
+                priority = b"" if e.priority is None else e.priority
+                if e.eta is not None and e.eta > now:
+                    pipe.execute_command("ZADD", self.delayed_key(e.queue), e.eta, _pack(*fields, priority))
+                else:
+                    pipe.execute_command("XADD", self.stream_key(e.queue), "*", *fields, priority)
+            with self._errors("publish"):
+                await pipe.execute()
+
+    def consume(self, queues: Sequence[str], prefetch: int) -> Consumer:
+        return _RedisConsumer(self, queues, prefetch)
+
+    async def purge(self, queue: str) -> int:
+        keys = [self.stream_key(queue), self.delayed_key(queue)]
+        with self._errors("purge"):
+            return int(await self._scripts["purge"](keys=keys, args=[GROUP]))
+
+    async def dead_letters(self, queue: str) -> list[Envelope]:
+        """The envelopes in ``queue``'s dead-letter stream, oldest first."""
+        with self._errors("read dead letters"):
+            entries = await self._client.xrange(self.dead_key(queue))
+        return [_envelope(queue, fields or {}) for _, fields in entries or ()]
+
+    async def broadcast(self, channel: str, data: bytes) -> None:
+        with self._errors("broadcast"):
+            await self._client.publish(self.prefix + channel, data)
+
+    @asynccontextmanager
+    async def subscribe(self, channel: str) -> AsyncIterator[AsyncIterator[bytes]]:
+        conn = self._connection(self.client_name, socket_timeout=None)
+        name = (self.prefix + channel).encode()
+        try:
+            with self._errors("subscribe"):
+                await _subscribe(conn, name)
+            yield self._messages(conn, name)
+        finally:
+            await conn.disconnect()
+
+    async def _messages(self, conn: AbstractConnection, channel: bytes) -> AsyncIterator[bytes]:
+        backoff = _Backoff(f"subscriber of {channel.decode(errors='replace')}", self.url)
+        while True:
+            try:
+                reply = await conn.read_response()
+            except _LOST as exc:
+                await backoff.lost(conn, exc)
+                with contextlib.suppress(*_LOST):
+                    await _subscribe(conn, channel)
+                continue
+            backoff.ok()
+            if isinstance(reply, list) and reply[0] == b"message":
+                yield reply[2]
+
+    def _connection(self, name: str, socket_timeout: float | None) -> AbstractConnection:
+        kwargs = dict(self._pool.connection_kwargs, client_name=name, socket_timeout=socket_timeout)
+        return self._pool.connection_class(**kwargs)
+
+    @contextlib.contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except RedisError as exc:
+            raise OperationalError(f"Redis broker {mask_password(self.url)}: {action} failed: {exc}") from exc
+
+
+class _RedisConsumer(Consumer):
+    def __init__(self, broker: RedisBroker, queues: Sequence[str], prefetch: int) -> None:
+        super().__init__(queues, prefetch)
+        self.broker, self.client, self.scripts = broker, broker._client, broker._scripts
+        host = re.sub(r"[^\w.-]", "_", socket.gethostname())
+        self.name = f"aqueue-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.keys = [broker.stream_key(q).encode() for q in self.queues]
+        self._queue_of = dict(zip(self.keys, self.queues, strict=True))
+        self._key_of = dict(zip(self.queues, self.keys, strict=True))
+        self._owned: dict[bytes, set[bytes]] = {key: set() for key in self.keys}
+        self._overflow: list[Delivery] = []
+        self._content_types: dict[bytes, str] = {}
+        self._conn = broker._connection(self.name, socket_timeout=_BLOCK + 10)
+        self._backoff = _Backoff(f"consumer {self.name}", broker.url)
+        vt = broker.visibility_timeout
+        self._reclaim_every = min(5.0, max(0.05, vt / 2))
+        self._started = self._stranded = False
+        self._next_reclaim = self._next_eta = 0.0
+        self._renewer: asyncio.Task[None] | None = None
+        self._acks: tuple[dict[bytes, list[bytes]], asyncio.Future[None]] | None = None
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def _fetch(self, n: int) -> Sequence[Delivery]:
+        if self._overflow:
+            return self._take(n, [])
+        try:
+            if not self._started:
+                await self._start()
+            if self._stranded:
+                await self._recover()
+            out = await self._poll(n)
+        except _LOST as exc:
+            await self._backoff.lost(self._conn, exc)
+            return []
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise self._error("fetch", exc) from exc
+            self._started = False  # the stream was deleted: create the group again
+            return []
+        except RedisError as exc:
+            raise self._error("fetch", exc) from exc
+        self._backoff.ok()
+        return self._take(n, out)
+
+    def _take(self, n: int, fetched: list[Delivery]) -> list[Delivery]:
+        out = self._overflow + fetched if self._overflow else fetched
+        self._overflow = out[n:]
+        return out[:n]
+
+    async def _start(self) -> None:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key in self.keys:
+                pipe.execute_command("XGROUP", "CREATE", key, GROUP, "0", "MKSTREAM")
+            for result in await pipe.execute(raise_on_error=False):
+                if isinstance(result, Exception) and "BUSYGROUP" not in str(result):
+                    raise result
+        if self._renewer is None:
+            self._renewer = asyncio.create_task(self._renew_forever())
+        self.broker._consumers.add(self)
+        self._started = True
+
+    async def _poll(self, n: int) -> list[Delivery]:
+        now = time.monotonic()
+        self._stranded = True  # until the replies are in: entries claimed by a lost reply are ours
+        out: list[Delivery] = []
+        if now >= self._next_reclaim:
+            self._next_reclaim = now + self._reclaim_every
+            out = await self._reclaim(n)
+        if now >= self._next_eta:
+            await self._move_due(now)
+        if not out:
+            out = await self._read(n, min(_BLOCK, self._next_eta - now, self._next_reclaim - now))
+        self._stranded = False
+        return out
+
+    async def _read(self, n: int, block: float) -> list[Delivery]:
+        conn = self._conn
+        await conn.send_packed_command(
+            conn.pack_command(
+                "XREADGROUP", "GROUP", GROUP, self.name, "COUNT", n, "BLOCK", max(1, int(block * 1000)),
+                "STREAMS", *self.keys, *(">" for _ in self.keys),
+            )
+        )  # fmt: skip
+        reply = await conn.read_response()
+        if not reply:
+            return []
+        if len(reply) == 1:
+            return self._deliveries(reply[0][0], reply[0][1], False)
+        return [d for key, entries in reply for d in self._deliveries(key, entries, False)]
+
+    def _deliveries(self, key: bytes, entries: list[Any], redelivered: bool) -> list[Delivery]:
+        queue, owned, content_types = self._queue_of[key], self._owned[key], self._content_types
+        out: list[Delivery] = []
+        for entry_id, f in entries:
+            if not f:
+                continue  # deleted while pending
+            if len(f) == 8 and f[0] == b"body" and f[4] == b"id":
+                body, ctype, task_id, again = f[1], f[3], f[5], redelivered
+            else:
+                d = dict(zip(f[::2], f[1::2], strict=False))
+                body, ctype, task_id = (
+                    d.get(b"body", b""),
+                    d.get(b"content_type", b""),
+                    d.get(b"id", entry_id),
+                )
+                again = redelivered or b"redelivered" in d
+            content_type = content_types.get(ctype) or content_types.setdefault(ctype, ctype.decode())
+            out.append(Delivery(self, task_id.decode(), queue, body, content_type, again, entry_id))
+            owned.add(entry_id)
+        return out
+
+    async def _reclaim(self, n: int) -> list[Delivery]:
+        broker, out = self.broker, list[Delivery]()
+        idle_ms = int(broker.visibility_timeout * 1000)
+        forget_ms = int(max(3600.0, 10 * broker.visibility_timeout) * 1000)
+        for key, queue in self._queue_of.items():
+            if len(out) >= n:
+                break
+            args: list[str | int] = [
+                GROUP,
+                self.name,
+                idle_ms,
+                n - len(out),
+                broker.max_deliveries,
+                forget_ms,
+            ]
+            entries = await self.scripts["reclaim"](keys=[key, broker.dead_key(queue)], args=args)
+            out += self._deliveries(key, entries, True)
+        return out
+
+    async def _move_due(self, now: float) -> None:
+        self._next_eta = now + _ETA_POLL
+        for key, queue in self._queue_of.items():
+            keys: list[str | bytes] = [self.broker.delayed_key(queue), key]
+            moved, next_due = await self.scripts["move_due"](keys=keys, args=[time.time(), _CHUNK])
+            if moved >= _CHUNK:
+                self._next_eta = now
+            elif next_due is not None:
+                self._next_eta = min(self._next_eta, now + max(0.0, float(next_due) - time.time()))
+
+    async def _recover(self) -> None:
+        """Give back to their streams the entries pending for this consumer that it does not own."""
+        for key, owned in self._owned.items():
+            pending = await self.client.xpending_range(key, GROUP, "-", "+", 10_000, self.name)
+            lost = [p["message_id"] for p in pending if p["message_id"] not in owned]
+            for i in range(0, len(lost), _CHUNK):
+                await self.scripts["settle"](keys=[key, key], args=[GROUP, "", *lost[i : i + _CHUNK]])
+        self._stranded = False
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.broker.visibility_timeout / 3)
+            try:
+                await self._renew()
+            except RedisError as exc:
+                logger.debug("Renewing the claims of %s failed: %s", self.name, exc)
+
+    async def _renew(self) -> None:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key, owned in self._owned.items():
+                ids: list[int | bytes | str | memoryview[int]] = list(owned)
+                for i in range(0, len(ids), _CHUNK):
+                    pipe.xclaim(key, GROUP, self.name, 0, ids[i : i + _CHUNK], justid=True)
+            if len(pipe):
+                await pipe.execute()
+
+    async def _ack(self, delivery: Delivery) -> None:
+        if self._acks is None:
+            self._acks = ({}, asyncio.get_running_loop().create_future())
+            if self._flusher is None:
+                self._flusher = asyncio.create_task(self._flush_acks())
+        ids, done = self._acks
+        ids.setdefault(self._key_of[delivery.queue], []).append(delivery.tag)
+        await asyncio.shield(done)
+
+    async def _flush_acks(self) -> None:
+        try:
+            while self._acks is not None:
+                (ids, done), self._acks = self._acks, None
+                try:
+                    await self._send_acks(ids)
+                except RedisError as exc:
+                    done.set_exception(self._error("ack", exc))
+                    done.add_done_callback(_retrieved)
+                else:
+                    done.set_result(None)
+        finally:
+            self._flusher = None
+
+    async def _send_acks(self, ids: dict[bytes, list[bytes]]) -> None:
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key, entry_ids in ids.items():
+                    pipe.execute_command("XACK", key, GROUP, *entry_ids)
+                    pipe.execute_command("XDEL", key, *entry_ids)
+                await pipe.execute()
+        finally:
+            for key, entry_ids in ids.items():
+                self._owned[key].difference_update(entry_ids)
+
+    async def _reject(self, delivery: Delivery) -> None:
+        await self._settle(delivery, self.broker.dead_key(delivery.queue), "")
+
+    async def _requeue(self, delivery: Delivery) -> None:
+        await self._settle(delivery, self.broker.stream_key(delivery.queue), "1")
+
+    async def _settle(self, delivery: Delivery, target: str, mark: str) -> None:
+        key = self._key_of[delivery.queue]
+        try:
+            await self.scripts["settle"](keys=[key, target], args=[GROUP, mark, delivery.tag])
+        except RedisError as exc:
+            raise self._error("settle", exc) from exc
+        finally:
+            self._owned[key].discard(delivery.tag)
+
+    async def aclose(self) -> None:
+        """Stop consuming: give back what was fetched and not handed out, leave the group if idle."""
+        try:
+            await super().aclose()
+            for delivery in self._overflow:
+                self._owned[self._key_of[delivery.queue]].discard(delivery.tag)
+            self._overflow = []
+            if self._started:
+                await self._recover()
+                await self.scripts["leave"](keys=self.keys, args=[GROUP, self.name])
+        except RedisError as exc:
+            raise self._error("close", exc) from exc
+        finally:
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        self.broker._consumers.discard(self)
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+            self._renewer = None
+        if self._flusher is not None:
+            await asyncio.wait([self._flusher], timeout=_BLOCK + 10)
+        self._started = False
+        await self._conn.disconnect()
+
+    def _error(self, action: str, exc: BaseException) -> OperationalError:
+        url = mask_password(self.broker.url)
+        return OperationalError(f"Redis broker {url}: {action} failed for consumer {self.name}: {exc}")
+
+
+class _Backoff:
+    """Reconnection pauses for one connection, logging once per outage."""
+
+    def __init__(self, what: str, url: str) -> None:
+        self.what, self.url, self.pause, self.down = what, url, 0.1, False
+
+    async def lost(self, conn: AbstractConnection, exc: BaseException) -> None:
+        await conn.disconnect()
+        if not self.down:
+            self.down = True
+            logger.warning(
+                "Redis %s: the connection of %s was lost (%s); reconnecting",
+                mask_password(self.url), self.what, exc,
+            )  # fmt: skip
+        await asyncio.sleep(self.pause)
+        self.pause = min(self.pause * 2, 5.0)
+
+    def ok(self) -> None:
+        if self.down:
+            logger.info("Redis %s: %s reconnected", mask_password(self.url), self.what)
+            self.down, self.pause = False, 0.1
+
+
+async def _subscribe(conn: AbstractConnection, channel: bytes) -> None:
+    await conn.send_command("SUBSCRIBE", channel)
+    await conn.read_response()
+
+
+def _pool(url: str, max_connections: int, options: dict[str, Any]) -> BlockingConnectionPool:
+    try:
+        kwargs: dict[str, Any] = dict(parse_url(url))
+    except ValueError as exc:
+        raise InvalidURL(f"Invalid redis URL {mask_password(url)!r}: {exc}") from exc
+    kwargs.update(options, protocol=2)
+    kwargs.setdefault("client_name", "aqueue")
+    kwargs.setdefault("retry", Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3))
+    return BlockingConnectionPool(max_connections=max_connections, timeout=20, **kwargs)
+
+
+def _connection_options(options: dict[str, Any]) -> dict[str, Any]:
+    known = [*_OWN_OPTIONS, *_CONNECTION_OPTIONS, *_CELERY_ONLY]
+    for name in options:
+        if name not in known:
+            closest = difflib.get_close_matches(name, known, n=1, cutoff=0.0)[0]
+            raise ImproperlyConfigured(
+                f"Unknown Redis broker option {name!r}. Did you mean {closest!r}? "
+                f"Known options: {', '.join(sorted(known))}."
+            )
+    return {name: value for name, value in options.items() if name in _CONNECTION_OPTIONS}
+
+
+def _check_positive(**values: float) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int | float) or value <= 0:
+            raise ImproperlyConfigured(
+                f"The Redis broker option {name} must be a positive number, not {value!r}."
+            )
+
+
+def _pack(*values: bytes | str | int) -> bytes:
+    encoded = [v if isinstance(v, bytes) else str(v).encode() for v in values]
+    return b"".join(b"%d:%s" % (len(v), v) for v in encoded)
+
+
+def _envelope(queue: str, fields: Mapping[Any, Any]) -> Envelope:
+    priority = fields.get(b"priority")
+    return Envelope(
+        fields.get(b"id", b"").decode(),
+        queue,
+        fields.get(b"body", b""),
+        fields.get(b"content_type", b"").decode(),
+        None,
+        int(priority) if priority else None,
+    )
+
+
+def _retrieved(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
