@@ -1,0 +1,520 @@
+"""amqp:// — RabbitMQ through aio-pika.
+
+URLs: ``amqp://``, ``amqps://`` and ``pyamqp://`` (Celery's name, an alias of ``amqp://``). Missing
+parts default to ``guest``/``guest``, ``localhost`` and port 5672 (5671 for ``amqps``); the path is
+the vhost, and Celery's ``amqp://guest@localhost//`` means vhost ``/``. Query parameters go to
+aio-pika (``heartbeat``, ``reconnect_interval``, ...); ``reconnect_interval`` defaults to 1 s.
+
+Options (``broker_transport_options``): ``confirm_publish`` (default True: ``publish`` returns once
+RabbitMQ confirmed every message), ``max_priority`` (``x-max-priority`` of declared queues; none by
+default), ``connect_timeout`` (seconds, default 10) and ``visibility_timeout`` (accepted so one
+setting serves every transport, and ignored: RabbitMQ redelivers when a consumer's channel closes).
+
+Layout, as Celery's default: a queue ``X`` is bound to a durable direct exchange ``X`` with routing
+key ``X``; queues are durable and messages persistent. ``X`` dead-letters to the fanout exchange
+``X.dead``, bound to the queue ``X.dead``, so ``reject()`` keeps the message there. A queue that
+already exists with other arguments (created by Celery, say) is used as it is, with a warning.
+Everything is declared on first use and remembered.
+
+One robust connection (aio-pika reconnects by itself) carries one publisher channel with publisher
+confirms, and one channel per consumer whose QoS prefetch count is the consumer's prefetch. A
+consumer of several queues sets that prefetch on each queue, so RabbitMQ may push up to
+``prefetch`` per queue; the base class still hands out at most ``prefetch`` at once. After a
+reconnect, deliveries of the old channel cannot be settled any more: RabbitMQ has already put them
+back, and delivers them again with ``redelivered`` set.
+
+ETA and countdown are held by RabbitMQ, not by the worker, so a flood of ETA tasks never fills the
+prefetch window and never meets the acknowledgement timeout below. A message due in ``d`` ms goes
+to the delay queue ``X.delay.<b>``, where ``b`` is ``d`` rounded *down* to its four leading bits
+(at most 1/8 below ``d``; 64 ms when ``d`` is smaller; 2**31 ms at most). A delay queue has one
+queue-wide TTL ``b``, so messages expire in arrival order (a per-message TTL would only expire at
+the head of the queue), and dead-letters to exchange ``X``. The consumer reads the message's due
+time from its ``x-aqueue-eta`` header: a message that arrives early is published again for the
+time left (at most 1/8 of the previous wait) and acknowledged, so a message is never handed out
+early and is late by at most 64 ms plus one hop. Delay queues expire (``x-expires``) when unused;
+they are declared again before that lease runs out. ``purge(X)`` also empties the delay queues of
+``X`` that this broker object declared. Known limit: RabbitMQ dead-letters from a classic queue at
+most once, so a broker crash at the moment a delay ends may lose that message.
+
+RabbitMQ's delivery acknowledgement timeout (``consumer_timeout``, 30 minutes by default) closes a
+channel that holds a delivery unacknowledged longer than that; its deliveries go back to the
+queue. With ``task_acks_late=True`` a task running longer than the timeout is therefore delivered
+again. RabbitMQ 3.10 only has the server-wide setting: the per-queue policy key ``consumer-timeout``
+and the ``x-consumer-timeout`` argument came in later releases (3.10.8 answers "not recognised
+policy settings"). Raise ``consumer_timeout`` in rabbitmq.conf for longer tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import functools
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+import aio_pika
+import aiormq
+import pamqp.exceptions
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
+from yarl import URL
+
+from aqueue.broker.base import Broker, Consumer, Delivery
+from aqueue.exceptions import ImproperlyConfigured, InvalidURL, OperationalError
+from aqueue.message import Envelope
+from aqueue.urls import mask_password, parse
+
+__all__ = ["AMQPBroker"]
+
+log = logging.getLogger(__name__)
+
+_OPTIONS = ("confirm_publish", "connect_timeout", "max_priority", "visibility_timeout")
+_ETA_HEADER = "x-aqueue-eta"
+_MIN_DELAY_MS = 64
+_MAX_DELAY_MS = 2**31
+_BUCKET_BITS = 4
+_DELAY_LEASE_MS = 600_000
+"""How long an unused delay queue outlives its TTL before RabbitMQ deletes it."""
+
+_ERRORS: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    pamqp.exceptions.PAMQPException,
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+
+def amqp_url(url: str) -> URL:
+    """The aio-pika URL for an ``amqp://``, ``amqps://`` or ``pyamqp://`` URL, defaults filled in.
+
+    Raises:
+        InvalidURL: another scheme, or a malformed URL.
+    """
+    parts = parse(url, kinds=("amqp", "amqps", "pyamqp"), role="broker")
+    secure = parts.scheme == "amqps"
+    query = dict(parse_qsl(parts.query))
+    query.setdefault("reconnect_interval", "1")
+    try:
+        return URL.build(
+            scheme="amqps" if secure else "amqp",
+            user=unquote(parts.username or "") or "guest",
+            password=unquote(parts.password or "") or "guest",
+            host=parts.hostname or "localhost",
+            port=parts.port or (5671 if secure else 5672),
+            path="/" + (unquote(parts.path[1:]) or "/"),
+            query=query,
+        )
+    except ValueError as exc:
+        raise InvalidURL(f"Invalid broker URL {mask_password(url)!r}: {exc}") from exc
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    for name in sorted(options):
+        if name not in _OPTIONS:
+            close = difflib.get_close_matches(name, _OPTIONS, n=1, cutoff=0.5)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ImproperlyConfigured(
+                f"Unknown AMQP transport option {name!r}.{hint} Known options: {', '.join(_OPTIONS)}."
+            )
+    priority = options.get("max_priority")
+    if priority is not None and not (isinstance(priority, int) and 1 <= priority <= 255):
+        raise ImproperlyConfigured(f"max_priority must be an integer from 1 to 255, not {priority!r}.")
+
+
+def delay_bucket_ms(seconds: float) -> int:
+    """The delay queue TTL (ms) for a message due in ``seconds``: never above it, except the 64 ms floor."""
+    ms = math.ceil(seconds * 1000)
+    if ms <= _MIN_DELAY_MS:
+        return _MIN_DELAY_MS
+    shift = ms.bit_length() - _BUCKET_BITS
+    return min((ms >> shift) << shift, _MAX_DELAY_MS)
+
+
+class AMQPBroker(Broker):
+    """RabbitMQ over one robust aio-pika connection.
+
+    Parameters:
+        url: ``amqp://user:password@host:port/vhost`` (also ``amqps://`` and ``pyamqp://``).
+        options: ``confirm_publish``, ``max_priority``, ``connect_timeout``, ``visibility_timeout``.
+
+    Raises:
+        InvalidURL: the URL cannot be used.
+        ImproperlyConfigured: an unknown option (the message names the closest known one).
+    """
+
+    def __init__(self, url: str, **options: Any) -> None:
+        self.url = url
+        self._url = amqp_url(url)
+        _check_options(options)
+        self.confirm_publish = bool(options.get("confirm_publish", True))
+        self.max_priority: int | None = options.get("max_priority")
+        self.connect_timeout = float(options.get("connect_timeout", 10.0))
+        self._connection: AbstractRobustConnection | None = None
+        self._publisher: AbstractChannel | None = None
+        self._connect_lock = asyncio.Lock()
+        self._declare_lock = asyncio.Lock()
+        self._queue_args: dict[str, dict[str, Any] | None] = {}
+        self._delays: dict[str, dict[int, float]] = {}
+        self._fanouts: set[str] = set()
+
+    async def connect(self) -> None:
+        async with self._connect_lock:
+            if self._connection is not None:
+                return
+            with self._errors("connect to"):
+                connection = await aio_pika.connect_robust(self._url, timeout=self.connect_timeout)
+                try:
+                    self._publisher = await connection.channel(
+                        publisher_confirms=self.confirm_publish, on_return_raises=self.confirm_publish
+                    )
+                except BaseException:
+                    await connection.close()
+                    raise
+            connection.reconnect_callbacks.add(self._forget_declarations)
+            self._connection = connection
+
+    async def aclose(self) -> None:
+        connection, self._connection, self._publisher = self._connection, None, None
+        self._forget_declarations()
+        if connection is not None:
+            with self._errors("close the connection to"):
+                await connection.close()
+
+    async def channel(self, prefetch: int | None = None) -> AbstractRobustChannel:
+        """A new robust channel on this broker's connection (connecting first).
+
+        It is re-opened, with its QoS, robust queues and consumers, after a reconnect.
+
+        Raises:
+            OperationalError: RabbitMQ cannot be reached.
+        """
+        connection = await self._ready()
+        with self._errors("open a channel on"):
+            channel = await connection.channel(publisher_confirms=False)
+            if prefetch is not None:
+                await channel.set_qos(prefetch_count=prefetch)
+        return channel
+
+    async def _ready(self) -> AbstractRobustConnection:
+        await self.connect()
+        assert self._connection is not None
+        with self._errors("reach"):
+            await asyncio.wait_for(self._connection.ready(), self.connect_timeout)
+        return self._connection
+
+    @contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except _ERRORS as exc:
+            text = str(exc) or type(exc).__name__
+            if self._url.password and self._url.password != "guest":
+                text = text.replace(self._url.password, "**")
+            raise OperationalError(f"Cannot {action} RabbitMQ at {mask_password(self.url)}: {text}") from exc
+
+    def _forget_declarations(self, *_: object) -> None:
+        self._queue_args.clear()
+        self._delays.clear()
+        self._fanouts.clear()
+
+    @asynccontextmanager
+    async def _scratch(self) -> AsyncIterator[AbstractChannel]:
+        # A channel error (an inequivalent redeclare, a missing queue) closes the channel it happens
+        # on: keep those off the long-lived channels.
+        connection = await self._ready()
+        channel = aio_pika.Channel(connection, publisher_confirms=False)
+        with self._errors("open a channel on"):
+            await channel.initialize()
+        try:
+            yield channel
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+    async def _queue_arguments(self, queue: str) -> dict[str, Any] | None:
+        """Declare ``queue``, its exchange and dead-letter queue once; None: it exists with other arguments."""
+        if queue in self._queue_args:
+            return self._queue_args[queue]
+        async with self._declare_lock:
+            if queue not in self._queue_args:
+                self._queue_args[queue] = await self._declare_queue(queue)
+        return self._queue_args[queue]
+
+    async def _declare_queue(self, queue: str) -> dict[str, Any] | None:
+        arguments: dict[str, Any] = {"x-dead-letter-exchange": f"{queue}.dead"}
+        if self.max_priority is not None:
+            arguments["x-max-priority"] = self.max_priority
+        async with self._scratch() as channel:
+            dead = await channel.declare_exchange(f"{queue}.dead", aio_pika.ExchangeType.FANOUT, durable=True)
+            await (await channel.declare_queue(f"{queue}.dead", durable=True)).bind(dead, "")
+            exchange = await channel.declare_exchange(queue, aio_pika.ExchangeType.DIRECT, durable=True)
+        try:
+            async with self._scratch() as channel:
+                declared = await channel.declare_queue(queue, durable=True, arguments=arguments)
+                await declared.bind(exchange, queue)
+            return arguments
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            log.warning("Queue %r exists with other arguments; using it as it is: %s", queue, exc)
+        async with self._scratch() as channel:
+            declared = await channel.declare_queue(queue, passive=True)
+            await declared.bind(exchange, queue)
+        return None
+
+    async def _delay_queue(self, queue: str, ttl_ms: int) -> str:
+        name = f"{queue}.delay.{ttl_ms}"
+        declared = self._delays.setdefault(queue, {})
+        # RabbitMQ's x-expires lease is renewed by a declare, not by a publish.
+        if time.monotonic() - declared.get(ttl_ms, -math.inf) < _DELAY_LEASE_MS / 2000:
+            return name
+        arguments: dict[str, Any] = {"x-message-ttl": ttl_ms, "x-expires": ttl_ms + _DELAY_LEASE_MS}
+        arguments |= {"x-dead-letter-exchange": queue, "x-dead-letter-routing-key": queue}
+        async with self._scratch() as channel:
+            await channel.declare_queue(name, durable=True, arguments=arguments)
+        declared[ttl_ms] = time.monotonic()
+        return name
+
+    async def _fanout(self, channel_name: str) -> str:
+        exchange = f"aqueue.broadcast.{channel_name}"
+        if exchange not in self._fanouts:
+            async with self._scratch() as channel:
+                await channel.declare_exchange(exchange, aio_pika.ExchangeType.FANOUT, durable=True)
+            self._fanouts.add(exchange)
+        return exchange
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        if not envelopes:
+            return
+        await self._ready()
+        with self._errors("publish to"):
+            unroutable = await self._publish_all(envelopes)
+            if unroutable:
+                # A queue declared before was deleted since: declare again and send those once more.
+                self._forget_declarations()
+                if await self._publish_all(unroutable):
+                    raise OperationalError(f"RabbitMQ could not route {len(unroutable)} message(s).")
+
+    async def _publish_all(self, envelopes: Sequence[Envelope]) -> list[Envelope]:
+        """Send every envelope at once and await all confirms; returns the unroutable ones."""
+        targets = [await self._target(envelope) for envelope in envelopes]
+        sends = (
+            self._send(*target, self._message(env)) for env, target in zip(envelopes, targets, strict=True)
+        )
+        results = await asyncio.gather(*sends, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, aiormq.exceptions.PublishError):
+                raise result
+        return [env for env, result in zip(envelopes, results, strict=True) if result is not None]
+
+    async def _target(self, envelope: Envelope) -> tuple[str, str]:
+        await self._queue_arguments(envelope.queue)
+        if envelope.eta is None or envelope.eta <= time.time():
+            return envelope.queue, envelope.queue
+        ttl = delay_bucket_ms(envelope.eta - time.time())
+        return "", await self._delay_queue(envelope.queue, ttl)
+
+    def _message(self, envelope: Envelope) -> aio_pika.Message:
+        return aio_pika.Message(
+            envelope.body,
+            content_type=envelope.content_type,
+            message_id=envelope.id,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            priority=envelope.priority,
+            # Milliseconds as an integer: AMQP tables carry a Python float as a 32-bit float.
+            headers={_ETA_HEADER: math.ceil(envelope.eta * 1000)} if envelope.eta is not None else None,
+        )
+
+    async def _send(
+        self, exchange: str, routing_key: str, message: aio_pika.Message, mandatory: bool = True
+    ) -> None:
+        channel = self._publisher
+        if channel is None:
+            raise OperationalError(f"The broker {mask_password(self.url)} is closed.")
+        target: AbstractExchange = (
+            channel.default_exchange if exchange == "" else await channel.get_exchange(exchange, ensure=False)
+        )
+        await target.publish(message, routing_key, mandatory=mandatory and self.confirm_publish)
+
+    def consume(self, queues: Sequence[str], prefetch: int) -> Consumer:
+        return _AMQPConsumer(self, queues, prefetch)
+
+    async def purge(self, queue: str) -> int:
+        names = [queue, *(f"{queue}.delay.{ttl}" for ttl in self._delays.get(queue, ()))]
+        await self._ready()
+        with self._errors("purge a queue on"):
+            return sum([await self._purge_one(name) for name in names])
+
+    async def delete_queue(self, queue: str) -> None:
+        """Delete ``queue`` with its messages, exchange, dead-letter queue and the delay queues known here."""
+        delays = [f"{queue}.delay.{ttl}" for ttl in self._delays.pop(queue, ())]
+        self._queue_args.pop(queue, None)
+        async with self._scratch() as channel:
+            with self._errors("delete a queue on"):
+                for name in [queue, f"{queue}.dead", *delays]:
+                    await channel.queue_delete(name)
+                for name in (queue, f"{queue}.dead"):
+                    await channel.exchange_delete(name)
+
+    async def _purge_one(self, name: str) -> int:
+        async with self._scratch() as channel:
+            try:
+                declared = await channel.declare_queue(name, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                return 0
+            purged = await declared.purge()
+        return int(purged.message_count or 0)
+
+    async def broadcast(self, channel: str, data: bytes) -> None:
+        await self._ready()
+        with self._errors("broadcast on"):
+            exchange = await self._fanout(channel)
+            await self._send(exchange, "", aio_pika.Message(data), mandatory=False)
+
+    @asynccontextmanager
+    async def subscribe(self, channel: str) -> AsyncIterator[AsyncIterator[bytes]]:
+        inbox: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def received(message: AbstractIncomingMessage) -> None:
+            inbox.put_nowait(message.body)
+
+        amqp_channel = await self.channel()
+        try:
+            with self._errors("subscribe on"):
+                exchange = await self._fanout(channel)
+                queue = await amqp_channel.declare_queue(exclusive=True, auto_delete=True)
+                await queue.bind(exchange, "")
+                await queue.consume(received, no_ack=True)
+            yield _drain(inbox)
+        finally:
+            if not amqp_channel.is_closed:
+                with self._errors("unsubscribe on"):
+                    await amqp_channel.close()
+
+
+async def _drain(inbox: asyncio.Queue[bytes]) -> AsyncIterator[bytes]:
+    while True:
+        yield await inbox.get()
+
+
+def _eta(message: AbstractIncomingMessage) -> float | None:
+    value = (message.headers or {}).get(_ETA_HEADER)
+    return value / 1000 if isinstance(value, int) else None
+
+
+class _AMQPConsumer(Consumer):
+    """Deliveries pushed by RabbitMQ on one channel, QoS prefetch = the consumer's prefetch."""
+
+    def __init__(self, broker: AMQPBroker, queues: Sequence[str], prefetch: int) -> None:
+        super().__init__(queues, prefetch)
+        self.broker = broker
+        self._channel: AbstractChannel | None = None
+        self._start_lock = asyncio.Lock()
+        self._inbox: deque[tuple[str, AbstractIncomingMessage]] = deque()
+        self._arrived = asyncio.Event()
+
+    async def _start(self) -> None:
+        async with self._start_lock:
+            if self._channel is not None:
+                return
+            channel = await self.broker.channel(prefetch=self.prefetch)
+            try:
+                with self.broker._errors("consume from"):
+                    for name in self.queues:
+                        arguments = await self.broker._queue_arguments(name)
+                        queue = await channel.declare_queue(
+                            name, durable=True, arguments=arguments, passive=arguments is None
+                        )
+                        await queue.consume(functools.partial(self._received, name))
+            except BaseException:
+                await channel.close()
+                raise
+            self._channel = channel
+
+    async def _received(self, queue: str, message: AbstractIncomingMessage) -> None:
+        self._inbox.append((queue, message))
+        self._arrived.set()
+
+    async def _fetch(self, n: int) -> Sequence[Delivery]:
+        await self._start()
+        if not self._inbox:
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), 1.0)
+            except TimeoutError:
+                return []
+        out: list[Delivery] = []
+        while self._inbox and len(out) < n:
+            delivery = await self._accept(*self._inbox.popleft())
+            if delivery is not None:
+                out.append(delivery)
+        return out
+
+    async def _accept(self, queue: str, message: AbstractIncomingMessage) -> Delivery | None:
+        try:
+            message.channel  # noqa: B018  (raises once the channel it came on is closed)
+        except aiormq.exceptions.ChannelInvalidStateError:
+            return None  # from before a reconnect: RabbitMQ delivers it again
+        eta = _eta(message)
+        if eta is not None and eta > time.time():
+            await self._hop(queue, message, eta)
+            return None
+        message_id = message.message_id or str((message.headers or {}).get("id", ""))
+        content_type = message.content_type or ""
+        return Delivery(
+            self, message_id, queue, message.body, content_type, bool(message.redelivered), message
+        )
+
+    async def _hop(self, queue: str, message: AbstractIncomingMessage, eta: float) -> None:
+        """Send an early message back to a delay queue for the time left, then drop this copy."""
+        body, content_type = message.body, message.content_type or ""
+        envelope = Envelope(message.message_id or "", queue, body, content_type, eta, message.priority)
+        try:
+            await self.broker.publish([envelope])
+            await self._settle(message, message.ack())
+        except OperationalError as exc:
+            # Unsettled, it goes back to the queue when this channel closes.
+            log.warning("Could not delay message %s again: %s", message.message_id, exc)
+
+    async def _settle(self, message: AbstractIncomingMessage, action: Any) -> None:
+        try:
+            await action
+        except aiormq.exceptions.ChannelInvalidStateError:
+            # The channel closed since: RabbitMQ has put the message back and delivers it again.
+            log.info(
+                "Message %s not settled: its channel closed, it will be delivered again", message.message_id
+            )
+        except _ERRORS as exc:
+            raise OperationalError(f"Cannot settle message {message.message_id}: {exc}") from exc
+
+    async def _ack(self, delivery: Delivery) -> None:
+        message: AbstractIncomingMessage = delivery.tag
+        await self._settle(message, message.ack())
+
+    async def _reject(self, delivery: Delivery) -> None:
+        message: AbstractIncomingMessage = delivery.tag
+        await self._settle(message, message.nack(requeue=False))
+
+    async def _requeue(self, delivery: Delivery) -> None:
+        message: AbstractIncomingMessage = delivery.tag
+        await self._settle(message, message.nack(requeue=True))
+
+    async def aclose(self) -> None:
+        """Stop consuming; RabbitMQ takes back every delivery not settled yet."""
+        await super().aclose()
+        channel, self._channel = self._channel, None
+        self._inbox.clear()
+        if channel is not None and not channel.is_closed:
+            with self.broker._errors("stop consuming from"):
+                await channel.close()
