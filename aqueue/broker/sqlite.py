@@ -71,14 +71,29 @@ class _Connection:
         self._db: sqlite3.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
 
-    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+    def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="aqueue-sqlite")
         return asyncio.wrap_future(self._executor.submit(self._call, fn))
 
-    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        # Shielded: a statement once submitted runs to the end, so a cancelled ack still happens.
-        return await asyncio.shield(self.submit(fn))
+    async def run(
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        on_cancel: Callable[[asyncio.Future[T]], None] | None = None,
+    ) -> T:
+        """Run ``fn(connection)`` on the thread. Once submitted it runs to the end, even if the caller is
+        cancelled (so a cancelled ack still happens); ``on_cancel`` then receives its outcome."""
+        future = self._submit(fn)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(on_cancel or _log_failure)
+            raise
+
+    def run_soon(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
+        """Run ``fn(connection)`` without waiting for it, unless the connection is closed."""
+        if self._executor is not None:
+            self._submit(fn).add_done_callback(_log_failure)
 
     async def aclose(self) -> None:
         executor, self._executor = self._executor, None
@@ -188,9 +203,11 @@ class SQLiteBroker(Broker):
     async def _listen(self, channel: str, last: int) -> AsyncIterator[bytes]:
         while True:
             rows = await self._db.run(partial(_broadcasts_after, channel, last))
-            for last, data in rows:  # noqa: B007  (the loop advances the cursor)
+            for _, data in rows:
                 yield data
-            if not rows:
+            if rows:
+                last = rows[-1][0]
+            else:
                 await self._nap(_BROADCAST_POLL)
 
     def _wake(self) -> None:
@@ -243,18 +260,14 @@ class _SQLiteConsumer(Consumer):
         ]
 
     async def _claim(self, n: int) -> list[Any]:
-        future = self._broker._db.submit(partial(_claim, self.queues, n, self._broker.visibility_timeout))
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            # Cancelled while the claim ran: give the rows back now rather than after the timeout.
-            future.add_done_callback(self._unclaim)
-            raise
+        claim = partial(_claim, self.queues, n, self._broker.visibility_timeout)
+        return await self._broker._db.run(claim, on_cancel=self._unclaim)
 
     def _unclaim(self, future: asyncio.Future[list[Any]]) -> None:
+        """Cancelled while claiming: give the rows back now rather than after the visibility timeout."""
         if not future.cancelled() and future.exception() is None and (rows := future.result()):
             tags = [(row[0], row[6]) for row in rows]
-            self._broker._db.submit(partial(_settle, tags, "unclaim")).add_done_callback(_log_failure)
+            self._broker._db.run_soon(partial(_settle, tags, "unclaim"))
 
     async def _ack(self, delivery: Delivery) -> None:
         await self._broker._db.run(partial(_settle, [delivery.tag], "ack"))
