@@ -14,7 +14,10 @@ Layout, as Celery's default: a queue ``X`` is bound to a durable direct exchange
 key ``X``; queues are durable and messages persistent. ``X`` dead-letters to the fanout exchange
 ``X.dead``, bound to the queue ``X.dead``, so ``reject()`` keeps the message there. A queue that
 already exists with other arguments (created by Celery, say) is used as it is, with a warning.
-Everything is declared on first use and remembered.
+Everything is declared on first use and remembered. Broadcasts go through one durable direct
+exchange, ``aqueue.broadcast``, with the channel name as routing key; each subscriber binds an
+exclusive auto-delete queue to it. (An exchange per channel would outlive the one-off reply
+channels of remote control; the routing key gives the same fan-out and leaves nothing behind.)
 
 One robust connection (aio-pika reconnects by itself) carries one publisher channel with publisher
 confirms, and one channel per consumer whose QoS prefetch count is the consumer's prefetch. A
@@ -81,6 +84,7 @@ log = logging.getLogger(__name__)
 
 _OPTIONS = ("confirm_publish", "connect_timeout", "max_priority", "visibility_timeout")
 _ETA_HEADER = "x-aqueue-eta"
+_BROADCAST = "aqueue.broadcast"
 _MIN_DELAY_MS = 64
 _MAX_DELAY_MS = 2**31
 _BUCKET_BITS = 4
@@ -168,7 +172,7 @@ class AMQPBroker(Broker):
         self._declare_lock = asyncio.Lock()
         self._queue_args: dict[str, dict[str, Any] | None] = {}
         self._delays: dict[str, dict[int, float]] = {}
-        self._fanouts: set[str] = set()
+        self._broadcast_declared = False
 
     async def connect(self) -> None:
         async with self._connect_lock:
@@ -193,17 +197,18 @@ class AMQPBroker(Broker):
             with self._errors("close the connection to"):
                 await connection.close()
 
-    async def channel(self, prefetch: int | None = None) -> AbstractRobustChannel:
+    async def channel(self, prefetch: int | None = None, confirms: bool = False) -> AbstractRobustChannel:
         """A new robust channel on this broker's connection (connecting first).
 
-        It is re-opened, with its QoS, robust queues and consumers, after a reconnect.
+        It is re-opened, with its QoS, robust queues and consumers, after a reconnect. ``prefetch``
+        sets its QoS prefetch count; ``confirms`` turns publisher confirms on.
 
         Raises:
             OperationalError: RabbitMQ cannot be reached.
         """
         connection = await self._ready()
         with self._errors("open a channel on"):
-            channel = await connection.channel(publisher_confirms=False)
+            channel = await connection.channel(publisher_confirms=confirms)
             if prefetch is not None:
                 await channel.set_qos(prefetch_count=prefetch)
         return channel
@@ -228,7 +233,7 @@ class AMQPBroker(Broker):
     def _forget_declarations(self, *_: object) -> None:
         self._queue_args.clear()
         self._delays.clear()
-        self._fanouts.clear()
+        self._broadcast_declared = False
 
     @asynccontextmanager
     async def _scratch(self) -> AsyncIterator[AbstractChannel]:
@@ -286,13 +291,12 @@ class AMQPBroker(Broker):
         declared[ttl_ms] = time.monotonic()
         return name
 
-    async def _fanout(self, channel_name: str) -> str:
-        exchange = f"aqueue.broadcast.{channel_name}"
-        if exchange not in self._fanouts:
+    async def _broadcast_exchange(self) -> str:
+        if not self._broadcast_declared:
             async with self._scratch() as channel:
-                await channel.declare_exchange(exchange, aio_pika.ExchangeType.FANOUT, durable=True)
-            self._fanouts.add(exchange)
-        return exchange
+                await channel.declare_exchange(_BROADCAST, aio_pika.ExchangeType.DIRECT, durable=True)
+            self._broadcast_declared = True
+        return _BROADCAST
 
     async def publish(self, envelopes: Sequence[Envelope]) -> None:
         if not envelopes:
@@ -379,8 +383,9 @@ class AMQPBroker(Broker):
     async def broadcast(self, channel: str, data: bytes) -> None:
         await self._ready()
         with self._errors("broadcast on"):
-            exchange = await self._fanout(channel)
-            await self._send(exchange, "", aio_pika.Message(data), mandatory=False)
+            await self._send(
+                await self._broadcast_exchange(), channel, aio_pika.Message(data), mandatory=False
+            )
 
     @asynccontextmanager
     async def subscribe(self, channel: str) -> AsyncIterator[AsyncIterator[bytes]]:
@@ -392,9 +397,9 @@ class AMQPBroker(Broker):
         amqp_channel = await self.channel()
         try:
             with self._errors("subscribe on"):
-                exchange = await self._fanout(channel)
+                exchange = await self._broadcast_exchange()
                 queue = await amqp_channel.declare_queue(exclusive=True, auto_delete=True)
-                await queue.bind(exchange, "")
+                await queue.bind(exchange, channel)
                 await queue.consume(received, no_ack=True)
             yield _drain(inbox)
         finally:

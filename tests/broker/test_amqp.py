@@ -310,9 +310,12 @@ async def test_broadcast_reaches_every_subscriber(broker: AMQPBroker, unique: st
         # Then both subscribers receive it
         assert await asyncio.wait_for(anext(first), 5) == b"ping"
         assert await asyncio.wait_for(anext(second), 5) == b"ping"
-    amqp_channel = await broker.channel()
-    await amqp_channel.exchange_delete(f"aqueue.broadcast.{channel}")
-    await amqp_channel.close()
+        # And a subscriber of another channel does not
+        async with broker.subscribe(f"{channel}-other") as other:
+            await broker.broadcast(channel, b"again")
+            assert await asyncio.wait_for(anext(first), 5) == b"again"
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(anext(other), 0.3)
 
 
 # -- reconnection -------------------------------------------------------------------------------
