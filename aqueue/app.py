@@ -65,6 +65,7 @@ class _SendSpec:
     serializer: Serializer
     ignore_result: bool
     priority: int | None
+    convert: Callable[[Any], Any] | None
 
 
 class App:
@@ -268,7 +269,9 @@ class App:
             spec.priority if priority is None else priority,
         )
         sent = self.publisher.submit(envelope)
-        return AsyncResult(message.id, backend, sent=sent, ignored=ignored, task_name=name)
+        return AsyncResult(
+            message.id, backend, sent=sent, ignored=ignored, task_name=name, convert=spec.convert
+        )
 
     def AsyncResult(self, task_id: str) -> AsyncResult[Any]:
         """A result handle for any task id."""
@@ -307,6 +310,7 @@ class App:
             get_serializer(options.serializer or annotated.get("serializer") or conf.task_serializer),
             conf.task_ignore_result if ignore is None else ignore,
             options.priority if options.priority is not None else conf.task_default_priority,
+            task.result_type if task is not None else None,
         )
 
     @property

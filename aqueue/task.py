@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+import typing
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from functools import cached_property
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, TypedDict, TypeVar
+
+import pydantic
 
 from aqueue._compat import is_async_callable
 from aqueue.exceptions import MaxRetriesExceededError, Retry
@@ -63,7 +67,7 @@ class Context:
 
     id: str | None = None
     task: str | None = None
-    args: list[Any] | tuple[Any, ...] = ()
+    args: Sequence[Any] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     retries: int = 0
     eta: float | None = None
@@ -145,6 +149,27 @@ class Task(Generic[P, R]):
             priority=priority,
         )
 
+    @cached_property
+    def checked_fn(self) -> Callable[..., Any]:
+        """The function the worker calls: validating its arguments when its hints name pydantic models.
+
+        Models travel as plain data; the worker turns them back into the hinted model types (a failure
+        names the field), and other hinted arguments are validated alongside.
+        """
+        hints = _hints(self.fn)
+        hints.pop("return", None)
+        if not any(_has_model(hint) for hint in hints.values()):
+            return self.fn
+        return pydantic.validate_call(config=pydantic.ConfigDict(arbitrary_types_allowed=True))(self.fn)
+
+    @cached_property
+    def result_type(self) -> Callable[[Any], Any] | None:
+        """Turns a stored result back into the hinted return type when that names a pydantic model."""
+        hint = _hints(self.fn).get("return")
+        if hint is None or not _has_model(hint):
+            return None
+        return pydantic.TypeAdapter(hint).validate_python
+
     @property
     def request(self) -> Context:
         """The request being run, inside a worker; an empty context for a direct call."""
@@ -182,3 +207,17 @@ class Task(Generic[P, R]):
 
     def __repr__(self) -> str:
         return f"<@task: {self.name} of {self.app.main or '__main__'}>"
+
+
+def _hints(fn: Callable[..., Any]) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:
+        return {}
+
+
+def _has_model(hint: Any) -> bool:
+    """Whether a type hint names a pydantic model anywhere (``Model``, ``list[Model]``, ``Model | None``)."""
+    if isinstance(hint, type) and issubclass(hint, pydantic.BaseModel):
+        return True
+    return any(_has_model(arg) for arg in typing.get_args(hint))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -26,7 +26,7 @@ class AsyncResult(Generic[R]):
     and returns the result itself.
     """
 
-    __slots__ = ("_meta", "_sent", "backend", "id", "ignored", "task_name")
+    __slots__ = ("_convert", "_meta", "_sent", "backend", "id", "ignored", "task_name")
 
     def __init__(
         self,
@@ -36,8 +36,10 @@ class AsyncResult(Generic[R]):
         sent: asyncio.Future[None] | None = None,
         ignored: bool = False,
         task_name: str | None = None,
+        convert: Callable[[Any], R] | None = None,
     ) -> None:
         self.id, self.backend, self.task_name = id, backend, task_name
+        self._convert = convert
         self.ignored = ignored
         self._sent = sent
         self._meta: TaskMeta | None = None
@@ -65,7 +67,7 @@ class AsyncResult(Generic[R]):
         await self
         self._meta = await self.backend.wait(self.id, timeout)
         if self._meta.status == states.SUCCESS:
-            return self._meta.result  # type: ignore[no-any-return]
+            return self._value(self._meta.result)
         exc = self._exception()
         if propagate:
             raise exc
@@ -106,7 +108,7 @@ class AsyncResult(Generic[R]):
             return None
         if meta.status in (states.FAILURE, states.REVOKED, states.RETRY):
             return self._exception()
-        return meta.result
+        return self._value(meta.result) if meta.status == states.SUCCESS else meta.result
 
     info = result
 
@@ -119,6 +121,9 @@ class AsyncResult(Generic[R]):
     def date_done(self) -> datetime | None:
         meta = self._meta
         return datetime.fromisoformat(meta.date_done) if meta and meta.date_done else None
+
+    def _value(self, stored: Any) -> R:
+        return self._convert(stored) if self._convert is not None else stored
 
     def _exception(self) -> BaseException:
         assert self._meta is not None

@@ -17,7 +17,8 @@ _PLAIN = (str, int, float, bool, type(None))
 def exception_to_result(exc: BaseException) -> dict[str, Any]:
     """What is stored for a failed task: the class, its module, its message and arguments."""
     cls = type(exc)
-    args = list(exc.args) if all(isinstance(a, _PLAIN) for a in exc.args) else [str(exc)]
+    plain = exc.args and all(isinstance(a, _PLAIN) for a in exc.args)
+    args = list(exc.args) if plain else [str(exc)]
     return {"exc_type": cls.__qualname__, "exc_module": cls.__module__, "exc_message": args}
 
 

@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,7 @@ class TaskRuntime:
     """A task's settings as the worker applies them, worked out once at start-up."""
 
     task: Task[Any, Any]
+    fn: Callable[..., Any]
     acks_late: bool
     ignore_result: bool
     track_started: bool
@@ -55,6 +57,7 @@ class TaskRuntime:
         rate = pick("rate_limit", conf.task_default_rate_limit)
         return cls(
             task,
+            task.checked_fn,
             bool(pick("acks_late", conf.task_acks_late)),
             bool(pick("ignore_result", conf.task_ignore_result)),
             bool(pick("track_started", conf.task_track_started)),
@@ -190,16 +193,16 @@ class Executor:
             return False
 
     async def _call(self, runtime: TaskRuntime, message: Message) -> Any:
-        task = runtime.task
+        task, fn = runtime.task, runtime.fn
         args = (task, *message.args) if task.bind else message.args
         if not task.is_async:
-            call = functools.partial(task.fn, *args, **message.kwargs)
+            call = functools.partial(fn, *args, **message.kwargs)
             return await anyio.to_thread.run_sync(call)
         if runtime.time_limit is None:
-            return await task.fn(*args, **message.kwargs)
+            return await fn(*args, **message.kwargs)
         try:
             async with asyncio.timeout(runtime.time_limit):
-                return await task.fn(*args, **message.kwargs)
+                return await fn(*args, **message.kwargs)
         except TimeoutError as exc:
             raise TimeLimitExceeded(
                 f"Task {task.name}[{message.id}] exceeded its time limit of {runtime.time_limit}s"
