@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from aqueue import App
 from aqueue.broker import Broker
 from aqueue.broker import from_url as broker_from_url
 from aqueue.result import ResultBackend
@@ -130,3 +131,39 @@ def tmp_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 
 Factory = Callable[..., Any]
+
+
+@pytest.fixture
+async def make_app(unique: str) -> AsyncIterator[Callable[..., App]]:
+    """Build ``App('tasks', ...)`` instances isolated to this test; every one is closed afterwards.
+
+    ``make_app(transport, **settings)`` uses the transport's broker and backend URLs and options; without
+    a transport the app uses ``memory://<unique>`` for both. The default queue, the control exchange and
+    (for Redis) the key prefix are unique to the test, so apps made in one test share them and talk to
+    each other, and nothing leaks into other tests. ``broker=``/``backend=`` and any setting override.
+    """
+    apps: list[App] = []
+
+    def factory(transport: Transport | None = None, /, **settings: Any) -> App:
+        options: dict[str, Any] = {
+            "broker": f"memory://{unique}",
+            "backend": f"memory://{unique}",
+            "task_default_queue": f"q-{unique}",
+            "control_exchange": f"ctl-{unique}",
+            "result_expires": 600,
+        }
+        if transport is not None:
+            options.update(
+                broker=transport.broker_url,
+                backend=transport.backend_url,
+                task_default_queue=transport.queue,
+                broker_transport_options=dict(transport.broker_options),
+            )
+        options.update(settings)
+        app = App("tasks", **options)
+        apps.append(app)
+        return app
+
+    yield factory
+    for app in reversed(apps):
+        await app.aclose()
