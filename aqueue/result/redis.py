@@ -1,0 +1,391 @@
+"""redis:// and rediss:// — task states as Redis keys; waiters are woken by pub/sub, not by polling.
+
+A task's state lives at ``P celery-task-meta-<task id>`` (``P`` is ``global_keyprefix``; the name is
+Celery's), expiring after ``expires`` seconds (the ``result_expires`` setting) when that is set.
+Storing a ready state also PUBLISHes it on a channel of the same name.
+
+Round trips are coalesced: the commands issued in one event loop turn (the stores of a worker
+finishing many tasks, the reads of many waiters) go out in one pipeline, and those issued while it
+is in flight go in the next one. Each caller's await resolves when its own command is done.
+
+``wait`` shares ONE pub/sub connection per backend between all waiters: a waiter subscribes to its
+task's channel (the SUBSCRIBEs of a loop turn go in one command, followed by a PING whose reply
+shows they are in place), then reads the key, which closes the race with a result stored before
+the subscription, then waits for the message. When the pub/sub connection drops, it reconnects
+with backoff, subscribes again, and every waiter reads its key again.
+
+Connections (redis.asyncio, RESP2, hiredis when installed): a bounded pool of ``max_connections``
+(default 10, waiting up to 20 s for a free one), in practice one or two in use thanks to the
+coalescing, plus the pub/sub connection once something waits; so 10,000 concurrent waits take
+about three connections. All carry ``client_name`` (default ``aqueue-result``). Redis errors become
+:class:`~aqueue.exceptions.OperationalError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import functools
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool, parse_url
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from aqueue.exceptions import InvalidURL, OperationalError, TimeoutError
+from aqueue.result.base import ResultBackend, TaskMeta
+from aqueue.urls import mask_password, parse
+
+__all__ = ["RedisBackend"]
+
+logger = logging.getLogger("aqueue.result.redis")
+
+_LOST = (RedisConnectionError, RedisTimeoutError, OSError)
+_MAX_BATCH = 2000
+Command = tuple[Any, ...]
+_Inbox = asyncio.Queue[bytes | None]
+
+
+class RedisBackend(ResultBackend):
+    """Task states in Redis.
+
+    Parameters:
+        url: ``redis://[[user]:password@]host[:port][/db]``, or ``rediss://`` for TLS.
+        serializer: how states are encoded (``json``, ``msgpack``, ``pickle``).
+        expires: seconds a stored state lives (``result_expires``); ``None`` or 0 keeps it.
+        global_keyprefix: prepended to every key and channel.
+        max_connections: size of the connection pool (the pub/sub connection is extra).
+        client_name: the name every connection gives itself (``CLIENT LIST`` shows it).
+
+    Raises:
+        InvalidURL: the URL is not a usable redis URL.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        serializer: str = "json",
+        expires: float | None = None,
+        *,
+        global_keyprefix: str = "",
+        max_connections: int = 10,
+        client_name: str = "aqueue-result",
+    ) -> None:
+        super().__init__(url, serializer, expires)
+        parse(url, kinds=("redis", "rediss"), role="result backend")
+        self.prefix = global_keyprefix
+        self._ttl_ms = int(expires * 1000) if expires and expires > 0 else None
+        self._pool = _pool(url, max_connections, client_name)
+        self._client = aioredis.Redis.from_pool(self._pool)
+        self._pipeliner = _Pipeliner(self._client)
+        kwargs = dict(self._pool.connection_kwargs, socket_timeout=None, socket_keepalive=True)
+        self._listener = _Listener(self._pool.connection_class(**kwargs), url)
+
+    def key(self, task_id: str) -> str:
+        """The key (and channel) of ``task_id``'s state."""
+        return f"{self.prefix}celery-task-meta-{task_id}"
+
+    async def connect(self) -> None:
+        with self._errors("connect"):
+            await self._client.ping()
+
+    async def aclose(self) -> None:
+        await self._listener.aclose()
+        await self._pipeliner.drain()
+        await self._client.aclose()
+
+    async def _set(self, task_id: str, data: bytes, meta: TaskMeta) -> None:
+        key = self.key(task_id)
+        store: Command = (
+            ("SET", key, data) if self._ttl_ms is None else ("SET", key, data, "PX", self._ttl_ms)
+        )
+        await self._run("store", (store, ("PUBLISH", key, data)) if meta.ready else (store,))
+
+    async def _get(self, task_id: str) -> bytes | None:
+        (data,) = await self._run("get", (("GET", self.key(task_id)),))
+        return data  # type: ignore[no-any-return]
+
+    async def _delete(self, task_id: str) -> None:
+        await self._run("forget", (("DEL", self.key(task_id)),))
+
+    async def wait(self, task_id: str, timeout: float | None = None) -> TaskMeta:
+        """Wait until ``task_id`` is ready, woken by its channel; returns its state.
+
+        Raises:
+            TimeoutError: ``timeout`` seconds passed first.
+            OperationalError: Redis cannot be reached.
+        """
+        if timeout is not None and timeout <= 0:
+            meta = await self.get(task_id)
+            if meta.ready:
+                return meta
+            raise TimeoutError(f"The operation timed out waiting for task {task_id}.")
+        deadline = asyncio.timeout(timeout)
+        try:
+            async with deadline:
+                return await self._wait(task_id)
+        except builtins.TimeoutError:
+            if not deadline.expired():
+                raise
+            raise TimeoutError(f"The operation timed out waiting for task {task_id}.") from None
+
+    async def _wait(self, task_id: str) -> TaskMeta:
+        async with self._listener.watch(self.key(task_id).encode()) as inbox:
+            meta = await self.get(task_id)
+            while not meta.ready:
+                data = await inbox.get()
+                meta = await self.get(task_id) if data is None else self._decode(data)
+            return meta
+
+    def _decode(self, data: bytes) -> TaskMeta:
+        return TaskMeta.from_dict(self.serializer.decode(data))
+
+    async def _run(self, action: str, commands: Sequence[Command]) -> list[Any]:
+        with self._errors(action):
+            results = await self._pipeliner.run(commands)
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
+            return results
+
+    @contextlib.contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except RedisError as exc:
+            url = mask_password(self.url)
+            raise OperationalError(f"Redis result backend {url}: {action} failed: {exc}") from exc
+
+
+class _Pipeliner:
+    """Sends the commands of one loop turn in one pipeline; each caller gets its own results."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self._queue: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def run(self, commands: Sequence[Command]) -> list[Any]:
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._queue.append((commands, future))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush())
+        return await asyncio.shield(future)
+
+    async def drain(self) -> None:
+        if self._flusher is not None:
+            await asyncio.wait([self._flusher], timeout=30)
+
+    async def _flush(self) -> None:
+        try:
+            while self._queue:
+                batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
+                await self._send(batch)
+        finally:
+            self._flusher = None
+
+    async def _send(self, batch: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]]) -> None:
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for commands, _ in batch:
+                    for command in commands:
+                        pipe.execute_command(*command)
+                results = await pipe.execute(raise_on_error=False)
+        except RedisError as exc:
+            for _, future in batch:
+                _resolve(future, exc=exc)
+            return
+        start = 0
+        for commands, future in batch:
+            _resolve(future, results[start : start + len(commands)])
+            start += len(commands)
+
+
+class _Listener:
+    """One pub/sub connection shared by every waiter of a backend."""
+
+    def __init__(self, conn: AbstractConnection, url: str) -> None:
+        self.conn, self.url = conn, url
+        self._watchers: dict[bytes, set[_Inbox]] = {}
+        self._subscribed: set[bytes] = set()
+        self._dirty: set[bytes] = set()
+        self._pong: asyncio.Future[None] | None = None
+        self._pongs: deque[asyncio.Future[None]] = deque()
+        self._lock = asyncio.Lock()
+        self._sender: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    @asynccontextmanager
+    async def watch(self, channel: bytes) -> AsyncIterator[_Inbox]:
+        """Subscribe to ``channel`` for the block; entered once the subscription is in place.
+
+        The inbox receives each message, and ``None`` when a reconnection may have lost some.
+        """
+        inbox: _Inbox = asyncio.Queue()
+        self._watchers.setdefault(channel, set()).add(inbox)
+        try:
+            if self._pong is None:
+                self._pong = asyncio.get_running_loop().create_future()
+            confirmed = self._pong
+            self._changed(channel)
+            await asyncio.shield(confirmed)
+            yield inbox
+        finally:
+            watchers = self._watchers.get(channel, set())
+            watchers.discard(inbox)
+            if not watchers:
+                self._watchers.pop(channel, None)
+                self._changed(channel)
+
+    async def aclose(self) -> None:
+        for task in (self._sender, self._reader):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._sender = self._reader = None
+        self._fail(OperationalError("The result backend was closed."))
+        self._subscribed.clear()
+        await self.conn.disconnect()
+
+    def _changed(self, channel: bytes) -> None:
+        self._dirty.add(channel)
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send())
+
+    async def _send(self) -> None:
+        try:
+            while self._dirty or self._pong is not None:
+                async with self._lock:
+                    if not await self._connected():
+                        return  # the reader is reconnecting; it sends everything again after
+                    commands = self._batch()
+                    if commands:
+                        await self.conn.send_packed_command(self.conn.pack_commands(commands), False)
+        except (RedisError, OSError) as exc:
+            if self._reader is None:
+                self._fail(OperationalError(f"Redis result backend {mask_password(self.url)}: {exc}"))
+        finally:
+            self._sender = None
+
+    async def _connected(self) -> bool:
+        if self.conn.is_connected:
+            return True
+        if self._reader is not None:
+            return False  # the reader reconnects
+        if self._pong is None:
+            self._dirty.clear()  # never subscribed: nothing to undo
+            return False
+        await self.conn.connect()  # type: ignore[no-untyped-call]
+        self._reader = asyncio.create_task(self._read_forever())
+        return True
+
+    def _batch(self) -> list[Command]:
+        dirty, self._dirty = self._dirty, set()
+        gone = [c for c in dirty if c not in self._watchers and c in self._subscribed]
+        new = [c for c in dirty if c in self._watchers and c not in self._subscribed]
+        self._subscribed.difference_update(gone)
+        self._subscribed.update(new)
+        commands: list[Command] = []
+        if gone:
+            commands.append(("UNSUBSCRIBE", *gone))
+        if new:
+            commands.append(("SUBSCRIBE", *new))
+        if self._pong is not None:
+            commands.append(("PING",))
+            self._pongs.append(self._pong)
+            self._pong = None
+        return commands
+
+    async def _read_forever(self) -> None:
+        while True:
+            try:
+                reply = await self.conn.read_response()
+            except _LOST as exc:
+                async with self._lock:
+                    await self._reconnect(exc)
+                continue
+            except RedisError as exc:
+                logger.warning("Redis %s: unexpected pub/sub reply: %s", mask_password(self.url), exc)
+                continue
+            self._dispatch(reply)
+
+    def _dispatch(self, reply: Any) -> None:
+        kind = reply[0] if isinstance(reply, list) else reply
+        if kind == b"message":
+            for inbox in self._watchers.get(reply[1], ()):
+                inbox.put_nowait(reply[2])
+        elif kind in (b"pong", b"PONG", "PONG") and self._pongs:
+            _resolve(self._pongs.popleft())
+
+    async def _reconnect(self, exc: BaseException) -> None:
+        url = mask_password(self.url)
+        logger.warning("Redis %s: the pub/sub connection was lost (%s); reconnecting", url, exc)
+        pause = 0.1
+        while True:
+            await self.conn.disconnect()
+            try:
+                await self.conn.connect()  # type: ignore[no-untyped-call]
+                break
+            except _LOST:
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 5.0)
+        logger.info("Redis %s: the pub/sub connection is back", url)
+        self._subscribed.clear()
+        self._dirty.update(self._watchers)
+        stale, self._pongs = list(self._pongs), deque()
+        if self._pong is None:
+            self._pong = asyncio.get_running_loop().create_future()
+        self._pong.add_done_callback(functools.partial(self._recovered, stale))
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send())
+
+    def _recovered(self, stale: list[asyncio.Future[None]], confirmed: asyncio.Future[None]) -> None:
+        """Once subscribed again: release the waiters of lost PINGs, make every waiter read again."""
+        exc = None if confirmed.cancelled() else confirmed.exception()
+        for future in stale:
+            _resolve(future, exc=exc)
+        for inboxes in self._watchers.values():
+            for inbox in inboxes:
+                inbox.put_nowait(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        pending, self._pong = [*self._pongs, self._pong], None
+        self._pongs.clear()
+        for future in pending:
+            if future is not None:
+                _resolve(future, exc=exc)
+
+
+def _resolve(future: asyncio.Future[Any], result: Any = None, exc: BaseException | None = None) -> None:
+    if future.done():
+        return
+    if exc is None:
+        future.set_result(result)
+    else:
+        future.set_exception(exc)
+        future.add_done_callback(_retrieved)
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _pool(url: str, max_connections: int, client_name: str) -> BlockingConnectionPool:
+    try:
+        kwargs: dict[str, Any] = dict(parse_url(url))
+    except ValueError as exc:
+        raise InvalidURL(f"Invalid redis URL {mask_password(url)!r}: {exc}") from exc
+    kwargs.update(protocol=2, client_name=client_name)
+    kwargs.setdefault("retry", Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3))
+    return BlockingConnectionPool(max_connections=max_connections, timeout=20, **kwargs)
