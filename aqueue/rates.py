@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from aqueue.exceptions import InvalidRate
@@ -46,7 +47,7 @@ def parse_rate(rate: str | float | int | Rate | None) -> Rate | None:
         count, per = _split(rate)
     else:
         raise InvalidRate(rate)
-    if count < 0:
+    if count < 0 or not math.isfinite(count):
         raise InvalidRate(rate)
     return Rate(count, per) if count else None
 
