@@ -1,0 +1,190 @@
+"""RPCBackend against the real RabbitMQ on 127.0.0.1:5672 (guest/guest).
+
+A "client" backend prepares messages and waits; a "worker" backend stores states for the message it
+runs, as a worker process would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from conftest import require_server
+
+from aqueue import states
+from aqueue.exceptions import AqueueError, ImproperlyConfigured, OperationalError
+from aqueue.exceptions import TimeoutError as AqueueTimeoutError
+from aqueue.message import Message, decode_message, encode_message
+from aqueue.result import from_url
+from aqueue.result.base import TaskMeta
+from aqueue.result.rpc import RPCBackend
+from aqueue.serialization import get_serializer
+
+URL = "amqp://guest:guest@127.0.0.1:5672//"
+JSON = get_serializer("json")
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[RPCBackend]:
+    require_server("amqp")
+    async with RPCBackend(broker_url=URL) as backend:
+        yield backend
+
+
+@pytest.fixture
+async def worker() -> AsyncIterator[RPCBackend]:
+    require_server("amqp")
+    async with RPCBackend(broker_url=URL) as backend:
+        yield backend
+
+
+def sent_by(client: RPCBackend) -> Message:
+    """A task message as the worker decodes it, after the client prepared and encoded it."""
+    message = Message(str(uuid.uuid4()), "tasks.add", (4, 4))
+    client.prepare(message)
+    return decode_message(encode_message(message, JSON), JSON.content_type, frozenset({JSON.content_type}))
+
+
+@pytest.mark.parametrize("broker_url", [None, "redis://127.0.0.1:6379", "memory://", "sqlite:///q.db"])
+def test_needs_an_amqp_broker(broker_url: str | None) -> None:
+    with pytest.raises(ImproperlyConfigured, match="rpc:// result backend sends results over an AMQP broker"):
+        from_url("rpc://", broker_url=broker_url)
+
+
+def test_from_url_accepts_the_celery_broker_url() -> None:
+    backend = from_url("rpc://", broker_url="pyamqp://guest@127.0.0.1//")
+    assert isinstance(backend, RPCBackend)
+    assert str(backend) == "<RPCBackend rpc://>"
+
+
+async def test_prepare_sets_reply_to(client: RPCBackend) -> None:
+    message = Message("id-1", "tasks.add")
+    client.prepare(message)
+    assert message.reply_to == client.reply_to
+
+
+async def test_worker_store_reaches_the_waiting_client(client: RPCBackend, worker: RPCBackend) -> None:
+    # Given a message the client sent, as the worker received it
+    request = sent_by(client)
+    # When the worker stores STARTED, then SUCCESS, for it
+    await worker.store(TaskMeta(request.id, states.STARTED, name=request.task), request)
+    await worker.store(TaskMeta(request.id, states.SUCCESS, 8, name=request.task), request)
+    # Then the client's wait returns the success, with its result and completion time
+    meta = await client.wait(request.id, timeout=5)
+    assert (meta.status, meta.result, meta.name) == (states.SUCCESS, 8, "tasks.add")
+    assert meta.date_done is not None
+    assert (await client.get(request.id)).status == states.SUCCESS
+
+
+async def test_started_is_seen_before_the_result(client: RPCBackend, worker: RPCBackend) -> None:
+    request = sent_by(client)
+    await worker.store(TaskMeta(request.id, states.STARTED), request)
+    deadline = time.monotonic() + 5
+    while (await client.get(request.id)).status != states.STARTED:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+
+
+async def test_failure_comes_back_with_its_traceback(client: RPCBackend, worker: RPCBackend) -> None:
+    request = sent_by(client)
+    failure = {"exc_type": "ValueError", "exc_module": "builtins", "exc_message": ["bad"]}
+    await worker.store(TaskMeta(request.id, states.FAILURE, failure, "Traceback ..."), request)
+    meta = await client.wait(request.id, timeout=5)
+    assert (meta.status, meta.result, meta.traceback) == (states.FAILURE, failure, "Traceback ...")
+
+
+async def test_wait_on_a_task_sent_elsewhere_raises_at_once(client: RPCBackend) -> None:
+    started = time.monotonic()
+    with pytest.raises(AqueueError, match="only to the process that sent the task"):
+        await client.wait(str(uuid.uuid4()), timeout=30)
+    assert time.monotonic() - started < 1
+
+
+async def test_unknown_task_is_pending(client: RPCBackend) -> None:
+    assert (await client.get(str(uuid.uuid4()))).status == states.PENDING
+
+
+async def test_wait_times_out(client: RPCBackend) -> None:
+    request = sent_by(client)
+    with pytest.raises(AqueueTimeoutError):
+        await client.wait(request.id, timeout=0.2)
+    assert (await client.get(request.id)).status == states.PENDING
+
+
+async def test_forget_makes_it_pending(client: RPCBackend, worker: RPCBackend) -> None:
+    # Given a result the client received
+    request = sent_by(client)
+    await worker.store(TaskMeta(request.id, states.SUCCESS, 8), request)
+    await client.wait(request.id, timeout=5)
+    # When it is forgotten
+    await client.forget(request.id)
+    # Then it is PENDING, and a late reply does not bring it back
+    assert (await client.get(request.id)).status == states.PENDING
+    await worker.store(TaskMeta(request.id, states.SUCCESS, 8), request)
+    await asyncio.sleep(0.2)
+    assert (await client.get(request.id)).status == states.PENDING
+
+
+async def test_store_without_reply_to_does_nothing(worker: RPCBackend) -> None:
+    await worker.store(TaskMeta("x", states.SUCCESS, 1), None)
+    await worker.store(TaskMeta("x", states.SUCCESS, 1), Message("x", "tasks.add"))
+
+
+async def test_many_waits_share_one_consumer(client: RPCBackend, worker: RPCBackend) -> None:
+    # Given 200 tasks the client sent, each awaited concurrently
+    requests = [sent_by(client) for _ in range(200)]
+    waits = [asyncio.ensure_future(client.wait(r.id, timeout=10)) for r in requests]
+    # When the worker stores each result
+    await asyncio.gather(
+        *(worker.store(TaskMeta(r.id, states.SUCCESS, i), r) for i, r in enumerate(requests))
+    )
+    # Then every waiter gets its own result
+    metas = await asyncio.gather(*waits)
+    assert [m.result for m in metas] == list(range(200))
+    assert [m.task_id for m in metas] == [r.id for r in requests]
+    # And all of them came through the one consumer of the reply queue
+    channel = await client.broker.channel()
+    try:
+        queue = await channel.declare_queue(client.reply_to, passive=True, robust=False)
+        assert queue.declaration_result.consumer_count == 1
+    finally:
+        await channel.close()
+
+
+async def test_aclose_ends_waits(worker: RPCBackend) -> None:
+    require_server("amqp")
+    client = RPCBackend(broker_url=URL)
+    await client.connect()
+    request = sent_by(client)
+    waiting = asyncio.ensure_future(client.wait(request.id, timeout=10))
+    await asyncio.sleep(0.1)
+    await client.aclose()
+    with pytest.raises(OperationalError):
+        await waiting
+
+
+async def test_end_to_end_with_app_and_worker(unique: str) -> None:
+    require_server("amqp")
+    from aqueue import App
+    from aqueue.broker.amqp import AMQPBroker
+    from aqueue.worker import Worker
+
+    # Given the first-steps app on RabbitMQ with rpc:// results
+    app = App("tasks", broker="pyamqp://guest@127.0.0.1//", backend="rpc://")
+    app.conf.task_default_queue = f"t-rpc-{unique}"
+    app.conf.task_track_started = True
+
+    @app.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    try:
+        async with app, Worker(app, concurrency=4):
+            # When a task is sent and awaited, then its result comes back
+            assert await asyncio.wait_for(add.delay(4, 4).get(timeout=10), 15) == 8
+    finally:
+        async with AMQPBroker(URL) as broker:
+            await broker.delete_queue(app.conf.task_default_queue)
