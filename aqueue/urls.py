@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import SplitResult, urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit
 
 from aqueue.exceptions import InvalidURL
 
@@ -38,20 +38,19 @@ def parse(url: str, *, kinds: tuple[str, ...], role: str) -> SplitResult:
 
 
 def mask_password(url: str) -> str:
-    """Return ``url`` with any password replaced by ``**``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
+    """Return ``url`` with any password replaced by ``**``.
+
+    Works on the text of the URL, so a malformed port or host never stops the password being masked.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
         return url
-    if parts.password is None:
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    userinfo, at, hostport = rest[:end].rpartition("@")
+    if not at or ":" not in userinfo:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    port = f":{parts.port}" if parts.port else ""
-    netloc = f"{user}:**@{host}{port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:**@{hostport}{rest[end:]}"
 
 
 def sqlite_path(url: str) -> Path:
