@@ -167,7 +167,7 @@ class AMQPBroker(Broker):
         self.max_priority: int | None = options.get("max_priority")
         self.connect_timeout = float(options.get("connect_timeout", 10.0))
         self._connection: AbstractRobustConnection | None = None
-        self._publisher: AbstractChannel | None = None
+        self._publisher: AbstractRobustChannel | None = None
         self._connect_lock = asyncio.Lock()
         self._declare_lock = asyncio.Lock()
         self._queue_args: dict[str, dict[str, Any] | None] = {}
@@ -217,7 +217,10 @@ class AMQPBroker(Broker):
         await self.connect()
         assert self._connection is not None
         with self._errors("reach"):
-            await asyncio.wait_for(self._connection.ready(), self.connect_timeout)
+            # After a reconnect the publisher channel is restored a moment after the connection.
+            publisher = self._publisher
+            ready = self._connection.ready() if publisher is None else publisher.ready()
+            await asyncio.wait_for(ready, self.connect_timeout)
         return self._connection
 
     @contextmanager

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 _AMQP_SCHEMES = ("amqp://", "amqps://", "pyamqp://")
 _SAFE_CONTENT = frozenset({"application/json", "application/x-msgpack"})
+_RECONNECTING = (aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError)
 _ERRORS: tuple[type[BaseException], ...] = (
     aiormq.exceptions.AMQPError,
     aiormq.exceptions.ChannelInvalidStateError,
@@ -138,9 +139,19 @@ class RPCBackend(ResultBackend):
             expiration=self.expires,
         )
         await self.connect()
-        assert self._channel is not None
         with self._errors("send a result to"):
-            await self._channel.default_exchange.publish(reply, request.reply_to, mandatory=False)
+            try:
+                await self._send(reply, request.reply_to)
+            except _RECONNECTING:
+                # The connection dropped under this send; the robust connection is coming back.
+                await self._send(reply, request.reply_to)
+
+    async def _send(self, reply: aio_pika.Message, reply_to: str) -> None:
+        channel = self._channel
+        if channel is None:
+            raise OperationalError("The rpc:// result backend is closed.")
+        await asyncio.wait_for(channel.ready(), self.broker.connect_timeout)
+        await channel.default_exchange.publish(reply, reply_to, mandatory=False)
 
     async def get(self, task_id: str) -> TaskMeta:
         """The latest state received for ``task_id``; PENDING when none."""

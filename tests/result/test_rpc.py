@@ -188,3 +188,60 @@ async def test_end_to_end_with_app_and_worker(unique: str) -> None:
     finally:
         async with AMQPBroker(URL) as broker:
             await broker.delete_queue(app.conf.task_default_queue)
+
+
+async def rabbitmqctl(*args: str) -> None:
+    process = await asyncio.create_subprocess_exec(
+        "rabbitmqctl", *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode == 0, stderr.decode()
+
+
+@pytest.fixture
+async def vhost(unique: str) -> AsyncIterator[str]:
+    """A vhost of its own, so that closing its connections touches no other test."""
+    require_server("amqp")
+    name = f"aqueue-test-{unique}"
+    await rabbitmqctl("add_vhost", name)
+    try:
+        await rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        yield name
+    finally:
+        await rabbitmqctl("delete_vhost", name)
+
+
+async def test_results_arrive_after_close_all_connections(vhost: str) -> None:
+    url = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    async with RPCBackend(broker_url=url) as client, RPCBackend(broker_url=url) as worker:
+        # Given a client waiting for a task it sent
+        request = sent_by(client)
+        waiting = asyncio.ensure_future(client.wait(request.id, timeout=20))
+        await asyncio.sleep(0.1)
+        # When RabbitMQ closes every connection
+        await rabbitmqctl("close_all_connections", "-p", vhost, "aqueue test")
+        # Then the client's reply queue comes back with its connection
+        deadline = time.monotonic() + 15
+        while not await reply_queue_exists(client):
+            assert time.monotonic() < deadline, "the reply queue did not come back"
+            await asyncio.sleep(0.1)
+        # And a result stored then reaches the waiting client
+        await worker.store(TaskMeta(request.id, states.SUCCESS, 8), request)
+        assert (await waiting).result == 8
+
+
+async def reply_queue_exists(client: RPCBackend) -> bool:
+    try:
+        channel = await client.broker.channel()
+        try:
+            await channel.declare_queue(client.reply_to, passive=True, robust=False)
+        finally:
+            await channel.close()
+    except Exception:
+        return False
+    return True
