@@ -56,6 +56,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool, parse_url
@@ -498,6 +499,9 @@ async def _subscribe(conn: AbstractConnection, channel: bytes) -> None:
 
 
 def _pool(url: str, max_connections: int, options: dict[str, Any]) -> BlockingConnectionPool:
+    path = urlsplit(url).path.strip("/")
+    if path and not path.isdigit():
+        raise InvalidURL(f"Invalid redis URL {mask_password(url)!r}: the path must be a database number")
     try:
         kwargs: dict[str, Any] = dict(parse_url(url))
     except ValueError as exc:

@@ -32,6 +32,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool, parse_url
@@ -382,6 +383,9 @@ def _retrieved(future: asyncio.Future[Any]) -> None:
 
 
 def _pool(url: str, max_connections: int, client_name: str) -> BlockingConnectionPool:
+    path = urlsplit(url).path.strip("/")
+    if path and not path.isdigit():
+        raise InvalidURL(f"Invalid redis URL {mask_password(url)!r}: the path must be a database number")
     try:
         kwargs: dict[str, Any] = dict(parse_url(url))
     except ValueError as exc:
