@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, field_
 
 from aqueue.exceptions import ImproperlyConfigured, UnknownSetting
 from aqueue.rates import parse_rate
+from aqueue.serialization import accepted_content_types, get_serializer
 
 __all__ = ["DEFAULT_BROKER_URL", "Settings"]
 
@@ -101,6 +102,24 @@ class Settings(BaseModel):
         parse_rate(value)
         return value
 
+    @field_validator("task_serializer", "result_serializer")
+    @classmethod
+    def _serializer(cls, value: str) -> str:
+        try:
+            get_serializer(value)
+        except ImproperlyConfigured as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("accept_content", "result_accept_content")
+    @classmethod
+    def _content(cls, value: list[str] | None) -> list[str] | None:
+        try:
+            accepted_content_types(value or ())
+        except ImproperlyConfigured as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
     @field_validator("worker_concurrency", "worker_prefetch_multiplier")
     @classmethod
     def _positive(cls, value: int) -> int:
@@ -175,6 +194,9 @@ def _is_function(value: Any) -> bool:
 
 def _invalid(exc: ValidationError) -> ImproperlyConfigured:
     error = exc.errors()[0]
+    cause = error.get("ctx", {}).get("error")
+    if isinstance(cause, ImproperlyConfigured):
+        return cause  # already says what is wrong (InvalidRate quotes the rate, ...)
     where = ".".join(str(part) for part in error["loc"])
     return ImproperlyConfigured(
         f"Invalid value for setting {where!r}: {error['msg']} (got {error.get('input')!r})"

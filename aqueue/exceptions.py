@@ -74,11 +74,11 @@ class UnknownSetting(ImproperlyConfigured, AttributeError):
     """A setting name that aqueue does not know."""
 
     def __init__(self, name: str, known: Iterable[str]) -> None:
-        self.name = name
         close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
         self.suggestion = close[0] if close else None
         hint = f" Did you mean {self.suggestion!r}?" if self.suggestion else ""
         super().__init__(f"Unknown setting {name!r}.{hint}")
+        self.name = name  # after AttributeError.__init__, which resets ``name`` to None
 
 
 class InvalidURL(ImproperlyConfigured, ValueError):
