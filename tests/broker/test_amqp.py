@@ -261,6 +261,33 @@ async def test_max_priority(queue: str) -> None:
             await broker.delete_queue(queue)
 
 
+async def test_without_publisher_confirms(queue: str) -> None:
+    require_server("amqp")
+    async with AMQPBroker(URL, confirm_publish=False) as broker:
+        try:
+            await broker.publish(envelopes(queue, 3))
+            await until(lambda: _equals(ready_count(broker, queue), 3))
+        finally:
+            await broker.delete_queue(queue)
+
+
+async def test_existing_queue_with_other_arguments_is_used_as_is(
+    broker: AMQPBroker, queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a queue declared elsewhere without a dead-letter exchange, as Celery declares its queues
+    channel = await broker.channel()
+    await channel.declare_queue(queue, durable=True, robust=False)
+    await channel.close()
+    # When publishing to it and consuming from it
+    await broker.publish(envelopes(queue, 1))
+    async with broker.consume([queue], prefetch=1) as consumer:
+        delivery = await receive(consumer)
+        await delivery.ack()
+    # Then it works, with a warning that the queue is used as it is
+    assert delivery.id == "m0"
+    assert "exists with other arguments" in caplog.text
+
+
 # -- ETA ----------------------------------------------------------------------------------------
 
 
