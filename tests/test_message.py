@@ -1,0 +1,100 @@
+"""The task message: compact encoding, decoding that refuses what is not a task, errors naming arguments."""
+
+from __future__ import annotations
+
+import pytest
+
+from aqueue.exceptions import ContentDisallowed, DecodeError, EncodeError
+from aqueue.message import Envelope, Message, decode_message, encode_message
+from aqueue.serialization import accepted_content_types, get_serializer
+
+JSON = get_serializer("json")
+ACCEPT = accepted_content_types(["json", "msgpack"])
+
+
+def test_to_dict_leaves_out_empty_optional_fields() -> None:
+    assert Message("id-1", "tasks.add", (4, 4)).to_dict() == {
+        "id": "id-1",
+        "task": "tasks.add",
+        "args": (4, 4),
+        "kwargs": {},
+    }
+
+
+@pytest.mark.parametrize("serializer", ["json", "msgpack"])
+def test_encode_then_decode_gives_the_same_message(serializer: str) -> None:
+    # Given a message with every field set
+    message = Message(
+        "id-2", "tasks.add", [1, 2], {"z": 3}, 2, 1700000000.5, 1700000100.0, True, "reply-q", {"h": "v"}
+    )
+    codec = get_serializer(serializer)
+    # When it is encoded and decoded
+    decoded = decode_message(encode_message(message, codec), codec.content_type, ACCEPT)
+    # Then every field comes back
+    assert decoded == message
+
+
+def test_decoded_defaults() -> None:
+    decoded = decode_message(b'{"id": "a", "task": "t"}', JSON.content_type, ACCEPT)
+    assert decoded == Message("a", "t", (), {}, 0, None, None, False, None, None)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[1, 2]",
+        b'"just a string"',
+        b"42",
+        b'{"task": "tasks.add"}',
+        b'{"id": "x"}',
+        b'{"id": 1, "task": "tasks.add"}',
+        b'{"id": "x", "task": "t", "args": "ab"}',
+        b'{"id": "x", "task": "t", "kwargs": [1]}',
+    ],
+)
+def test_bodies_that_are_not_task_messages_raise_decode_error(body: bytes) -> None:
+    with pytest.raises(DecodeError, match="Not a task message"):
+        decode_message(body, JSON.content_type, ACCEPT)
+
+
+def test_garbage_bytes_raise_decode_error() -> None:
+    with pytest.raises(DecodeError):
+        decode_message(b"\x00\xff\xfe", JSON.content_type, ACCEPT)
+
+
+def test_content_outside_accept_content_is_refused_before_decoding() -> None:
+    with pytest.raises(ContentDisallowed):
+        decode_message(b"\x80\x04K\x01.", "application/x-python-serialize", ACCEPT)
+
+
+def test_encode_error_names_the_positional_argument_and_serializer() -> None:
+    message = Message("x", "tasks.add", (1, object()))
+    with pytest.raises(EncodeError) as raised:
+        encode_message(message, JSON)
+    text = str(raised.value)
+    assert "tasks.add" in text and "positional argument 1 (object)" in text and "with json" in text
+    assert isinstance(raised.value.__cause__, Exception)
+
+
+class _Opaque:
+    pass
+
+
+def test_encode_error_names_the_keyword_argument() -> None:
+    message = Message("x", "tasks.add", (1,), {"ok": 1, "when": _Opaque()})
+    with pytest.raises(EncodeError, match=r"keyword argument 'when' \(_Opaque\)"):
+        encode_message(message, JSON)
+
+
+def test_encode_error_without_a_culprit_argument() -> None:
+    # Given a message whose headers, not arguments, cannot be encoded
+    message = Message("x", "tasks.add", (1,), headers={"bad": object()})
+    with pytest.raises(EncodeError, match="the message cannot be serialized with json"):
+        encode_message(message, JSON)
+
+
+def test_envelope_is_frozen() -> None:
+    envelope = Envelope("id", "celery", b"{}", JSON.content_type)
+    assert (envelope.eta, envelope.priority) == (None, None)
+    with pytest.raises(AttributeError):
+        envelope.queue = "other"  # type: ignore[misc]
