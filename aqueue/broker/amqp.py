@@ -78,7 +78,7 @@ from aqueue.exceptions import ImproperlyConfigured, InvalidURL, OperationalError
 from aqueue.message import Envelope
 from aqueue.urls import mask_password, parse
 
-__all__ = ["AMQPBroker"]
+__all__ = ["AMQPBroker", "amqp_url", "delay_bucket_ms"]
 
 log = logging.getLogger(__name__)
 
