@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from aqueue import states
 from aqueue.result.asyncresult import AsyncResult
-from aqueue.result.base import TaskMeta
+from aqueue.result.base import TaskMeta, now_iso
 from aqueue.result.failure import exception_to_result, format_traceback
 from aqueue.result.memory import MemoryBackend
 from aqueue.task import Context, Task, _request
@@ -84,6 +84,7 @@ def _settle_sync(done: asyncio.Future[None], task: Task[Any, Any], context: Cont
             done.set_exception(exc)
     finally:
         _request.reset(token)
+    meta.date_done = now_iso()  # store() would set it, but it cannot be awaited here
     _backend._shared.results[meta.task_id] = _backend.serializer.dumps(meta.to_dict())
     if not done.done():
         done.set_result(None)
