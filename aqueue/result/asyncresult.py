@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Generator
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
 
 from aqueue import states
 from aqueue.exceptions import ResultNotStored, TaskRevokedError
@@ -49,7 +49,12 @@ class AsyncResult(Generic[R]):
             yield from asyncio.shield(self._sent).__await__()
         return self
 
-    async def get(self, timeout: float | None = None, propagate: bool = True) -> R:
+    @overload
+    async def get(self, timeout: float | None = None, propagate: Literal[True] = True) -> R: ...
+    @overload
+    async def get(self, timeout: float | None = None, propagate: bool = True) -> R | BaseException: ...
+
+    async def get(self, timeout: float | None = None, propagate: bool = True) -> R | BaseException:
         """Wait for the task to finish and return its return value.
 
         Parameters:
@@ -71,7 +76,7 @@ class AsyncResult(Generic[R]):
         exc = self._exception()
         if propagate:
             raise exc
-        return exc  # type: ignore[return-value]
+        return exc
 
     async def refresh(self) -> str:
         """Fetch the task's state from the backend; returns it."""
