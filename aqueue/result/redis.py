@@ -4,9 +4,10 @@ A task's state lives at ``P celery-task-meta-<task id>`` (``P`` is ``global_keyp
 Celery's), expiring after ``expires`` seconds (the ``result_expires`` setting) when that is set.
 Storing a ready state also PUBLISHes it on a channel of the same name.
 
-Round trips are coalesced: the commands issued in one event loop turn (the stores of a worker
-finishing many tasks, the reads of many waiters) go out in one pipeline, and those issued while it
-is in flight go in the next one. Each caller's await resolves when its own command is done.
+Round trips are coalesced: what is issued in one event loop turn goes out in one round trip of at
+most three commands: one Lua call for every store (SET with the TTL, and PUBLISH for ready
+states), one DEL, one MGET. Whatever is issued while it is in flight gathers for the next one. The
+worker stores results one by one; each caller's await resolves when its own write is done.
 
 ``wait`` shares ONE pub/sub connection per backend between all waiters: a waiter subscribes to its
 task's channel (the SUBSCRIBEs of a loop turn go in one command, followed by a PING whose reply
@@ -14,11 +15,11 @@ shows they are in place), then reads the key, which closes the race with a resul
 the subscription, then waits for the message. When the pub/sub connection drops, it reconnects
 with backoff, subscribes again, and every waiter reads its key again.
 
-Connections (redis.asyncio, RESP2, hiredis when installed): a bounded pool of ``max_connections``
-(default 10, waiting up to 20 s for a free one), in practice one or two in use thanks to the
-coalescing, plus the pub/sub connection once something waits; so 10,000 concurrent waits take
-about three connections. All carry ``client_name`` (default ``aqueue-result``). Redis errors become
-:class:`~aqueue.exceptions.OperationalError`.
+Connections (redis.asyncio connections, RESP2, hiredis when installed): exactly two per backend,
+whatever the load: one for the batched commands (batches go one after the other, so a pool would
+add nothing), opened on first use, and the pub/sub one, opened when something first waits. 10,000
+concurrent waits therefore use two connections. Both carry ``client_name`` (default
+``aqueue-result``). Redis errors become :class:`~aqueue.exceptions.OperationalError`.
 """
 
 from __future__ import annotations
@@ -29,17 +30,17 @@ import contextlib
 import functools
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import redis.asyncio as aioredis
-from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool, parse_url
+from redis.asyncio.connection import AbstractConnection, Connection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from aqueue.exceptions import InvalidURL, OperationalError, TimeoutError
@@ -52,6 +53,7 @@ logger = logging.getLogger("aqueue.result.redis")
 
 _LOST = (RedisConnectionError, RedisTimeoutError, OSError)
 _MAX_BATCH = 2000
+_STORE = (Path(__file__).parent / "redis_store.lua").read_text()
 Command = tuple[Any, ...]
 _Inbox = asyncio.Queue[bytes | None]
 
@@ -64,8 +66,7 @@ class RedisBackend(ResultBackend):
         serializer: how states are encoded (``json``, ``msgpack``, ``pickle``).
         expires: seconds a stored state lives (``result_expires``); ``None`` or 0 keeps it.
         global_keyprefix: prepended to every key and channel.
-        max_connections: size of the connection pool (the pub/sub connection is extra).
-        client_name: the name every connection gives itself (``CLIENT LIST`` shows it).
+        client_name: the name both connections give themselves (``CLIENT LIST`` shows it).
 
     Raises:
         InvalidURL: the URL is not a usable redis URL.
@@ -78,45 +79,35 @@ class RedisBackend(ResultBackend):
         expires: float | None = None,
         *,
         global_keyprefix: str = "",
-        max_connections: int = 10,
         client_name: str = "aqueue-result",
     ) -> None:
         super().__init__(url, serializer, expires)
         parse(url, kinds=("redis", "rediss"), role="result backend")
         self.prefix = global_keyprefix
-        self._ttl_ms = int(expires * 1000) if expires and expires > 0 else None
-        self._pool = _pool(url, max_connections, client_name)
-        self._client = aioredis.Redis.from_pool(self._pool)
-        self._pipeliner = _Pipeliner(self._client)
-        kwargs = dict(self._pool.connection_kwargs, socket_timeout=None, socket_keepalive=True)
-        self._listener = _Listener(self._pool.connection_class(**kwargs), url)
+        ttl_ms = int(expires * 1000) if expires and expires > 0 else 0
+        self._batcher = _Batcher(_connection(url, client_name, socket_timeout=10.0), ttl_ms)
+        self._listener = _Listener(_connection(url, client_name, socket_timeout=None), url)
 
     def key(self, task_id: str) -> str:
         """The key (and channel) of ``task_id``'s state."""
         return f"{self.prefix}celery-task-meta-{task_id}"
 
     async def connect(self) -> None:
-        with self._errors("connect"):
-            await self._client.ping()
+        await self._run("connect", self._batcher.ping())
 
     async def aclose(self) -> None:
         await self._listener.aclose()
-        await self._pipeliner.drain()
-        await self._client.aclose()
+        await self._batcher.aclose()
 
     async def _set(self, task_id: str, data: bytes, meta: TaskMeta) -> None:
-        key = self.key(task_id)
-        store: Command = (
-            ("SET", key, data) if self._ttl_ms is None else ("SET", key, data, "PX", self._ttl_ms)
-        )
-        await self._run("store", (store, ("PUBLISH", key, data)) if meta.ready else (store,))
+        await self._run("store", self._batcher.store(self.key(task_id), data, meta.ready))
 
     async def _get(self, task_id: str) -> bytes | None:
-        (data,) = await self._run("get", (("GET", self.key(task_id)),))
-        return data  # type: ignore[no-any-return]
+        data: bytes | None = await self._run("get", self._batcher.get(self.key(task_id)))
+        return data
 
     async def _delete(self, task_id: str) -> None:
-        await self._run("forget", (("DEL", self.key(task_id)),))
+        await self._run("forget", self._batcher.delete(self.key(task_id)))
 
     async def wait(self, task_id: str, timeout: float | None = None) -> TaskMeta:
         """Wait until ``task_id`` is ready, woken by its channel; returns its state.
@@ -150,65 +141,134 @@ class RedisBackend(ResultBackend):
     def _decode(self, data: bytes) -> TaskMeta:
         return TaskMeta.from_dict(self.serializer.decode(data))
 
-    async def _run(self, action: str, commands: Sequence[Command]) -> list[Any]:
-        with self._errors(action):
-            results = await self._pipeliner.run(commands)
-            for result in results:
-                if isinstance(result, Exception):
-                    raise result
-            return results
-
-    @contextlib.contextmanager
-    def _errors(self, action: str) -> Iterator[None]:
+    async def _run(self, action: str, pending: asyncio.Future[Any]) -> Any:
         try:
-            yield
+            return await pending
         except RedisError as exc:
             url = mask_password(self.url)
             raise OperationalError(f"Redis result backend {url}: {action} failed: {exc}") from exc
 
 
-class _Pipeliner:
-    """Sends the commands of one loop turn in one pipeline; each caller gets its own results."""
+class _Batcher:
+    """Sends the reads and writes of one loop turn as at most three commands in one round trip.
 
-    def __init__(self, client: aioredis.Redis) -> None:
-        self.client = client
-        self._queue: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]] = []
+    Stores go in one Lua call, deletes in one DEL, reads in one MGET; while a round trip is in
+    flight the next batch gathers. One connection is enough: batches go one after the other.
+    """
+
+    def __init__(self, conn: AbstractConnection, ttl_ms: int) -> None:
+        self.conn, self.ttl_ms = conn, ttl_ms
+        self._stores: list[tuple[str, bytes, bool, asyncio.Future[Any]]] = []
+        self._deletes: list[tuple[str, asyncio.Future[Any]]] = []
+        self._gets: list[tuple[str, asyncio.Future[Any]]] = []
+        self._pings: list[asyncio.Future[Any]] = []
         self._flusher: asyncio.Task[None] | None = None
 
-    async def run(self, commands: Sequence[Command]) -> list[Any]:
-        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._queue.append((commands, future))
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush())
-        return await asyncio.shield(future)
+    def store(self, key: str, data: bytes, publish: bool) -> asyncio.Future[Any]:
+        future = self._future()
+        self._stores.append((key, data, publish, future))
+        return future
 
-    async def drain(self) -> None:
+    def get(self, key: str) -> asyncio.Future[Any]:
+        future = self._future()
+        self._gets.append((key, future))
+        return future
+
+    def delete(self, key: str) -> asyncio.Future[Any]:
+        future = self._future()
+        self._deletes.append((key, future))
+        return future
+
+    def ping(self) -> asyncio.Future[Any]:
+        future = self._future()
+        self._pings.append(future)
+        return future
+
+    async def aclose(self) -> None:
         if self._flusher is not None:
             await asyncio.wait([self._flusher], timeout=30)
+        await self.conn.disconnect()
+
+    def _future(self) -> asyncio.Future[Any]:
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush())
+        return asyncio.get_running_loop().create_future()
 
     async def _flush(self) -> None:
         try:
-            while self._queue:
-                batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
+            while self._stores or self._deletes or self._gets or self._pings:
+                batch = [self._take_stores(), self._take_deletes(), self._take_gets(), self._take_pings()]
+                batch = [(command, settle) for command, settle in batch if command]
                 await self._send(batch)
         finally:
             self._flusher = None
 
-    async def _send(self, batch: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]]) -> None:
+    async def _send(self, batch: list[tuple[Command, Callable[[Any], None]]]) -> None:
+        replies: list[Any]
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for commands, _ in batch:
-                    for command in commands:
-                        pipe.execute_command(*command)
-                results = await pipe.execute(raise_on_error=False)
+            replies = await _round_trip(self.conn, [command for command, _ in batch])
         except RedisError as exc:
-            for _, future in batch:
-                _resolve(future, exc=exc)
-            return
-        start = 0
-        for commands, future in batch:
-            _resolve(future, results[start : start + len(commands)])
-            start += len(commands)
+            replies = [exc] * len(batch)
+        for (_, settle), reply in zip(batch, replies, strict=True):
+            settle(reply)
+
+    def _take_stores(self) -> tuple[Command, Callable[[Any], None]]:
+        stores, self._stores = self._stores[:_MAX_BATCH], self._stores[_MAX_BATCH:]
+        keys = [key for key, _, _, _ in stores]
+        flags = "".join("1" if publish else "0" for _, _, publish, _ in stores)
+        command = ("EVAL", _STORE, len(keys), *keys, self.ttl_ms, flags, *(data for _, data, _, _ in stores))
+        return (command if stores else ()), functools.partial(_settle, [f for *_, f in stores], None)
+
+    def _take_deletes(self) -> tuple[Command, Callable[[Any], None]]:
+        deletes, self._deletes = self._deletes[:_MAX_BATCH], self._deletes[_MAX_BATCH:]
+        command = ("DEL", *(key for key, _ in deletes)) if deletes else ()
+        return command, functools.partial(_settle, [f for _, f in deletes], None)
+
+    def _take_gets(self) -> tuple[Command, Callable[[Any], None]]:
+        gets, self._gets = self._gets[:_MAX_BATCH], self._gets[_MAX_BATCH:]
+        command = ("MGET", *(key for key, _ in gets)) if gets else ()
+        return command, functools.partial(_settle_each, [f for _, f in gets])
+
+    def _take_pings(self) -> tuple[Command, Callable[[Any], None]]:
+        pings, self._pings = self._pings, []
+        return (("PING",) if pings else ()), functools.partial(_settle, pings, None)
+
+
+def _settle(futures: list[asyncio.Future[Any]], result: Any, reply: Any) -> None:
+    exc = reply if isinstance(reply, BaseException) else None
+    for future in futures:
+        _resolve(future, result, exc)
+
+
+def _settle_each(futures: list[asyncio.Future[Any]], reply: Any) -> None:
+    if isinstance(reply, BaseException):
+        _settle(futures, None, reply)
+        return
+    for future, value in zip(futures, reply, strict=True):
+        _resolve(future, value)
+
+
+async def _round_trip(conn: AbstractConnection, commands: list[Command]) -> list[Any]:
+    """Send ``commands`` at once and read their replies; an error reply is returned, not raised.
+
+    A connection lost before the replies came is reconnected and the commands sent once more:
+    they are all idempotent.
+    """
+    for attempt in (1, 2):
+        try:
+            await conn.send_packed_command(conn.pack_commands(commands), False)
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(await conn.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+            return replies
+        except _LOST:
+            await conn.disconnect()
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 class _Listener:
@@ -382,7 +442,7 @@ def _retrieved(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
-def _pool(url: str, max_connections: int, client_name: str) -> BlockingConnectionPool:
+def _connection(url: str, client_name: str, socket_timeout: float | None) -> AbstractConnection:
     path = urlsplit(url).path.strip("/")
     if path and not path.isdigit():
         raise InvalidURL(f"Invalid redis URL {mask_password(url)!r}: the path must be a database number")
@@ -390,6 +450,7 @@ def _pool(url: str, max_connections: int, client_name: str) -> BlockingConnectio
         kwargs: dict[str, Any] = dict(parse_url(url))
     except ValueError as exc:
         raise InvalidURL(f"Invalid redis URL {mask_password(url)!r}: {exc}") from exc
-    kwargs.update(protocol=2, client_name=client_name)
+    connection_class: type[AbstractConnection] = kwargs.pop("connection_class", Connection)
+    kwargs.update(protocol=2, client_name=client_name, socket_timeout=socket_timeout, socket_keepalive=True)
     kwargs.setdefault("retry", Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3))
-    return BlockingConnectionPool(max_connections=max_connections, timeout=20, **kwargs)
+    return connection_class(**kwargs)
