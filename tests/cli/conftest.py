@@ -152,7 +152,8 @@ class Project:
         self.root, self.kind = root, kind
         self.unique = uuid.uuid4().hex[:10]
         self.workers: list[WorkerProcess] = []
-        self.redis_db = int(self.unique, 16) % 15 + 1
+        # Database 0: the shared fixtures flush databases 1-15 after their tests; ours are cleaned by prefix.
+        self.redis_db = 0
         if kind == "redis":
             self.broker_url = self.backend_url = f"{REDIS_URL}/{self.redis_db}"
             self.base_settings: dict[str, Any] = {

@@ -57,7 +57,7 @@ def test_worker_help_documents_every_flag() -> None:
     assert "--shutdown-timeout" in done.stdout
 
 
-def test_console_script_exists() -> None:
+def test_console_script_exists(sqlite_project: Project) -> None:
     # Given: the `aqueue` script installed next to this Python
     script = Path(sys.executable).with_name("aqueue")
     found = str(script) if script.exists() else shutil.which("aqueue")
@@ -67,6 +67,11 @@ def test_console_script_exists() -> None:
     done = run([found, "worker", "--help"])
     assert done.returncode == 0, done.stderr
     assert "--loglevel" in done.stdout
+
+    # And: it finds tasks.py in the working directory (no worker runs, so nobody replies)
+    ping = run([found, "-A", "tasks", "inspect", "ping", "--timeout", "0.2"], cwd=sqlite_project.root)
+    assert ping.returncode == 1, ping.stderr
+    assert "No nodes replied" in ping.stderr
 
 
 def test_worker_without_app_says_how_to_give_it(tmp_path: Path) -> None:
@@ -81,6 +86,13 @@ def test_unknown_app_module_is_a_usage_error(tmp_path: Path) -> None:
 
     assert done.returncode == 2
     assert "nosuchmodule" in done.stderr
+
+
+def test_app_attribute_that_is_not_an_app_is_a_usage_error(sqlite_project: Project) -> None:
+    done = run([sys.executable, "-m", "aqueue", "-A", "tasks:add", "worker"], cwd=sqlite_project.root)
+
+    assert done.returncode == 2
+    assert "'tasks:add' is not an App" in done.stderr
 
 
 def test_banner_masks_passwords_and_lists_the_setup() -> None:
