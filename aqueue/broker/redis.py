@@ -26,8 +26,13 @@ pending for it in the group until settled:
 - at start and then every ``visibility_timeout / 2`` (at most 5 s), a consumer claims the entries
   other consumers have left idle past ``visibility_timeout`` and delivers them with
   ``redelivered=True``; an entry already delivered ``max_deliveries`` times goes to the
-  dead-letter stream instead. Consumers that hold nothing and stayed idle an hour are dropped from
-  the group.
+  dead-letter stream instead. This is ``XPENDING ... IDLE`` + ``XCLAIM`` in one Lua script rather
+  than ``XAUTOCLAIM``, which does not report delivery counts: the count is checked and the entry
+  claimed or dead-lettered in one atomic step. (A requeued entry is a new entry: its count starts
+  again.) Consumers that hold nothing and stayed idle an hour are dropped from the group.
+
+A worker that stalls past the timeout (a blocked event loop) may see another claim its entries:
+delivery is at least once, as with every broker.
 
 ETA. ``publish`` puts an envelope whose ``eta`` is ahead in the sorted set; consumers move due
 ones to the stream (Lua, atomic) at least every 0.5 s while fetching, and their blocking reads
@@ -83,13 +88,8 @@ _LOST = (RedisConnectionError, RedisTimeoutError, OSError)
 _SCRIPTS = ("reclaim", "settle", "move_due", "purge", "leave")
 _LUA = {name: (Path(__file__).parent / f"redis_{name}.lua").read_text() for name in _SCRIPTS}
 _OWN_OPTIONS = ("visibility_timeout", "global_keyprefix", "max_deliveries", "max_connections")
-_CONNECTION_OPTIONS = (
-    "socket_timeout",
-    "socket_connect_timeout",
-    "socket_keepalive",
-    "health_check_interval",
-    "client_name",
-)
+_CONNECTION_OPTIONS: tuple[str, ...] = ("socket_timeout", "socket_connect_timeout", "socket_keepalive")
+_CONNECTION_OPTIONS += ("health_check_interval", "client_name")
 # Celery transport options that mean nothing here; accepted so that a Celery config works as is.
 _CELERY_ONLY = ("fanout_prefix", "fanout_patterns", "priority_steps", "queue_order_strategy", "sep")
 
@@ -323,11 +323,8 @@ class _RedisConsumer(Consumer):
                 body, ctype, task_id, again = f[1], f[3], f[5], redelivered
             else:
                 d = dict(zip(f[::2], f[1::2], strict=False))
-                body, ctype, task_id = (
-                    d.get(b"body", b""),
-                    d.get(b"content_type", b""),
-                    d.get(b"id", entry_id),
-                )
+                body, ctype = d.get(b"body", b""), d.get(b"content_type", b"")
+                task_id = d.get(b"id", entry_id)
                 again = redelivered or b"redelivered" in d
             content_type = content_types.get(ctype) or content_types.setdefault(ctype, ctype.decode())
             out.append(Delivery(self, task_id.decode(), queue, body, content_type, again, entry_id))
@@ -341,14 +338,8 @@ class _RedisConsumer(Consumer):
         for key, queue in self._queue_of.items():
             if len(out) >= n:
                 break
-            args: list[str | int] = [
-                GROUP,
-                self.name,
-                idle_ms,
-                n - len(out),
-                broker.max_deliveries,
-                forget_ms,
-            ]
+            count = min(n - len(out), _CHUNK)  # Lua's unpack() takes a few thousand values at most
+            args: list[str | int] = [GROUP, self.name, idle_ms, count, broker.max_deliveries, forget_ms]
             entries = await self.scripts["reclaim"](keys=[key, broker.dead_key(queue)], args=args)
             out += self._deliveries(key, entries, True)
         return out
