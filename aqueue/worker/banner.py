@@ -22,6 +22,7 @@ def banner(
     from aqueue import __version__
 
     when = (now or datetime.now()).strftime("%Y-%m-%d %H:%M:%S")
+    app.conf.from_environment()  # the URLs may be given only by AQUEUE_* variables
     backend = app.conf.result_backend
     art = [
         f" -------------- {hostname} v{__version__}",

@@ -117,6 +117,21 @@ def test_banner_masks_passwords_and_lists_the_setup() -> None:
     assert f"  . {add.name}" in text
 
 
+def test_banner_shows_urls_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given: broker and result backend given only by AQUEUE_* variables, with passwords
+    monkeypatch.setenv("AQUEUE_BROKER_URL", "redis://:brokerpw@127.0.0.1:6379/2")
+    monkeypatch.setenv("AQUEUE_RESULT_BACKEND", "redis://:resultpw@127.0.0.1:6379/3")
+    app = App("proj")
+
+    # When
+    text = banner(app, hostname="w1@test", concurrency=1, queues=["celery"])
+
+    # Then: both are shown, masked
+    assert ".> transport:   redis://:**@127.0.0.1:6379/2" in text
+    assert ".> results:     redis://:**@127.0.0.1:6379/3" in text
+    assert "brokerpw" not in text and "resultpw" not in text
+
+
 async def test_worker_prints_banner_and_serves(project: Project, client: App) -> None:
     # Given: a worker started with -c, -Q and -n
     queue = f"{project.default_queue},extra"
@@ -254,3 +269,19 @@ async def test_sigint_stops_the_worker(sqlite_project: Project) -> None:
 
     assert await worker.stop(signal.SIGINT) == 0
     assert "SIGINT received" in worker.log
+
+
+async def test_second_sigint_stops_at_once(sqlite_project: Project, sqlite_client: App) -> None:
+    # Given: a worker running a long task, already in warm shutdown after one SIGINT
+    worker = await sqlite_project.start_worker()
+    result = await sqlite_client.send_task("tasks.sleep", [30])
+    await worker.wait_for(f"Task tasks.sleep[{result.id}] received")
+    worker.send_signal(signal.SIGINT)
+    await worker.wait_for("SIGINT received")
+
+    # When: a second SIGINT comes
+    code = await worker.stop(signal.SIGINT, timeout=5)
+
+    # Then: it exits at once, non-zero, saying so
+    assert code != 0
+    assert "cold shutdown" in worker.log
