@@ -115,7 +115,10 @@ async def _serve(app: App, w: Worker) -> None:
 
 
 def _setup_logging(level: str, logfile: str | None) -> None:
-    handler: logging.Handler = logging.FileHandler(logfile) if logfile else logging.StreamHandler(sys.stderr)
+    try:
+        handler: logging.Handler = logging.FileHandler(logfile) if logfile else logging.StreamHandler(sys.stderr)
+    except OSError as exc:
+        raise click.ClickException(f"Cannot open the log file {logfile}: {exc.strerror}") from exc
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -152,6 +155,8 @@ def _claim(pidfile: Path) -> None:
                 ) from None
             pidfile.unlink(missing_ok=True)  # stale: its process is gone
             continue
+        except OSError as exc:
+            raise click.ClickException(f"Cannot create the pidfile {pidfile}: {exc.strerror}") from exc
         with os.fdopen(fd, "w") as f:
             f.write(f"{os.getpid()}\n")
         return

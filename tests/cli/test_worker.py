@@ -285,3 +285,15 @@ async def test_second_sigint_stops_at_once(sqlite_project: Project, sqlite_clien
     # Then: it exits at once, non-zero, saying so
     assert code != 0
     assert "cold shutdown" in worker.log
+
+
+@pytest.mark.parametrize("option", ["--logfile", "--pidfile"])
+def test_unwritable_logfile_or_pidfile_is_a_clean_error(sqlite_project: Project, option: str) -> None:
+    done = run(
+        [sys.executable, "-m", "aqueue", "-A", "tasks", "worker", option, "nodir/w.out"],
+        cwd=sqlite_project.root,
+    )
+
+    assert done.returncode == 1
+    assert "nodir/w.out" in done.stderr and "No such file or directory" in done.stderr
+    assert "Traceback" not in done.stderr
