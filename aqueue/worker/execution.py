@@ -7,7 +7,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -80,15 +80,22 @@ class Executor:
         self.backend, self.publisher, self.state, self.slots = backend, publisher, state, slots
         self.hostname = hostname
         self.log_info = logger.isEnabledFor(logging.INFO)
+        self.closing = False
+        self._waiting: set[asyncio.Task[Any]] = set()
+
+    def close(self) -> None:
+        """Start no more tasks: those still waiting for a token or a slot give their message back."""
+        self.closing = True
+        for job in self._waiting:
+            job.cancel()
 
     async def run(self, delivery: Delivery, message: Message, runtime: TaskRuntime) -> None:
-        """Wait for a token and a slot, then run; on cancellation give the message back."""
+        """Wait for a token and a slot, then run; on cancellation or shutdown give the message back."""
         started = False
         try:
-            if not runtime.bucket.try_acquire():
-                await runtime.bucket.acquire()
-            if not self.slots.try_acquire():
-                await self.slots.acquire()
+            if not await self._admit(runtime):
+                await delivery.requeue()
+                return
             try:
                 started = True
                 await self._run(delivery, message, runtime)
@@ -97,6 +104,25 @@ class Executor:
         except asyncio.CancelledError:
             await asyncio.shield(self._give_back(delivery, message, started))
             raise
+
+    async def _admit(self, runtime: TaskRuntime) -> bool:
+        """Take a token and a slot; False (holding no slot) once the worker is closing."""
+        if not self.closing and not runtime.bucket.try_acquire():
+            await self._wait(runtime.bucket.acquire)
+        if not self.closing and not self.slots.try_acquire():
+            await self._wait(self.slots.acquire)
+            if self.closing:
+                self.slots.release()
+        return not self.closing
+
+    async def _wait(self, acquire: Callable[[], Awaitable[None]]) -> None:
+        job = asyncio.current_task()
+        assert job is not None
+        self._waiting.add(job)
+        try:
+            await acquire()
+        finally:
+            self._waiting.discard(job)
 
     async def _give_back(self, delivery: Delivery, message: Message, started: bool) -> None:
         if not delivery.settled:

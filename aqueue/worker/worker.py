@@ -135,6 +135,8 @@ class Worker:
         for part in self._parts:
             part.cancel()
         await asyncio.gather(*self._parts, return_exceptions=True)
+        if self._loop is not None:
+            self._loop.executor.close()
         running = self._loop.running if self._loop else set()
         if running:
             logger.info("Waiting up to %.1fs for %d running task(s)...", self.shutdown_timeout, len(running))

@@ -1,0 +1,211 @@
+"""The worker's lifecycle: options, concurrency and prefetch, run/stop, graceful shutdown, statedb."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import pytest
+
+from aqueue import App, states
+from aqueue.exceptions import OperationalError
+from aqueue.worker import Worker
+from aqueue.worker.worker import default_hostname
+
+MakeApp = Callable[..., App]
+
+
+def test_defaults_come_from_the_settings(make_app: MakeApp) -> None:
+    app = make_app(worker_concurrency=7, worker_prefetch_multiplier=3, worker_shutdown_timeout=2.5)
+    worker = Worker(app)
+    assert (worker.concurrency, worker.prefetch, worker.shutdown_timeout) == (7, 21, 2.5)
+    assert worker.queues == [app.conf.task_default_queue]
+    assert worker.hostname == default_hostname() == f"aqueue@{socket.gethostname()}"
+    # And arguments win over settings
+    worker = Worker(
+        app, concurrency=2, prefetch_multiplier=1, queues=["a", "b"], hostname="w1", shutdown_timeout=0
+    )
+    assert (worker.concurrency, worker.prefetch, worker.queues, worker.hostname) == (2, 2, ["a", "b"], "w1")
+    assert worker.shutdown_timeout == 0
+
+
+async def test_at_most_concurrency_tasks_run_at_once(make_app: MakeApp) -> None:
+    app = make_app()
+    running, peak = 0, 0
+
+    @app.task
+    async def job() -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await anyio.sleep(0.05)
+        running -= 1
+
+    async with app, Worker(app, concurrency=2):
+        results = [job.delay() for _ in range(6)]
+        for result in results:
+            await result.get(timeout=5)
+    assert peak == 2
+
+
+async def test_unacknowledged_messages_stay_within_the_prefetch_window(make_app: MakeApp) -> None:
+    app = make_app()
+    release = anyio.Event()
+
+    @app.task(acks_late=True)
+    async def job() -> None:
+        await release.wait()
+
+    async with app, Worker(app, concurrency=1, prefetch_multiplier=3) as worker:
+        results = [await job.delay() for _ in range(6)]
+        assert worker._loop is not None
+        held = worker._loop.consumer.held
+        with anyio.fail_after(5):
+            while len(held) < 3:
+                await anyio.sleep(0.01)
+        await anyio.sleep(0.05)
+        assert len(held) == 3
+        release.set()
+        for result in results:
+            await result.get(timeout=5)
+
+
+async def test_several_queues_are_consumed(make_app: MakeApp, unique: str) -> None:
+    app = make_app()
+
+    @app.task
+    async def where(n: int) -> int:
+        return n
+
+    async with app, Worker(app, queues=[f"a-{unique}", f"b-{unique}"]):
+        a = where.apply_async((1,), queue=f"a-{unique}")
+        b = where.apply_async((2,), queue=f"b-{unique}")
+        assert [await a.get(timeout=5), await b.get(timeout=5)] == [1, 2]
+
+
+async def test_run_until_request_stop(make_app: MakeApp, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="aqueue")
+    app = make_app()
+
+    @app.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    worker = Worker(app, hostname="runner")
+    async with app, anyio.create_task_group() as group:
+        group.start_soon(worker.run)
+        assert await add.delay(1, 2).get(timeout=5) == 3
+        # When a stop is requested (as the signal handlers do), then run() returns
+        worker.request_stop()
+        with anyio.fail_after(5):
+            while worker._stack is not None:
+                await anyio.sleep(0.01)
+    assert "runner ready." in caplog.text and "runner stopped." in caplog.text
+
+
+async def test_stop_before_start_and_twice_is_harmless(make_app: MakeApp) -> None:
+    app = make_app()
+    worker = Worker(app)
+    await worker.stop()
+    async with app:
+        await worker.start()
+        await worker.stop()
+        await worker.stop()
+
+
+async def test_shutdown_does_not_start_waiting_tasks(make_app: MakeApp) -> None:
+    # Given one running task and three received but waiting for the single slot
+    app = make_app()
+    ran: list[int] = []
+    started = anyio.Event()
+
+    @app.task
+    async def job(n: int) -> int:
+        ran.append(n)
+        started.set()
+        await anyio.sleep(0.2)
+        return n
+
+    async with app:
+        worker = Worker(app, concurrency=1, shutdown_timeout=5)
+        async with worker:
+            results = [job.delay(n) for n in range(4)]
+            with anyio.fail_after(5):
+                await started.wait()
+            began = time.monotonic()
+        # When the worker stops, then it finishes the running task only, without waiting for the rest
+        assert ran == [0]
+        assert time.monotonic() - began < 0.6
+        # And the others are back in the queue for the next worker
+        async with Worker(app, concurrency=4):
+            assert [await r.get(timeout=5) for r in results] == [0, 1, 2, 3]
+    assert sorted(ran) == [0, 1, 2, 3]
+
+
+async def test_a_task_waiting_for_its_rate_limit_does_not_delay_shutdown(make_app: MakeApp) -> None:
+    app = make_app()
+
+    @app.task(rate_limit="1/m")
+    async def job(n: int) -> int:
+        return n
+
+    async with app:
+        async with Worker(app, shutdown_timeout=10):
+            first, second = job.delay(1), job.delay(2)
+            assert await first.get(timeout=5) == 1
+            await anyio.sleep(0.05)
+            began = time.monotonic()
+        assert time.monotonic() - began < 1
+        # And the waiting task runs on the next worker (whose bucket starts full)
+        async with Worker(app):
+            assert await second.get(timeout=5) == 2
+
+
+async def test_revoked_ids_survive_a_restart_with_statedb(make_app: MakeApp, tmp_path: Path) -> None:
+    app = make_app()
+    ran: list[int] = []
+
+    @app.task
+    async def job() -> None:
+        ran.append(1)
+
+    statedb = str(tmp_path / "worker.state")
+    async with app:
+        async with Worker(app, statedb=statedb, hostname="w1"):
+            assert await app.control.revoke("doomed-id", destination=["w1"]) != []
+        # When a new worker starts with the same state file, then the revoked task is not run
+        async with Worker(app, statedb=statedb):
+            result = job.apply_async(task_id="doomed-id")
+            with anyio.fail_after(5):
+                while await result.refresh() != states.REVOKED:
+                    await anyio.sleep(0.02)
+    assert ran == []
+
+
+def test_an_unreadable_statedb_is_ignored_with_a_warning(
+    make_app: MakeApp, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    statedb = tmp_path / "worker.state"
+    statedb.write_text("not json")
+    worker = Worker(make_app(), statedb=str(statedb))
+    assert worker.state.revoked == set()
+    assert "Ignoring unreadable state file" in caplog.text
+
+
+async def test_start_gives_up_after_the_connection_retries(make_app: MakeApp, tmp_path: Path) -> None:
+    # Given a broker that cannot be opened and one retry allowed
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    app = make_app(broker=f"sqlite:///{blocker}/q.db", broker_connection_max_retries=1)
+    # When the worker starts, then it retries once and raises
+    with anyio.fail_after(5), pytest.raises(OperationalError):
+        await Worker(app).start()
+
+
+def test_statistics(make_app: MakeApp) -> None:
+    stats = Worker(make_app(), concurrency=3).statistics()
+    assert stats["pool"].limit == 3 and stats["state"].active == 0
