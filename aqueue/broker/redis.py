@@ -258,7 +258,7 @@ class _RedisConsumer(Consumer):
             await self._backoff.lost(self._conn, exc)
             return []
         except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
+            if not _gone(exc):
                 raise self._error("fetch", exc) from exc
             self._started = False  # the stream was deleted: create the group again
             return []
@@ -357,7 +357,12 @@ class _RedisConsumer(Consumer):
     async def _recover(self) -> None:
         """Give back to their streams the entries pending for this consumer that it does not own."""
         for key, owned in self._owned.items():
-            pending = await self.client.xpending_range(key, GROUP, "-", "+", 10_000, self.name)
+            try:
+                pending = await self.client.xpending_range(key, GROUP, "-", "+", 10_000, self.name)
+            except ResponseError as exc:
+                if _gone(exc):
+                    continue  # the stream was deleted, and what was pending with it
+                raise
             lost = [p["message_id"] for p in pending if p["message_id"] not in owned]
             for i in range(0, len(lost), _CHUNK):
                 await self.scripts["settle"](keys=[key, key], args=[GROUP, "", *lost[i : i + _CHUNK]])
@@ -538,6 +543,11 @@ def _envelope(queue: str, fields: Mapping[Any, Any]) -> Envelope:
         None,
         int(priority) if priority else None,
     )
+
+
+def _gone(exc: ResponseError) -> bool:
+    """Whether ``exc`` says the stream or its group was deleted (or the database flushed)."""
+    return "NOGROUP" in str(exc) or "UNBLOCKED" in str(exc)
 
 
 def _retrieved(future: asyncio.Future[None]) -> None:

@@ -247,14 +247,23 @@ async def test_closing_a_consumer_that_holds_nothing_leaves_the_group(
     assert await raw.xinfo_consumers(broker.stream_key("q"), GROUP) == []
 
 
-async def test_a_deleted_stream_gets_its_group_back(broker: RedisBroker, raw: aioredis.Redis) -> None:
-    # Given a consumer reading a stream that is then deleted
+async def test_a_stream_deleted_under_a_blocked_read_gets_its_group_back(
+    broker: RedisBroker, raw: aioredis.Redis
+) -> None:
+    # Given a consumer blocked reading a stream that is then deleted (as FLUSHDB would)
     async with broker.consume(["q"], prefetch=1) as consumer:
         await nothing_for(consumer, 0.2)
+        waiting = asyncio.ensure_future(consumer.receive())
+        await asyncio.sleep(0.1)
         await raw.delete(broker.stream_key("q"))
         # When a message is published again, then the consumer still gets it
+        await asyncio.sleep(0.1)
         await broker.publish(envelopes(1))
-        assert (await receive(consumer)).id == "m0"
+        delivery = await asyncio.wait_for(waiting, 5)
+        assert delivery.id == "m0"
+        await delivery.ack()
+        # And closing after the stream is gone again is no error
+        await raw.delete(broker.stream_key("q"))
 
 
 # -- Visibility timeout, renewal and dead letters -----------------------------------------------
