@@ -15,7 +15,7 @@ import anyio.to_thread
 
 from aqueue import states
 from aqueue.broker.base import Delivery
-from aqueue.exceptions import Ignore, Reject, Retry, TimeLimitExceeded
+from aqueue.exceptions import EncodeError, Ignore, OperationalError, Reject, Retry, TimeLimitExceeded
 from aqueue.message import Envelope, Message, encode_message
 from aqueue.rates import parse_rate
 from aqueue.result.base import ResultBackend, TaskMeta
@@ -274,9 +274,20 @@ class Executor:
         try:
             await self.backend.store(meta, message)
         except Exception as exc:
+            if meta.status == states.SUCCESS and not isinstance(exc, OperationalError):
+                # The return value cannot be encoded: fail the task, as Celery does, so get() does not hang.
+                await self._fail(message, _unencodable(message, meta, self.backend.serializer.name, exc))
+                return
             logger.error(
                 "Cannot store the %s state of task %s[%s]: %s", meta.status, message.task, message.id, exc
             )
+
+
+def _unencodable(message: Message, meta: TaskMeta, serializer: str, exc: Exception) -> EncodeError:
+    return EncodeError(
+        f"The result of {message.task}[{message.id}] ({type(meta.result).__name__}) "
+        f"cannot be serialized with {serializer}: {exc}"
+    )
 
 
 def _autoretry(runtime: TaskRuntime, exc: Exception) -> Retry | None:
