@@ -156,11 +156,6 @@ async def test_bad_messages_do_not_stop_the_worker(project: Project, client: App
     assert await worker.stop() == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Worker.stop waits for every spawned job, so a task still waiting for a slot starts during "
-    "warm shutdown instead of going back to the queue",
-)
 async def test_warm_shutdown_starts_no_new_task(sqlite_project: Project, sqlite_client: App) -> None:
     # Given: a worker running one task at a time, with two more tasks waiting for its slot
     worker = await sqlite_project.start_worker("-c", "1")
@@ -175,3 +170,6 @@ async def test_warm_shutdown_starts_no_new_task(sqlite_project: Project, sqlite_
 
     # Then: only the running task was finished; the waiting ones were left for another worker
     assert mark.read_text().split() == ["start", "done"]
+    await sqlite_project.start_worker("-n", "second@test")
+    assert [await result.get(timeout=20) for result in sent] == [1, 1, 1]
+    assert sorted(mark.read_text().split()) == ["done"] * 3 + ["start"] * 3
