@@ -1,0 +1,22 @@
+"""aqueue: ``python -m aqueue -A aq_app worker -c N``; broker from BENCH_BROKER_URL (redis or amqp)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from _env import BACKEND_URL, REDIS_URL, SLEEP
+
+from aqueue import App
+
+app = App("aq_app", broker=os.environ.get("BENCH_BROKER_URL", REDIS_URL), backend=BACKEND_URL)
+
+
+@app.task
+async def noop() -> None:
+    return None
+
+
+@app.task
+async def sleep50() -> None:
+    await asyncio.sleep(SLEEP)

@@ -1,0 +1,40 @@
+"""Dramatiq: ``dramatiq dramatiq_app --processes 1 --threads N``; async actors via its AsyncIO middleware.
+
+BENCH_BROKER_URL picks the broker (redis:// or amqp://); results are always in Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import dramatiq
+import redis
+from _env import POOL, REDIS_URL, SLEEP
+from dramatiq.middleware.asyncio import AsyncIO
+from dramatiq.results import Results
+from dramatiq.results.backends.redis import RedisBackend
+
+_url = os.environ.get("BENCH_BROKER_URL", REDIS_URL)
+if _url.startswith("amqp"):
+    from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+    broker: dramatiq.Broker = RabbitmqBroker(url=_url)
+else:
+    from dramatiq.brokers.redis import RedisBroker
+
+    broker = RedisBroker(connection_pool=redis.ConnectionPool.from_url(_url, max_connections=POOL))
+results = RedisBackend(connection_pool=redis.ConnectionPool.from_url(REDIS_URL, max_connections=POOL))
+broker.add_middleware(Results(backend=results))
+broker.add_middleware(AsyncIO())
+dramatiq.set_broker(broker)
+
+
+@dramatiq.actor(store_results=True)
+async def noop() -> None:
+    return None
+
+
+@dramatiq.actor(store_results=True)
+async def sleep50() -> None:
+    await asyncio.sleep(SLEEP)
