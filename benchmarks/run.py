@@ -61,7 +61,7 @@ FULL = {"w1": 10_000, "w2": 1_000, "w3": 5_000}
 QUICK = {"w1": 1_000, "w2": 100, "w3": 1_000}
 CONCURRENCY = {"w1": 100, "w2": 100, "w3": 1_000}
 POLL = {"w1": 0.01, "w2": 0.001, "w3": 0.01}
-WORKLOAD_TIMEOUT = 120.0
+WORKLOAD_TIMEOUT = 180.0
 WARMUP_TIMEOUT = 60.0
 VHOST_PREFIX = "aqbench-"
 AMQP_ROOT = "amqp://guest:guest@127.0.0.1:5672/"
@@ -86,6 +86,7 @@ class Lib:
     backend: str = "redis"  # redis | rpc
     venv: Path = VENV
     note: str = ""
+    extra_env: tuple[tuple[str, str], ...] = ()
 
     @property
     def vhost(self) -> str:
@@ -145,6 +146,9 @@ def _script(name: str) -> Callable[[int], list[str]]:
     return lambda c: [_bin("python"), name]
 
 
+SYNC = (("BENCH_DRAMATIQ_SYNC", "1"),)
+
+# Database numbers: one per library within a table (the tables never run at the same time).
 REDIS_LIBS = [
     Lib("aqueue", "aqueue", _aqueue, 1),
     Lib(
@@ -159,21 +163,36 @@ REDIS_LIBS = [
     Lib("streaq", "streaq", _streaq, 5),
     Lib("celery", "celery", _celery, 6, note="sync tasks, --pool=threads"),
     Lib("dramatiq", "dramatiq", _dramatiq, 7, note="async actors (AsyncIO middleware), Redis results"),
-    Lib("redis-py ceiling", "ceiling-redis", _script("ceiling_redis.py"), 8),
+    Lib(
+        "dramatiq (sync)",
+        "dramatiq",
+        _dramatiq,
+        8,
+        note="plain actors, no AsyncIO middleware",
+        extra_env=SYNC,
+    ),
+    Lib("redis-py ceiling", "ceiling-redis", _script("ceiling_redis.py"), 9),
 ]
 
 AMQP_LIBS = [
-    Lib("aqueue (rpc)", "aqueue", _aqueue, 9, broker="amqp", backend="rpc"),
-    Lib("aqueue (redis)", "aqueue", _aqueue, 10, broker="amqp"),
+    Lib("aqueue (rpc)", "aqueue", _aqueue, 1, broker="amqp", backend="rpc"),
+    Lib("aqueue (redis)", "aqueue", _aqueue, 2, broker="amqp"),
+    Lib("taskiq-aio-pika", "taskiq-amqp", _taskiq("taskiq_amqp_app"), 3, broker="amqp", note="Redis results"),
+    Lib("dramatiq", "dramatiq", _dramatiq, 4, broker="amqp", note="async actors, Redis results"),
     Lib(
-        "taskiq-aio-pika", "taskiq-amqp", _taskiq("taskiq_amqp_app"), 11, broker="amqp", note="Redis results"
+        "dramatiq (sync)",
+        "dramatiq",
+        _dramatiq,
+        5,
+        broker="amqp",
+        note="plain actors, Redis results",
+        extra_env=SYNC,
     ),
-    Lib("dramatiq", "dramatiq", _dramatiq, 12, broker="amqp", note="async actors, Redis results"),
     Lib(
-        "celery (rpc)", "celery", _celery, 13, broker="amqp", backend="rpc", note="sync tasks, --pool=threads"
+        "celery (rpc)", "celery", _celery, 6, broker="amqp", backend="rpc", note="sync tasks, --pool=threads"
     ),
-    Lib("celery (redis)", "celery", _celery, 14, broker="amqp", note="sync tasks, --pool=threads"),
-    Lib("aio-pika reference", "ceiling-amqp", _script("ceiling_amqp.py"), 15, broker="amqp"),
+    Lib("celery (redis)", "celery", _celery, 7, broker="amqp", note="sync tasks, --pool=threads"),
+    Lib("aio-pika reference", "ceiling-amqp", _script("ceiling_amqp.py"), 8, broker="amqp"),
 ]
 
 
@@ -314,6 +333,7 @@ class Job:
     n: int
     redis_url: str
     logdir: Path
+    profile: Path | None = None
     procs: list[subprocess.Popen[Any]] = field(default_factory=list)
 
     def env(self) -> dict[str, str]:
@@ -330,6 +350,7 @@ class Job:
             BENCH_TIMEOUT=str(WORKLOAD_TIMEOUT),
             PYTHONPATH=str(APPS),
         )
+        env.update(lib.extra_env)
         env.pop("VIRTUAL_ENV", None)
         return env
 
@@ -355,10 +376,12 @@ class Job:
         lines = _line_reader(client)
         try:
             self._expect(lines, "start", WARMUP_TIMEOUT, worker, worker_log, client_log)
+            spies = self._spy(tag, {"worker": worker.pid, "client": client.pid})
             before = (tree_cpu(worker.pid), meters.servers_cpu())
             self._go(client)
             self._expect(lines, "end", WORKLOAD_TIMEOUT + 10, worker, worker_log, client_log)
             after = (tree_cpu(worker.pid), meters.servers_cpu())
+            self._unspy(spies)
             rss = tree_peak_rss_mb(worker.pid)
             self._go(client)
             result = self._expect(lines, "result", 30, worker, worker_log, client_log)
@@ -368,6 +391,48 @@ class Job:
         result["server_cpu"] = after[1] - before[1]
         result["rss_mb"] = rss
         return result
+
+    def _spy(self, tag: str, pids: dict[str, int]) -> list[tuple[subprocess.Popen[Any], Path]]:
+        """With --profile: py-spy on the worker and the client over the measured window."""
+        if self.profile is None:
+            return []
+        spies = []
+        for role, pid in pids.items():
+            out = self.profile / f"{tag}-{role}.raw"
+            argv = [
+                _bin("py-spy"),
+                "record",
+                "-p",
+                str(pid),
+                "-f",
+                "raw",
+                "-F",
+                "--nolineno",
+                "-r",
+                "200",
+                "-o",
+                str(out),
+            ]
+            if role == "worker":
+                argv.append("--subprocesses")
+            spy = subprocess.Popen(
+                argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            )
+            self.procs.append(spy)
+            spies.append((spy, out))
+        time.sleep(0.5)  # py-spy attaches
+        return spies
+
+    def _unspy(self, spies: list[tuple[subprocess.Popen[Any], Path]]) -> None:
+        for spy, out in spies:
+            with suppress(ProcessLookupError):
+                spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            with suppress(subprocess.TimeoutExpired):
+                spy.wait(30)
+            if out.exists():
+                summary = summarize_profile(out)
+                out.with_suffix(".top.txt").write_text(summary)
+                _log(f"  profile {out.name}:\n" + "\n".join(summary.splitlines()[:14]))
 
     def _prepare(self) -> None:
         r = redis.Redis.from_url(f"{self.redis_url}/{self.lib.db}")
@@ -464,6 +529,34 @@ def _tails(worker: subprocess.Popen[Any], worker_log: Path, client_log: Path) ->
         return ""
 
     return f"\n  worker ({' '.join(map(str, worker.args))}):\n    {tail(worker_log)}\n  client:\n    {tail(client_log)}"
+
+
+def summarize_profile(raw: Path, top: int = 25) -> str:
+    """Self and inclusive share of samples per function, from py-spy's collapsed stacks."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [frame for frame in stack.split(";") if not frame.startswith("process ")]
+        if not frames:
+            continue
+        total += count
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + count
+    if not total:
+        return "no samples\n"
+    lines = [f"{total} samples; self time:"]
+    lines += [f"  {n / total:6.1%}  {frame}" for frame, n in sorted(own.items(), key=lambda x: -x[1])[:top]]
+    lines.append("inclusive time:")
+    lines += [
+        f"  {n / total:6.1%}  {frame}" for frame, n in sorted(inclusive.items(), key=lambda x: -x[1])[:top]
+    ]
+    return "\n".join(lines) + "\n"
 
 
 # Aggregating -----------------------------------------------------------------------------------
@@ -679,6 +772,7 @@ def run_table(
     redis_url: str,
     logdir: Path,
     workloads: list[str],
+    profile: Path | None = None,
 ) -> Table:
     table = Table(broker, libs, runs)
     meters = Meters(redis_url, amqp=broker == "amqp")
@@ -686,7 +780,7 @@ def run_table(
         order = libs[run % len(libs) :] + libs[: run % len(libs)]  # rotate, so no library always goes first
         for workload in workloads:
             for lib in order:
-                job = Job(lib, workload, sizes[workload], redis_url, logdir)
+                job = Job(lib, workload, sizes[workload], redis_url, logdir, profile)
                 started = time.monotonic()
                 try:
                     raw = job.run(meters)
@@ -759,6 +853,12 @@ def main() -> None:
     )
     parser.add_argument("--markdown", type=Path, help="also write the report to this file")
     parser.add_argument(
+        "--profile",
+        type=Path,
+        help="py-spy the worker and the client of every job over its measured window, into this folder "
+        "(collapsed stacks + a summary each); the figures of such a run are slowed by the sampling",
+    )
+    parser.add_argument(
         "--logs", type=Path, help="keep worker and client logs here (default: a temporary folder)"
     )
     args = parser.parse_args()
@@ -773,13 +873,17 @@ def main() -> None:
         plan.append(("amqp", AMQP_LIBS))
     logdir = args.logs or Path(tempfile.mkdtemp(prefix="aqbench-"))
     logdir.mkdir(parents=True, exist_ok=True)
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     _log(f"logs in {logdir}")
     with _redis(args.redis_url) as redis_url:
         tables = []
         for broker, libs in plan:
             libs = [lib for lib in libs if chosen is None or lib.name in chosen]
             if libs:
-                tables.append(run_table(broker, libs, args.runs, sizes, redis_url, logdir, workloads))
+                tables.append(
+                    run_table(broker, libs, args.runs, sizes, redis_url, logdir, workloads, args.profile)
+                )
     text = report(tables, args.runs, sizes)
     print(text)
     if args.markdown:

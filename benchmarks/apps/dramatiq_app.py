@@ -1,4 +1,5 @@
-"""Dramatiq: ``dramatiq dramatiq_app --processes 1 --threads N``; async actors via its AsyncIO middleware.
+"""Dramatiq: ``dramatiq dramatiq_app --processes 1 --threads N``; async actors via its AsyncIO middleware,
+or plain ones with BENCH_DRAMATIQ_SYNC=1.
 
 BENCH_BROKER_URL picks the broker (redis:// or amqp://); results are always in Redis.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import dramatiq
 import redis
@@ -26,15 +28,29 @@ else:
     broker = RedisBroker(connection_pool=redis.ConnectionPool.from_url(_url, max_connections=POOL))
 results = RedisBackend(connection_pool=redis.ConnectionPool.from_url(REDIS_URL, max_connections=POOL))
 broker.add_middleware(Results(backend=results))
-broker.add_middleware(AsyncIO())
+SYNC = bool(os.environ.get("BENCH_DRAMATIQ_SYNC"))
+if not SYNC:
+    broker.add_middleware(AsyncIO())
 dramatiq.set_broker(broker)
 
 
-@dramatiq.actor(store_results=True)
-async def noop() -> None:
-    return None
+if SYNC:
+    # Plain actors, Dramatiq's fastest way.
 
+    @dramatiq.actor(store_results=True)
+    def noop() -> None:
+        return None
 
-@dramatiq.actor(store_results=True)
-async def sleep50() -> None:
-    await asyncio.sleep(SLEEP)
+    @dramatiq.actor(store_results=True)
+    def sleep50() -> None:
+        time.sleep(SLEEP)
+
+else:
+
+    @dramatiq.actor(store_results=True)
+    async def noop() -> None:
+        return None
+
+    @dramatiq.actor(store_results=True)
+    async def sleep50() -> None:
+        await asyncio.sleep(SLEEP)
