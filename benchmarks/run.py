@@ -793,6 +793,8 @@ def run_table(
                     continue
                 table.add(lib, values)
                 shown = ", ".join(f"{k}={v:,.2f}" for k, v in values.items())
+                if raw.get("counters"):
+                    shown += f", {raw['counters']}"
                 if workload == "w1":
                     shown += ", cpu s worker/client/servers={worker_cpu:.2f}/{client_cpu:.2f}/{server_cpu:.2f}".format(
                         **raw
