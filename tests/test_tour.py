@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -77,15 +78,23 @@ def app(make_app: MakeApp, transport: Transport) -> App:
     return make_app(transport)
 
 
-def worker(app: App, *queues: str, concurrency: int = 4, **options: Any) -> Worker:
-    """An in-process worker of ``app`` with a unique name."""
-    return Worker(
+@asynccontextmanager
+async def worker(app: App, *queues: str, concurrency: int = 4, **options: Any) -> AsyncIterator[Worker]:
+    """An in-process worker of ``app`` with a unique name; starting and stopping are bounded in time."""
+    running = Worker(
         app,
         concurrency=concurrency,
         queues=list(queues) or None,
         hostname=f"w-{uuid.uuid4().hex[:8]}",
         **options,
     )
+    with anyio.fail_after(WAIT):
+        await running.start()
+    try:
+        yield running
+    finally:
+        with anyio.fail_after(WAIT + running.shutdown_timeout):
+            await running.stop()
 
 
 async def eventually(check: Callable[[], Any], timeout: float = WAIT) -> None:
