@@ -57,7 +57,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -103,8 +103,9 @@ class RedisBroker(Broker):
         global_keyprefix: prepended to every key and channel name.
         max_deliveries: deliveries of one entry before it is dead-lettered instead.
         max_connections: size of the shared connection pool.
-        options: ``socket_timeout``, ``socket_connect_timeout``, ``socket_keepalive``,
-            ``health_check_interval``, ``client_name`` (passed to the connections).
+        options: ``socket_timeout`` (longest wait for a reply, default 10 s),
+            ``socket_connect_timeout``, ``socket_keepalive``, ``health_check_interval``,
+            ``client_name`` (passed to the connections).
 
     Raises:
         InvalidURL: the URL is not a usable redis URL.
@@ -127,6 +128,7 @@ class RedisBroker(Broker):
         self.url, self.prefix = url, global_keyprefix
         self.visibility_timeout, self.max_deliveries = float(visibility_timeout), int(max_deliveries)
         self.client_name = str(options.get("client_name") or "aqueue")
+        self.command_timeout = float(options.pop("socket_timeout", None) or 10.0)
         self._pool = _pool(url, max_connections, _connection_options(options))
         self._client = aioredis.Redis.from_pool(self._pool)
         self._scripts = {name: self._client.register_script(source) for name, source in _LUA.items()}
@@ -145,7 +147,7 @@ class RedisBroker(Broker):
         return f"{self.prefix}{queue}.delayed"
 
     async def connect(self) -> None:
-        with self._errors("connect"):
+        async with self._errors("connect"):
             await self._client.ping()
 
     async def aclose(self) -> None:
@@ -165,7 +167,7 @@ class RedisBroker(Broker):
                     pipe.execute_command("ZADD", self.delayed_key(e.queue), e.eta, _pack(*fields, priority))
                 else:
                     pipe.execute_command("XADD", self.stream_key(e.queue), "*", *fields, priority)
-            with self._errors("publish"):
+            async with self._errors("publish"):
                 await pipe.execute()
 
     def consume(self, queues: Sequence[str], prefetch: int) -> Consumer:
@@ -173,25 +175,25 @@ class RedisBroker(Broker):
 
     async def purge(self, queue: str) -> int:
         keys = [self.stream_key(queue), self.delayed_key(queue)]
-        with self._errors("purge"):
+        async with self._errors("purge"):
             return int(await self._scripts["purge"](keys=keys, args=[GROUP]))
 
     async def dead_letters(self, queue: str) -> list[Envelope]:
         """The envelopes in ``queue``'s dead-letter stream, oldest first."""
-        with self._errors("read dead letters"):
+        async with self._errors("read dead letters"):
             entries = await self._client.xrange(self.dead_key(queue))
         return [_envelope(queue, fields or {}) for _, fields in entries or ()]
 
     async def broadcast(self, channel: str, data: bytes) -> None:
-        with self._errors("broadcast"):
+        async with self._errors("broadcast"):
             await self._client.publish(self.prefix + channel, data)
 
     @asynccontextmanager
     async def subscribe(self, channel: str) -> AsyncIterator[AsyncIterator[bytes]]:
-        conn = self._connection(self.client_name, socket_timeout=None)
+        conn = self._connection(self.client_name)
         name = (self.prefix + channel).encode()
         try:
-            with self._errors("subscribe"):
+            async with self._errors("subscribe"):
                 await _subscribe(conn, name)
             yield self._messages(conn, name)
         finally:
@@ -211,16 +213,19 @@ class RedisBroker(Broker):
             if isinstance(reply, list) and reply[0] == b"message":
                 yield reply[2]
 
-    def _connection(self, name: str, socket_timeout: float | None) -> AbstractConnection:
-        kwargs = dict(self._pool.connection_kwargs, client_name=name, socket_timeout=socket_timeout)
+    def _connection(self, name: str) -> AbstractConnection:
+        kwargs = dict(self._pool.connection_kwargs, client_name=name)
         return self._pool.connection_class(**kwargs)
 
-    @contextlib.contextmanager
-    def _errors(self, action: str) -> Iterator[None]:
+    @contextlib.asynccontextmanager
+    async def _errors(self, action: str) -> AsyncIterator[None]:
         try:
-            yield
-        except RedisError as exc:
-            raise OperationalError(f"Redis broker {mask_password(self.url)}: {action} failed: {exc}") from exc
+            async with asyncio.timeout(self.command_timeout):
+                yield
+        except (RedisError, TimeoutError) as exc:
+            raise OperationalError(
+                f"Redis broker {mask_password(self.url)}: {action} failed: {exc!r}"
+            ) from exc
 
 
 class _RedisConsumer(Consumer):
@@ -235,7 +240,7 @@ class _RedisConsumer(Consumer):
         self._owned: dict[bytes, set[bytes]] = {key: set() for key in self.keys}
         self._overflow: list[Delivery] = []
         self._content_types: dict[bytes, str] = {}
-        self._conn = broker._connection(self.name, socket_timeout=_BLOCK + 10)
+        self._conn = broker._connection(self.name)
         self._backoff = _Backoff(f"consumer {self.name}", broker.url)
         vt = broker.visibility_timeout
         self._reclaim_every = min(5.0, max(0.05, vt / 2))
@@ -249,12 +254,13 @@ class _RedisConsumer(Consumer):
         if self._overflow:
             return self._take(n, [])
         try:
-            if not self._started:
-                await self._start()
-            if self._stranded:
-                await self._recover()
-            out = await self._poll(n)
-        except _LOST as exc:
+            async with asyncio.timeout(self.broker.command_timeout + _BLOCK):
+                if not self._started:
+                    await self._start()
+                if self._stranded:
+                    await self._recover()
+                out = await self._poll(n)
+        except _LOST as exc:  # TimeoutError included
             await self._backoff.lost(self._conn, exc)
             return []
         except ResponseError as exc:
@@ -372,8 +378,9 @@ class _RedisConsumer(Consumer):
         while True:
             await asyncio.sleep(self.broker.visibility_timeout / 3)
             try:
-                await self._renew()
-            except RedisError as exc:
+                async with asyncio.timeout(self.broker.command_timeout):
+                    await self._renew()
+            except (RedisError, TimeoutError) as exc:
                 logger.debug("Renewing the claims of %s failed: %s", self.name, exc)
 
     async def _renew(self) -> None:
@@ -399,8 +406,9 @@ class _RedisConsumer(Consumer):
             while self._acks is not None:
                 (ids, done), self._acks = self._acks, None
                 try:
-                    await self._send_acks(ids)
-                except RedisError as exc:
+                    async with asyncio.timeout(self.broker.command_timeout):
+                        await self._send_acks(ids)
+                except (RedisError, TimeoutError) as exc:
                     done.set_exception(self._error("ack", exc))
                     done.add_done_callback(_retrieved)
                 else:
@@ -428,8 +436,9 @@ class _RedisConsumer(Consumer):
     async def _settle(self, delivery: Delivery, target: str, mark: str) -> None:
         key = self._key_of[delivery.queue]
         try:
-            await self.scripts["settle"](keys=[key, target], args=[GROUP, mark, delivery.tag])
-        except RedisError as exc:
+            async with asyncio.timeout(self.broker.command_timeout):
+                await self.scripts["settle"](keys=[key, target], args=[GROUP, mark, delivery.tag])
+        except (RedisError, TimeoutError) as exc:
             raise self._error("settle", exc) from exc
         finally:
             self._owned[key].discard(delivery.tag)
@@ -442,9 +451,10 @@ class _RedisConsumer(Consumer):
                 self._owned[self._key_of[delivery.queue]].discard(delivery.tag)
             self._overflow = []
             if self._started:
-                await self._recover()
-                await self.scripts["leave"](keys=self.keys, args=[GROUP, self.name])
-        except RedisError as exc:
+                async with asyncio.timeout(self.broker.command_timeout):
+                    await self._recover()
+                    await self.scripts["leave"](keys=self.keys, args=[GROUP, self.name])
+        except (RedisError, TimeoutError) as exc:
             raise self._error("close", exc) from exc
         finally:
             await self._shutdown()
@@ -502,8 +512,11 @@ def _pool(url: str, max_connections: int, options: dict[str, Any]) -> BlockingCo
         kwargs: dict[str, Any] = dict(parse_url(url))
     except ValueError as exc:
         raise InvalidURL(f"Invalid redis URL {mask_password(url)!r}: {exc}") from exc
-    kwargs.update(options, protocol=2)
+    # Replies are awaited under asyncio.timeout(): with a socket_timeout, redis-py sends through
+    # asyncio.wait_for, which on Python 3.11 can swallow the cancellation of the calling task.
+    kwargs.update(options, protocol=2, socket_timeout=None)
     kwargs.setdefault("client_name", "aqueue")
+    kwargs.setdefault("socket_keepalive", True)
     kwargs.setdefault("retry", Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3))
     return BlockingConnectionPool(max_connections=max_connections, timeout=20, **kwargs)
 

@@ -53,6 +53,7 @@ logger = logging.getLogger("aqueue.result.redis")
 
 _LOST = (RedisConnectionError, RedisTimeoutError, OSError)
 _MAX_BATCH = 2000
+_REPLY_TIMEOUT = 10.0
 _STORE = (Path(__file__).parent / "redis_store.lua").read_text()
 Command = tuple[Any, ...]
 _Inbox = asyncio.Queue[bytes | None]
@@ -85,8 +86,8 @@ class RedisBackend(ResultBackend):
         parse(url, kinds=("redis", "rediss"), role="result backend")
         self.prefix = global_keyprefix
         ttl_ms = int(expires * 1000) if expires and expires > 0 else 0
-        self._batcher = _Batcher(_connection(url, client_name, socket_timeout=10.0), ttl_ms)
-        self._listener = _Listener(_connection(url, client_name, socket_timeout=None), url)
+        self._batcher = _Batcher(_connection(url, client_name), ttl_ms)
+        self._listener = _Listener(_connection(url, client_name), url)
 
     def key(self, task_id: str) -> str:
         """The key (and channel) of ``task_id``'s state."""
@@ -206,9 +207,13 @@ class _Batcher:
     async def _send(self, batch: list[tuple[Command, Callable[[Any], None]]]) -> None:
         replies: list[Any]
         try:
-            replies = await _round_trip(self.conn, [command for command, _ in batch])
+            async with asyncio.timeout(_REPLY_TIMEOUT):
+                replies = await _round_trip(self.conn, [command for command, _ in batch])
         except RedisError as exc:
             replies = [exc] * len(batch)
+        except TimeoutError:
+            await self.conn.disconnect()
+            replies = [RedisTimeoutError(f"no reply in {_REPLY_TIMEOUT} s")] * len(batch)
         for (_, settle), reply in zip(batch, replies, strict=True):
             settle(reply)
 
@@ -442,7 +447,7 @@ def _retrieved(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
-def _connection(url: str, client_name: str, socket_timeout: float | None) -> AbstractConnection:
+def _connection(url: str, client_name: str) -> AbstractConnection:
     path = urlsplit(url).path.strip("/")
     if path and not path.isdigit():
         raise InvalidURL(f"Invalid redis URL {mask_password(url)!r}: the path must be a database number")
@@ -451,6 +456,8 @@ def _connection(url: str, client_name: str, socket_timeout: float | None) -> Abs
     except ValueError as exc:
         raise InvalidURL(f"Invalid redis URL {mask_password(url)!r}: {exc}") from exc
     connection_class: type[AbstractConnection] = kwargs.pop("connection_class", Connection)
-    kwargs.update(protocol=2, client_name=client_name, socket_timeout=socket_timeout, socket_keepalive=True)
+    # Replies are awaited under asyncio.timeout(): with a socket_timeout, redis-py sends through
+    # asyncio.wait_for, which on Python 3.11 can swallow the cancellation of the calling task.
+    kwargs.update(protocol=2, client_name=client_name, socket_timeout=None, socket_keepalive=True)
     kwargs.setdefault("retry", Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3))
     return connection_class(**kwargs)

@@ -266,6 +266,20 @@ async def test_a_stream_deleted_under_a_blocked_read_gets_its_group_back(
         await raw.delete(broker.stream_key("q"))
 
 
+async def test_cancelling_a_receive_always_cancels_it(broker: RedisBroker) -> None:
+    # Given a consumer waiting on an empty queue
+    async with broker.consume(["q"], prefetch=1) as consumer:
+        for turns in range(40):
+            waiting = asyncio.ensure_future(consumer.receive())
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            # When the waiting task is cancelled, at whatever point of a round trip it is
+            waiting.cancel()
+            done, _ = await asyncio.wait([waiting], timeout=3)
+            # Then it ends cancelled at once (not swallowed, not after another blocking read)
+            assert waiting in done and waiting.cancelled(), f"cancel swallowed after {turns} turns"
+
+
 # -- Visibility timeout, renewal and dead letters -----------------------------------------------
 
 
