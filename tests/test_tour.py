@@ -122,6 +122,25 @@ def test_celery_is_an_alias_of_app() -> None:
     assert Celery is App is aqueue.App
 
 
+@pytest.mark.parametrize(
+    ("broker", "backend", "kinds"),
+    [
+        ("amqp://guest@localhost//", None, ("AMQPBroker", "DisabledBackend")),
+        ("pyamqp://guest@localhost//", "rpc://", ("AMQPBroker", "RPCBackend")),
+        ("pyamqp://", "rpc://", ("AMQPBroker", "RPCBackend")),
+        ("amqp://guest@localhost//", "redis://localhost", ("AMQPBroker", "RedisBackend")),
+        ("redis://localhost", "redis://localhost", ("RedisBroker", "RedisBackend")),
+    ],
+)
+def test_the_tours_app_urls(
+    make_app: MakeApp, broker: str, backend: str | None, kinds: tuple[str, str]
+) -> None:
+    # Given the tour's App(...) arguments (nothing connects until used)
+    app = make_app(broker=broker, backend=backend)
+    # Then the broker and backend are of the kinds the URLs name
+    assert (type(app.broker).__name__, type(app.backend).__name__) == kinds
+
+
 # Rows: add.delay(4, 4), await, ready(), get(timeout=1) --------------------------------------------
 
 
