@@ -41,9 +41,16 @@ end by then. A due message thus waits at most about 0.5 s once a consumer of its
 Connections (redis.asyncio, RESP2, hiredis when installed): one bounded pool per broker,
 ``max_connections`` (default 20) connections shared by publish, acks, renewals and scripts,
 waiting up to 20 s for a free one; plus one connection per open consumer and one per open
-``subscribe``. Redis errors become :class:`~aqueue.exceptions.OperationalError`. A consumer whose
-connection drops logs once, reconnects with backoff (0.1 s doubling to 5 s) and goes on; entries
-whose reply was lost are given back to the stream.
+``subscribe``. A reply is awaited at most ``socket_timeout`` (default 10 s), under
+``asyncio.timeout`` rather than redis-py's own socket timeout (see ``_pool``). Redis errors become
+:class:`~aqueue.exceptions.OperationalError`. A consumer whose connection drops logs once,
+reconnects with backoff (0.1 s doubling to 5 s) and goes on; entries whose reply was lost (read
+for it by the server, never received) are given back to the stream.
+
+The hot path: the blocking read is sent and parsed by hand on the consumer's own connection
+(hiredis lists, a fixed field order checked with two comparisons, content types decoded once),
+one ``Delivery`` per entry and nothing else per message; acks are grouped per stream into one
+``XACK`` and one ``XDEL``.
 """
 
 from __future__ import annotations
