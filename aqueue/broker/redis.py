@@ -216,6 +216,8 @@ class RedisBroker(Broker):
                 with contextlib.suppress(*_LOST):
                     await _subscribe(conn, channel)
                 continue
+            except RedisError as exc:
+                raise OperationalError(f"Redis broker {mask_password(self.url)}: subscriber: {exc}") from exc
             backoff.ok()
             if isinstance(reply, list) and reply[0] == b"message":
                 yield reply[2]

@@ -453,3 +453,21 @@ async def test_broadcast_reaches_subscribers_with_the_key_prefix(broker: RedisBr
     finally:
         await pubsub.aclose()  # type: ignore[no-untyped-call]
         await listener.aclose()
+
+
+async def test_subscriber_survives_client_kill(
+    make_broker: Factory, raw: aioredis.Redis, unique: str
+) -> None:
+    # Given a subscriber whose connection the server kills
+    broker = await make_broker(client_name=f"aq-{unique}")
+    async with broker.subscribe("control") as messages:
+        [subscriber] = [c for c in await raw.client_list() if c["name"] == f"aq-{unique}" and c["sub"] == "1"]
+        await raw.client_kill_filter(_id=subscriber["id"])
+        # When broadcasts go on, then it receives them again once reconnected
+        receiving = asyncio.ensure_future(anext(messages))
+        for _ in range(50):
+            await broker.broadcast("control", b"ping")
+            done, _ = await asyncio.wait([receiving], timeout=0.1)
+            if done:
+                break
+        assert receiving.result() == b"ping"
