@@ -56,7 +56,7 @@ _MAX_BATCH = 2000
 _REPLY_TIMEOUT = 10.0
 _STORE = (Path(__file__).parent / "redis_store.lua").read_text()
 Command = tuple[Any, ...]
-_Inbox = asyncio.Queue[bytes | None]
+_Inbox = asyncio.Queue[bytes | OperationalError | None]
 
 
 class RedisBackend(ResultBackend):
@@ -136,6 +136,8 @@ class RedisBackend(ResultBackend):
             meta = await self.get(task_id)
             while not meta.ready:
                 data = await inbox.get()
+                if isinstance(data, OperationalError):
+                    raise data
                 meta = await self.get(task_id) if data is None else self._decode(data)
             return meta
 
@@ -294,7 +296,8 @@ class _Listener:
     async def watch(self, channel: bytes) -> AsyncIterator[_Inbox]:
         """Subscribe to ``channel`` for the block; entered once the subscription is in place.
 
-        The inbox receives each message, and ``None`` when a reconnection may have lost some.
+        The inbox receives each message, ``None`` when a reconnection may have lost some, and an
+        OperationalError when the backend is closed.
         """
         inbox: _Inbox = asyncio.Queue()
         self._watchers.setdefault(channel, set()).add(inbox)
@@ -319,7 +322,11 @@ class _Listener:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._sender = self._reader = None
-        self._fail(OperationalError("The result backend was closed."))
+        closed = OperationalError("The result backend was closed while waiting for a result.")
+        self._fail(closed)
+        for inboxes in self._watchers.values():
+            for inbox in inboxes:
+                inbox.put_nowait(closed)
         self._subscribed.clear()
         await self.conn.disconnect()
 

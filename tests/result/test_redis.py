@@ -217,3 +217,14 @@ async def test_unreachable_server_raises_operational_error() -> None:
             await asyncio.wait_for(backend.wait("x", timeout=5), 10)
     finally:
         await backend.aclose()
+
+
+async def test_closing_the_backend_ends_its_waits(make_backend: Factory) -> None:
+    # Given a wait without a timeout
+    backend = await make_backend()
+    waiting = asyncio.ensure_future(backend.wait(uuid.uuid4().hex))
+    await asyncio.sleep(0.1)
+    # When the backend is closed, then the wait ends with an error instead of hanging
+    await backend.aclose()
+    with pytest.raises(OperationalError, match="closed"):
+        await asyncio.wait_for(waiting, 5)
