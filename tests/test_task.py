@@ -187,9 +187,7 @@ def test_default_options() -> None:
     )
 
 
-def test_retry_eta_timing_is_relative_to_now(
-    make_app: MakeApp, in_request: Callable[..., None]
-) -> None:
+def test_retry_eta_timing_is_relative_to_now(make_app: MakeApp, in_request: Callable[..., None]) -> None:
     app = make_app()
 
     @app.task
