@@ -305,10 +305,12 @@ class App:
         router = self.router
         static_queue = None if router.dynamic else router.queue_for(name, options.queue)
         ignore = options.ignore_result
+        if ignore is None:  # the worker reads task_annotations too: agree with it on what is stored
+            ignore = bool(annotated.get("ignore_result", conf.task_ignore_result))
         return _SendSpec(
             static_queue,
             get_serializer(options.serializer or annotated.get("serializer") or conf.task_serializer),
-            conf.task_ignore_result if ignore is None else ignore,
+            ignore,
             options.priority if options.priority is not None else conf.task_default_priority,
             task.result_type if task is not None else None,
         )

@@ -13,7 +13,13 @@ import pytest
 
 from aqueue import App, Task
 from aqueue.broker import Delivery
-from aqueue.exceptions import AqueueError, ImproperlyConfigured, InvalidRate, OperationalError
+from aqueue.exceptions import (
+    AqueueError,
+    ImproperlyConfigured,
+    InvalidRate,
+    OperationalError,
+    ResultNotStored,
+)
 from aqueue.message import Message, decode_message
 from aqueue.result.disabled import DisabledBackend
 from aqueue.result.memory import MemoryBackend
@@ -315,3 +321,22 @@ async def test_unreachable_redis_raises_in_well_under_a_minute(make_app: MakeApp
 
     with anyio.fail_after(30), pytest.raises(OperationalError):
         await job.delay()
+
+
+async def test_ignore_result_from_task_annotations_is_known_when_sending(make_app: MakeApp) -> None:
+    # Given ignore_result set through task_annotations (which the worker applies)
+    app = make_app(task_annotations={"tasks.quiet": {"ignore_result": True}})
+
+    @app.task(name="tasks.quiet")
+    async def quiet() -> None: ...
+
+    @app.task(name="tasks.loud", ignore_result=False)
+    async def loud() -> None: ...
+
+    async with app:
+        # Then get() on its result says at once why it cannot return, instead of waiting
+        with anyio.fail_after(1), pytest.raises(ResultNotStored):
+            await quiet.delay().get()
+        # And the task's own option still wins over the annotation
+        app.conf.task_annotations = {"*": {"ignore_result": True}}
+        assert not loud.delay().ignored
