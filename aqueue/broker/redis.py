@@ -213,8 +213,9 @@ class RedisBroker(Broker):
                 reply = await conn.read_response()
             except _LOST as exc:
                 await backoff.lost(conn, exc)
-                with contextlib.suppress(*_LOST):
-                    await _subscribe(conn, channel)
+                with contextlib.suppress(*_LOST):  # TimeoutError included
+                    async with asyncio.timeout(self.command_timeout):
+                        await _subscribe(conn, channel)
                 continue
             except RedisError as exc:
                 raise OperationalError(f"Redis broker {mask_password(self.url)}: subscriber: {exc}") from exc

@@ -53,7 +53,6 @@ logger = logging.getLogger("aqueue.result.redis")
 
 _LOST = (RedisConnectionError, RedisTimeoutError, OSError)
 _MAX_BATCH = 2000
-_REPLY_TIMEOUT = 10.0
 _STORE = (Path(__file__).parent / "redis_store.lua").read_text()
 Command = tuple[Any, ...]
 _Inbox = asyncio.Queue[bytes | OperationalError | None]
@@ -68,6 +67,7 @@ class RedisBackend(ResultBackend):
         expires: seconds a stored state lives (``result_expires``); ``None`` or 0 keeps it.
         global_keyprefix: prepended to every key and channel.
         client_name: the name both connections give themselves (``CLIENT LIST`` shows it).
+        socket_timeout: the longest wait for a reply, in seconds.
 
     Raises:
         InvalidURL: the URL is not a usable redis URL.
@@ -81,13 +81,14 @@ class RedisBackend(ResultBackend):
         *,
         global_keyprefix: str = "",
         client_name: str = "aqueue-result",
+        socket_timeout: float = 10.0,
     ) -> None:
         super().__init__(url, serializer, expires)
         parse(url, kinds=("redis", "rediss"), role="result backend")
         self.prefix = global_keyprefix
         ttl_ms = int(expires * 1000) if expires and expires > 0 else 0
-        self._batcher = _Batcher(_connection(url, client_name), ttl_ms)
-        self._listener = _Listener(_connection(url, client_name), url)
+        self._batcher = _Batcher(_connection(url, client_name), ttl_ms, socket_timeout)
+        self._listener = _Listener(_connection(url, client_name), url, socket_timeout)
 
     def key(self, task_id: str) -> str:
         """The key (and channel) of ``task_id``'s state."""
@@ -159,8 +160,8 @@ class _Batcher:
     flight the next batch gathers. One connection is enough: batches go one after the other.
     """
 
-    def __init__(self, conn: AbstractConnection, ttl_ms: int) -> None:
-        self.conn, self.ttl_ms = conn, ttl_ms
+    def __init__(self, conn: AbstractConnection, ttl_ms: int, timeout: float) -> None:
+        self.conn, self.ttl_ms, self.timeout = conn, ttl_ms, timeout
         self._stores: list[tuple[str, bytes, bool, asyncio.Future[Any]]] = []
         self._deletes: list[tuple[str, asyncio.Future[Any]]] = []
         self._gets: list[tuple[str, asyncio.Future[Any]]] = []
@@ -209,13 +210,13 @@ class _Batcher:
     async def _send(self, batch: list[tuple[Command, Callable[[Any], None]]]) -> None:
         replies: list[Any]
         try:
-            async with asyncio.timeout(_REPLY_TIMEOUT):
+            async with asyncio.timeout(self.timeout):
                 replies = await _round_trip(self.conn, [command for command, _ in batch])
         except RedisError as exc:
             replies = [exc] * len(batch)
-        except TimeoutError:
+        except builtins.TimeoutError:
             await self.conn.disconnect()
-            replies = [RedisTimeoutError(f"no reply in {_REPLY_TIMEOUT} s")] * len(batch)
+            replies = [RedisTimeoutError(f"no reply in {self.timeout} s")] * len(batch)
         for (_, settle), reply in zip(batch, replies, strict=True):
             settle(reply)
 
@@ -281,8 +282,8 @@ async def _round_trip(conn: AbstractConnection, commands: list[Command]) -> list
 class _Listener:
     """One pub/sub connection shared by every waiter of a backend."""
 
-    def __init__(self, conn: AbstractConnection, url: str) -> None:
-        self.conn, self.url = conn, url
+    def __init__(self, conn: AbstractConnection, url: str, timeout: float) -> None:
+        self.conn, self.url, self.timeout = conn, url, timeout
         self._watchers: dict[bytes, set[_Inbox]] = {}
         self._subscribed: set[bytes] = set()
         self._dirty: set[bytes] = set()
@@ -358,7 +359,8 @@ class _Listener:
         if self._pong is None:
             self._dirty.clear()  # never subscribed: nothing to undo
             return False
-        await self.conn.connect()  # type: ignore[no-untyped-call]
+        async with asyncio.timeout(self.timeout):
+            await self.conn.connect()  # type: ignore[no-untyped-call]
         self._reader = asyncio.create_task(self._read_forever())
         return True
 
@@ -407,9 +409,10 @@ class _Listener:
         while True:
             await self.conn.disconnect()
             try:
-                await self.conn.connect()  # type: ignore[no-untyped-call]
+                async with asyncio.timeout(self.timeout):
+                    await self.conn.connect()  # type: ignore[no-untyped-call]
                 break
-            except _LOST:
+            except _LOST:  # TimeoutError included
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 5.0)
         logger.info("Redis %s: the pub/sub connection is back", url)

@@ -24,6 +24,21 @@ Factory = Callable[..., Awaitable[RedisBroker]]
 
 
 @pytest.fixture
+async def silent_url() -> AsyncIterator[str]:
+    """A loopback server that accepts connections and never answers."""
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(4096):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    yield f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"
+    server.close()
+    await server.wait_closed()
+
+
+@pytest.fixture
 def prefix(unique: str) -> str:
     return f"t-{unique}:"
 
@@ -471,3 +486,20 @@ async def test_subscriber_survives_client_kill(
             if done:
                 break
         assert receiving.result() == b"ping"
+
+
+async def test_a_server_that_never_answers_raises_after_socket_timeout(
+    silent_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a server that accepts connections and never answers
+    broker = RedisBroker(silent_url, socket_timeout=0.3)
+    try:
+        # When publishing, then it fails with OperationalError after the timeout
+        with pytest.raises(OperationalError, match="publish"):
+            await asyncio.wait_for(broker.publish(envelopes(1)), 5)
+        # And a consumer keeps waiting (and says so) instead of failing or hanging
+        async with broker.consume(["q"], prefetch=1) as consumer:
+            await nothing_for(consumer, 2.0)
+        assert any("reconnecting" in r.getMessage() for r in caplog.records)
+    finally:
+        await broker.aclose()

@@ -23,6 +23,21 @@ Factory = Callable[..., Awaitable[RedisBackend]]
 
 
 @pytest.fixture
+async def silent_url() -> AsyncIterator[str]:
+    """A loopback server that accepts connections and never answers."""
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(4096):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    yield f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"
+    server.close()
+    await server.wait_closed()
+
+
+@pytest.fixture
 def prefix(unique: str) -> str:
     return f"t-{unique}:"
 
@@ -228,3 +243,14 @@ async def test_closing_the_backend_ends_its_waits(make_backend: Factory) -> None
     await backend.aclose()
     with pytest.raises(OperationalError, match="closed"):
         await asyncio.wait_for(waiting, 5)
+
+
+async def test_a_server_that_never_answers_raises_after_socket_timeout(silent_url: str) -> None:
+    backend = RedisBackend(silent_url, socket_timeout=0.3)
+    try:
+        with pytest.raises(OperationalError):
+            await asyncio.wait_for(backend.get("x"), 5)
+        with pytest.raises(OperationalError):
+            await asyncio.wait_for(backend.wait("x"), 5)
+    finally:
+        await backend.aclose()
