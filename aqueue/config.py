@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 import types
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterator, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -152,7 +152,7 @@ class Settings(BaseModel):
                 obj = importlib.import_module(obj)
             except ImportError as exc:
                 raise ImproperlyConfigured(f"Cannot import the configuration module {obj!r}: {exc}") from exc
-        self.update(dict(_public_settings(obj)))
+        self.update(dict(_public_settings(obj, type(self).model_fields)))
 
     def from_environment(self) -> None:
         """Fill broker_url and result_backend from AQUEUE_* variables where they are not set."""
@@ -175,15 +175,19 @@ class Settings(BaseModel):
             raise UnknownSetting(name, type(self).model_fields)
 
 
-def _public_settings(obj: object) -> Iterator[tuple[str, Any]]:
-    """The lowercase, non-callable, non-module attributes of a configuration object."""
+def _public_settings(obj: object, known: Container[str]) -> Iterator[tuple[str, Any]]:
+    """The settings of a configuration object: known names, and lowercase non-callable attributes.
+
+    A known name is taken whatever its value (``task_routes`` may be a router function).
+    """
     items = obj.items() if isinstance(obj, Mapping) else ((k, getattr(obj, k)) for k in dir(obj))
     for name, value in items:
-        if name.startswith("_") or not name.islower():
+        if name in known:
+            yield name, value
+        elif name.startswith("_") or not name.islower():
             continue
-        if isinstance(value, types.ModuleType | type) or _is_function(value):
-            continue
-        yield name, value
+        elif not (isinstance(value, types.ModuleType | type) or _is_function(value)):
+            yield name, value
 
 
 def _is_function(value: Any) -> bool:

@@ -148,3 +148,14 @@ def test_from_environment_fills_only_what_is_unset(monkeypatch: pytest.MonkeyPat
     conf.from_environment()
     # Then the setting wins, and the variable fills the gap
     assert (conf.broker_url, conf.result_backend) == ("memory://explicit", "memory://from-env")
+
+
+def test_config_from_object_keeps_a_router_function_for_task_routes() -> None:
+    # Given a configuration module whose task_routes is a router function, as Celery allows
+    def route(name: str, args: object, kwargs: object, options: object, task: object) -> str:
+        return "routed"
+
+    conf = Settings()
+    conf.config_from_object(SimpleNamespace(task_routes=route, helper=route))
+    # Then the router is taken, and other functions are still skipped
+    assert conf.task_routes is route
