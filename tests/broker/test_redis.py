@@ -316,6 +316,7 @@ async def test_abandoned_delivery_is_reclaimed_after_the_visibility_timeout(make
         await delivery.ack()
 
 
+@pytest.mark.slow
 async def test_live_consumer_renews_its_claim_past_the_visibility_timeout(make_broker: Factory) -> None:
     # Given a consumer running a long task, with a 0.5 s visibility timeout
     busy = await make_broker(visibility_timeout=0.5)
@@ -331,6 +332,7 @@ async def test_live_consumer_renews_its_claim_past_the_visibility_timeout(make_b
             await nothing_for(other, 0.7)
 
 
+@pytest.mark.slow
 async def test_poison_message_is_dead_lettered_after_max_deliveries(
     make_broker: Factory, raw: aioredis.Redis
 ) -> None:
@@ -488,6 +490,7 @@ async def test_subscriber_survives_client_kill(
         assert receiving.result() == b"ping"
 
 
+@pytest.mark.slow
 async def test_a_server_that_never_answers_raises_after_socket_timeout(
     silent_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
