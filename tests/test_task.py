@@ -198,3 +198,20 @@ def test_retry_eta_timing_is_relative_to_now(make_app: MakeApp, in_request: Call
     with pytest.raises(Retry) as raised:
         job.retry(eta=eta)
     assert raised.value.when is not None and 1.5 < raised.value.when <= 2
+
+
+def test_async_is_decided_at_decoration_seeing_through_partials_and_call(make_app: MakeApp) -> None:
+    import functools
+
+    app = make_app()
+
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    class Callable_:
+        async def __call__(self) -> None: ...
+
+    # Then a partial of an async function and an object with an async __call__ are async tasks
+    assert app.task(name="p")(functools.partial(add, 1)).is_async
+    assert app.task(name="c")(Callable_()).is_async
+    assert not app.task(name="s")(functools.partial(print, "x")).is_async
