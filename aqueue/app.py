@@ -137,6 +137,7 @@ class App:
                 serializer=self.conf.result_serializer,
                 expires=self.conf.result_expires,
                 broker_url=self.broker_url,
+                options=self.conf.result_backend_transport_options,
             )
         return self._backend
 

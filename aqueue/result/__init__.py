@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from aqueue.exceptions import MissingExtra
+from collections.abc import Mapping
+from typing import Any
+
+from aqueue.exceptions import ImproperlyConfigured, MissingExtra
 from aqueue.result.asyncresult import AsyncResult
 from aqueue.result.base import ResultBackend, TaskMeta
 from aqueue.urls import BACKEND_SCHEMES, parse
@@ -11,11 +14,18 @@ __all__ = ["AsyncResult", "ResultBackend", "TaskMeta", "from_url"]
 
 
 def from_url(
-    url: str | None, *, serializer: str = "json", expires: float | None = None, broker_url: str | None = None
+    url: str | None,
+    *,
+    serializer: str = "json",
+    expires: float | None = None,
+    broker_url: str | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> ResultBackend:
     """The result backend for ``url``; ``None`` gives the disabled backend.
 
-    ``broker_url`` is used by ``rpc://``, which replies over the (AMQP) broker.
+    ``broker_url`` is used by ``rpc://``, which replies over the (AMQP) broker. ``options`` are the
+    ``result_backend_transport_options`` setting (Redis: ``global_keyprefix``, ``client_name``,
+    ``socket_timeout``).
 
     Raises:
         InvalidURL: an unknown scheme or a malformed URL.
@@ -39,10 +49,23 @@ def from_url(
                 from aqueue.result.redis import RedisBackend
             except ModuleNotFoundError as exc:
                 raise MissingExtra(scheme, "redis", "redis") from exc
-            return RedisBackend(url, serializer, expires)
+            known = ("global_keyprefix", "client_name", "socket_timeout")
+            return RedisBackend(url, serializer, expires, **_checked(options, known))
         case _:
             try:
                 from aqueue.result.rpc import RPCBackend
             except ModuleNotFoundError as exc:
                 raise MissingExtra("rpc", "amqp", "aio-pika") from exc
             return RPCBackend(url, serializer, expires, broker_url=broker_url)
+
+
+def _checked(options: Mapping[str, Any] | None, known: tuple[str, ...]) -> dict[str, Any]:
+    """``options`` when every name is one of ``known``; else an error naming the closest."""
+    import difflib
+
+    for name in options or {}:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else f" Known options: {', '.join(known)}."
+            raise ImproperlyConfigured(f"Unknown result_backend_transport_options key {name!r}.{hint}")
+    return dict(options or {})
