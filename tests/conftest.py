@@ -6,7 +6,6 @@ with a message saying how to start it otherwise.
 
 from __future__ import annotations
 
-import itertools
 import os
 import socket
 import uuid
@@ -31,7 +30,8 @@ _HOW_TO_START = {
     "amqp": "rabbitmq-server -detached && rabbitmqctl await_startup",
 }
 _PORTS = {"redis": 6379, "amqp": 5672}
-_redis_dbs = itertools.cycle(range(1, 16))
+REDIS_TEST_DB = 15
+"""Tests share this database and keep apart by key prefix; nothing flushes it (benchmarks use 1-10)."""
 
 
 def require_server(kind: str) -> None:
@@ -56,7 +56,7 @@ class Transport:
 
     def __init__(self, kind: str, tmp_path: Path, unique: str) -> None:
         self.kind, self.unique = kind, unique
-        self.redis_db = next(_redis_dbs)
+        self.redis_db = REDIS_TEST_DB
         self.queue = f"q-{unique}"
         if kind in ("redis", "amqp", "rpc"):
             require_server("amqp" if kind == "rpc" else kind)
@@ -74,19 +74,28 @@ class Transport:
             "amqp": "rpc://",
             "rpc": "rpc://",
         }[kind]
-        self.broker_options: dict[str, Any] = (
-            {"global_keyprefix": f"t{unique}:"} if kind == "redis" else {}
-        )
+        self.prefix = f"t{unique}:"
+        self.broker_options: dict[str, Any] = {"global_keyprefix": self.prefix} if kind == "redis" else {}
+        self.backend_options: dict[str, Any] = {"global_keyprefix": self.prefix} if kind == "redis" else {}
 
     async def cleanup(self) -> None:
-        if self.kind == "redis":
+        """Remove what the test left on the server: its prefixed Redis keys, its RabbitMQ queues."""
+        if REDIS_URL in self.broker_url or REDIS_URL in self.backend_url:
             import redis.asyncio as aioredis
 
-            client = aioredis.Redis.from_url(self.broker_url)
+            client = aioredis.Redis.from_url(f"{REDIS_URL}/{self.redis_db}")
             try:
-                await client.flushdb()
+                keys = [key async for key in client.scan_iter(match=f"{self.prefix}*", count=1000)]
+                if keys:
+                    await client.delete(*keys)
             finally:
                 await client.aclose()
+        if self.kind in ("amqp", "rpc"):
+            from aqueue.broker.amqp import AMQPBroker
+
+            async with AMQPBroker(AMQP_URL) as broker:
+                for queue in (self.queue, f"{self.queue}-b"):
+                    await broker.delete_queue(queue)
 
 
 BROKER_KINDS = ["memory", "sqlite", "redis", "amqp"]
@@ -94,7 +103,9 @@ BACKEND_KINDS = ["memory", "sqlite", "redis"]
 
 
 @pytest.fixture(params=BROKER_KINDS)
-async def broker_transport(request: pytest.FixtureRequest, tmp_path: Path, unique: str) -> AsyncIterator[Transport]:
+async def broker_transport(
+    request: pytest.FixtureRequest, tmp_path: Path, unique: str
+) -> AsyncIterator[Transport]:
     transport = Transport(request.param, tmp_path, unique)
     yield transport
     await transport.cleanup()
@@ -120,7 +131,8 @@ async def backend_transport(
 @pytest.fixture
 async def backend(backend_transport: Transport) -> AsyncIterator[ResultBackend]:
     """A connected result backend of each kind (rpc is tested with the AMQP broker)."""
-    async with backend_from_url(backend_transport.backend_url, expires=3600) as b:
+    transport = backend_transport
+    async with backend_from_url(transport.backend_url, expires=3600, options=transport.backend_options) as b:
         yield b
 
 
@@ -158,6 +170,7 @@ async def make_app(unique: str) -> AsyncIterator[Callable[..., App]]:
                 backend=transport.backend_url,
                 task_default_queue=transport.queue,
                 broker_transport_options=dict(transport.broker_options),
+                result_backend_transport_options=dict(transport.backend_options),
             )
         options.update(settings)
         app = App("tasks", **options)
