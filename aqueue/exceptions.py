@@ -106,6 +106,11 @@ class MissingExtra(ImproperlyConfigured, ImportError):
             f"Install it with: pip install 'aqueue[{extra}]'"
         )
 
+    @staticmethod
+    def caused_by(exc: ModuleNotFoundError, package: str) -> bool:
+        """Whether ``exc`` is the optional ``package`` (or a module of it) being absent."""
+        return (exc.name or "").partition(".")[0] in (package, "aiormq" if package == "aio_pika" else package)
+
 
 class NoResultBackend(ImproperlyConfigured):
     """A result was asked for, but the app has no result backend."""
