@@ -68,6 +68,8 @@ class Worker:
         self._loop: ConsumerLoop | None = None
         self._parts: list[asyncio.Task[None]] = []
         self._stop_requested = asyncio.Event()
+        self.failure: BaseException | None = None
+        """What made a part of the worker fail; :meth:`run` and ``async with`` raise it after stopping."""
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -77,14 +79,22 @@ class Worker:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop()
+        if self.failure is not None and exc is None:
+            raise self.failure
 
     async def run(self) -> None:
-        """Start, consume until :meth:`request_stop` is called (e.g. by a signal), then stop gracefully."""
+        """Start, consume until :meth:`request_stop` is called (e.g. by a signal), then stop gracefully.
+
+        Raises:
+            Exception: what made the consumer or the control loop fail, after the worker stopped.
+        """
         await self.start()
         try:
             await self._stop_requested.wait()
         finally:
             await asyncio.shield(self.stop())
+        if self.failure is not None:
+            raise self.failure
 
     def request_stop(self) -> None:
         """Ask :meth:`run` to shut down gracefully (safe to call from a signal handler)."""
@@ -110,6 +120,7 @@ class Worker:
     def _part_done(self, part: asyncio.Task[None]) -> None:
         if not part.cancelled() and part.exception() is not None:
             logger.critical("Worker part failed: %r; shutting down.", part.exception())
+            self.failure = self.failure or part.exception()
             self.request_stop()
 
     async def _connect(self) -> None:
