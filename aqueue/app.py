@@ -195,6 +195,22 @@ class App:
 
         return register(fn) if fn is not None else register
 
+    def import_modules(self) -> None:
+        """Import the modules named by the ``imports`` and ``include`` settings (their tasks register).
+
+        Raises:
+            ImproperlyConfigured: a module cannot be imported (its name and the error are given).
+        """
+        import importlib
+
+        from aqueue.exceptions import ImproperlyConfigured
+
+        for name in (*self.conf.imports, *self.conf.include):
+            try:
+                importlib.import_module(name)
+            except ImportError as exc:
+                raise ImproperlyConfigured(f"Cannot import {name!r} named in imports/include: {exc}") from exc
+
     def gen_task_name(self, fn: Callable[..., Any]) -> str:
         """Celery's naming: ``module.function``, with ``__main__`` replaced by the app's name."""
         module = fn.__module__
@@ -244,7 +260,7 @@ class App:
 
             return apply_eager(self, self.tasks.get(name) or _unregistered(name), args, kwargs, task_id)
         ignored = spec.ignore_result if ignore_result is None else ignore_result
-        eta_ts = _when(eta, countdown)
+        eta_ts = _when(eta, countdown, self.conf)
         message = Message(
             task_id or str(uuid.uuid4()),
             name,
@@ -252,7 +268,7 @@ class App:
             kwargs or {},
             0,
             eta_ts,
-            _expiry(expires),
+            _expiry(expires, self.conf),
             ignored,
             None,
             headers,
@@ -370,17 +386,22 @@ def _unregistered(name: str) -> Task[Any, Any]:
     raise NotRegistered(name)
 
 
-def _when(eta: datetime | float | None, countdown: float | None) -> float | None:
+def _timestamp(when: datetime, conf: Settings) -> float:
+    """Unix time of ``when``; a naive datetime is read in the app's zone (UTC unless enable_utc is off)."""
+    return (when if when.tzinfo is not None else when.replace(tzinfo=conf.zone())).timestamp()
+
+
+def _when(eta: datetime | float | None, countdown: float | None, conf: Settings) -> float | None:
     if eta is not None:
-        return eta.timestamp() if isinstance(eta, datetime) else float(eta)
+        return _timestamp(eta, conf) if isinstance(eta, datetime) else float(eta)
     if countdown:
         return time.time() + countdown
     return None
 
 
-def _expiry(expires: datetime | float | None) -> float | None:
+def _expiry(expires: datetime | float | None, conf: Settings) -> float | None:
     if expires is None:
         return None
     if isinstance(expires, datetime):
-        return expires.timestamp()
+        return _timestamp(expires, conf)
     return time.time() + float(expires)

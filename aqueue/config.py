@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import types
+import zoneinfo
 from collections.abc import Callable, Container, Iterator, Mapping
-from datetime import timedelta
+from datetime import UTC, timedelta, tzinfo
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator
@@ -15,10 +17,26 @@ from aqueue.exceptions import ImproperlyConfigured, UnknownSetting
 from aqueue.rates import parse_rate
 from aqueue.serialization import accepted_content_types, get_serializer
 
-__all__ = ["DEFAULT_BROKER_URL", "Settings"]
+__all__ = ["DEFAULT_BROKER_URL", "INERT", "Settings"]
 
 DEFAULT_BROKER_URL = "sqlite:///aqueue.db"
 """The embedded store used when no broker is configured anywhere: a file in the working directory."""
+
+logger = logging.getLogger("aqueue")
+
+INERT = {
+    "broker_connection_retry": "brokers always reconnect with backoff after a lost connection",
+    "broker_connection_timeout": "connection timeouts are broker_transport_options of each transport",
+    "broker_pool_limit": "on Redis, use broker_transport_options={'max_connections': N}",
+    "result_accept_content": "results are decoded with result_serializer",
+    "result_extended": "stored results hold the task name, not its arguments",
+    "task_reject_on_worker_lost": "a worker is one process; with acks_late a lost worker's tasks are always redelivered",
+    "task_soft_time_limit": "a coroutine cannot be interrupted softly; use task_time_limit",
+    "task_create_missing_queues": "queues are always created when first used",
+    "worker_hijack_root_logger": "the worker command always sets up the root logger",
+    "worker_send_task_events": "task events are not supported",
+}
+"""Celery settings aqueue accepts, so Celery configuration modules load unchanged, and why they do nothing."""
 
 _ENVIRONMENT = {"broker_url": "AQUEUE_BROKER_URL", "result_backend": "AQUEUE_RESULT_BACKEND"}
 
@@ -120,6 +138,24 @@ class Settings(BaseModel):
             raise ValueError(str(exc)) from None
         return value
 
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                zoneinfo.ZoneInfo(value)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                raise ValueError(
+                    f"unknown time zone {value!r}: use an IANA name such as 'Europe/Oslo'"
+                ) from None
+        return value
+
+    def zone(self) -> tzinfo:
+        """The zone naive ETA and expiry datetimes are read in: UTC unless enable_utc is off and a timezone is set."""
+        if self.timezone and not self.enable_utc:
+            return zoneinfo.ZoneInfo(self.timezone)
+        return UTC
+
     @field_validator("worker_concurrency", "worker_prefetch_multiplier")
     @classmethod
     def _positive(cls, value: int) -> int:
@@ -136,6 +172,10 @@ class Settings(BaseModel):
         except ValidationError as exc:
             raise _invalid(exc) from None
         self._version += 1
+        if name in INERT and value != type(self).model_fields[name].default:
+            logger.warning(
+                "Setting %r is accepted for Celery compatibility but has no effect: %s.", name, INERT[name]
+            )
 
     def update(self, mapping: Mapping[str, Any] | None = None, /, **settings: Any) -> None:
         """Set several settings at once; every name is checked before any is set."""

@@ -45,6 +45,8 @@ class TaskRuntime:
     track_started: bool
     time_limit: float | None
     bucket: TokenBucket
+    ack_failures: bool
+    """task_acks_on_failure_or_timeout: with late acks, a failed task is acknowledged (else dead-lettered)."""
 
     @classmethod
     def build(cls, app: App, task: Task[Any, Any]) -> TaskRuntime:
@@ -63,6 +65,7 @@ class TaskRuntime:
             bool(pick("track_started", conf.task_track_started)),
             pick("time_limit", conf.task_time_limit),
             TokenBucket(parse_rate(rate)),
+            conf.task_acks_on_failure_or_timeout,
         )
 
 
@@ -179,6 +182,8 @@ class Executor:
                 await self._retry(delivery, message, runtime, again)
             else:
                 await self._fail(message, exc)
+                if runtime.acks_late and not runtime.ack_failures:
+                    await delivery.reject()  # task_acks_on_failure_or_timeout=False: dead-letter it
         else:
             if self.log_info:
                 logger.info(
