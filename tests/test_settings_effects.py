@@ -97,3 +97,21 @@ async def test_acks_on_failure_off_dead_letters_a_failed_late_ack_task(make_app:
                 await anyio.sleep(0.01)
     # Then the failed message was dead-lettered instead of acknowledged
     assert [e.id for e in broker.dead_letters(app.conf.task_default_queue)] == [result.id]
+
+
+async def test_limits_a_task_cannot_have_are_reported_at_worker_start(
+    make_app: MakeApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = make_app()
+
+    @app.task(soft_time_limit=1)
+    async def soft() -> None: ...
+
+    @app.task(time_limit=1)
+    def threaded() -> None: ...
+
+    with caplog.at_level(logging.WARNING, logger="aqueue.worker"):
+        async with app, Worker(app, concurrency=1):
+            pass
+    assert f"Task {soft.name}: soft_time_limit has no effect" in caplog.text
+    assert f"Task {threaded.name}: time_limit applies to async def tasks only" in caplog.text

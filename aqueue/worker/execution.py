@@ -57,6 +57,16 @@ class TaskRuntime:
             return own if own is not None else annotated.get(name, setting)
 
         rate = pick("rate_limit", conf.task_default_rate_limit)
+        if options.soft_time_limit is not None:
+            logger.warning(
+                "Task %s: soft_time_limit has no effect (a coroutine cannot be interrupted softly); "
+                "use time_limit.",
+                task.name,
+            )
+        if not task.is_async and pick("time_limit", conf.task_time_limit) is not None:
+            logger.warning(
+                "Task %s: time_limit applies to async def tasks only; a thread cannot be stopped.", task.name
+            )
         return cls(
             task,
             task.checked_fn,
