@@ -8,7 +8,6 @@ import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from types import TracebackType
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -16,12 +15,12 @@ from typing import (
     Literal,
     ParamSpec,
     Protocol,
-    Self,
     TypeVar,
     Unpack,
     overload,
 )
 
+from aqueue._compat import AsyncResource
 from aqueue.broker import Broker
 from aqueue.broker import from_url as broker_from_url
 from aqueue.config import DEFAULT_BROKER_URL, Settings
@@ -68,7 +67,7 @@ class _SendSpec:
     convert: Callable[[Any], Any] | None
 
 
-class App:
+class App(AsyncResource):
     """An aqueue application: ``App('tasks', broker='redis://localhost', backend='redis://localhost')``.
 
     Parameters:
@@ -364,15 +363,6 @@ class App:
         if self._backend is not None:
             await self._backend.aclose()
         self._connected = False
-
-    async def __aenter__(self) -> Self:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
     def __repr__(self) -> str:
         return f"<App {self.main or '__main__'} at {id(self):#x}>"

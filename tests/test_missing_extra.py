@@ -11,6 +11,13 @@ from aqueue.exceptions import MissingExtra
 from aqueue.result import from_url as backend_from_url
 
 
+def hide(monkeypatch: pytest.MonkeyPatch, package: str) -> None:
+    """Make ``package`` and its modules unimportable, as if it were not installed."""
+    for name in [n for n in sys.modules if n == package or n.startswith(f"{package}.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, package, None)
+
+
 @pytest.fixture
 def without(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     for name in [
@@ -36,14 +43,14 @@ def test_missing_broker_extra_names_the_pip_command(
     without: pytest.MonkeyPatch, url: str, package: str, extra: str
 ) -> None:
     # Given the transport's package cannot be imported
-    without.setitem(sys.modules, package, None)
+    hide(without, package)
     # When a broker is made for its URL; Then the error says what to install
     with pytest.raises(MissingExtra, match=rf"pip install 'aqueue\[{extra}\]'"):
         broker_from_url(url)
 
 
 def test_missing_backend_extra_names_the_pip_command(without: pytest.MonkeyPatch) -> None:
-    without.setitem(sys.modules, "redis", None)
+    hide(without, "redis")
     with pytest.raises(MissingExtra, match=r"pip install 'aqueue\[redis\]'"):
         backend_from_url("redis://127.0.0.1/0")
 

@@ -24,7 +24,6 @@ from typing import Any
 
 import anyio
 import pytest
-from conftest import REDIS_URL, Transport, require_server
 
 import aqueue
 from aqueue import App, AsyncResult, states
@@ -42,6 +41,7 @@ from aqueue.exceptions import (
 from aqueue.exceptions import TimeoutError as AqueueTimeoutError
 from aqueue.message import Envelope
 from aqueue.worker import Worker
+from tests.conftest import REDIS_URL, Transport, require_server
 
 MakeApp = Callable[..., App]
 TOUR_KINDS = ["memory", "sqlite", "redis", "amqp", "amqp+redis"]

@@ -374,6 +374,21 @@ class AMQPBroker(Broker):
                 for name in (queue, f"{queue}.dead"):
                     await channel.exchange_delete(name)
 
+    async def dead_letters(self, queue: str) -> list[Envelope]:
+        """The envelopes in ``queue``'s dead-letter queue, oldest first, left in place.
+
+        Each is fetched unacknowledged on a scratch channel; closing the channel puts them all back.
+        """
+        found: list[Envelope] = []
+        async with self._scratch() as channel:
+            with self._errors("read dead letters on"):
+                dead = await channel.declare_queue(f"{queue}.dead", passive=True)
+                while (message := await dead.get(no_ack=False, fail=False)) is not None:
+                    found.append(
+                        Envelope(message.message_id or "", queue, message.body, message.content_type or "")
+                    )
+        return found
+
     async def _purge_one(self, name: str) -> int:
         async with self._scratch() as channel:
             try:

@@ -13,9 +13,9 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
-from types import TracebackType
 from typing import Any, Self
 
+from aqueue._compat import AsyncResource
 from aqueue.message import Envelope
 
 __all__ = ["Broker", "Consumer", "Delivery"]
@@ -125,25 +125,10 @@ class Consumer(ABC):
     async def _requeue(self, delivery: Delivery) -> None: ...
 
 
-class Broker(ABC):
+class Broker(AsyncResource, ABC):
     """A message transport. Use it as ``async with broker:`` or call ``connect()``/``aclose()``."""
 
     url: str
-
-    async def connect(self) -> None:
-        """Open connections; safe to call more than once."""
-
-    async def aclose(self) -> None:
-        """Close connections."""
-
-    async def __aenter__(self) -> Self:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
     @abstractmethod
     async def publish(self, envelopes: Sequence[Envelope]) -> None:
@@ -162,6 +147,13 @@ class Broker(ABC):
     @abstractmethod
     async def purge(self, queue: str) -> int:
         """Delete every waiting message of ``queue``; returns how many were deleted."""
+
+    async def dead_letters(self, queue: str) -> list[Envelope]:
+        """The envelopes rejected from ``queue`` (undecodable, refused, unregistered), oldest first.
+
+        For inspection; they stay where they are. Transports that cannot list them raise NotImplementedError.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot list dead letters")
 
     @abstractmethod
     async def broadcast(self, channel: str, data: bytes) -> None:

@@ -77,7 +77,7 @@ class MemoryBroker(Broker):
         heapq.heapify(self.store.delayed)
         return len(waiting) + before - len(self.store.delayed)
 
-    def dead_letters(self, queue: str) -> list[Envelope]:
+    async def dead_letters(self, queue: str) -> list[Envelope]:
         """Envelopes rejected from ``queue``."""
         return list(self.store.dead[queue])
 

@@ -116,7 +116,9 @@ async def _serve(app: App, w: Worker) -> None:
 
 def _setup_logging(level: str, logfile: str | None) -> None:
     try:
-        handler: logging.Handler = logging.FileHandler(logfile) if logfile else logging.StreamHandler(sys.stderr)
+        handler: logging.Handler = (
+            logging.FileHandler(logfile) if logfile else logging.StreamHandler(sys.stderr)
+        )
     except OSError as exc:
         raise click.ClickException(f"Cannot open the log file {logfile}: {exc.strerror}") from exc
     handler.setFormatter(logging.Formatter(LOG_FORMAT))

@@ -11,12 +11,12 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import anyio
 
 from aqueue import states
+from aqueue._compat import AsyncResource
 from aqueue.exceptions import DecodeError, TimeoutError
 from aqueue.message import Message
 from aqueue.serialization import Serializer, get_serializer
@@ -68,7 +68,7 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat()
 
 
-class ResultBackend(ABC):
+class ResultBackend(AsyncResource, ABC):
     """Stores task states. Use it as ``async with backend:`` or call ``connect()``/``aclose()``."""
 
     url: str
@@ -78,21 +78,6 @@ class ResultBackend(ABC):
     def __init__(self, url: str, serializer: str = "json", expires: float | None = None) -> None:
         self.url, self.expires = url, expires
         self.serializer: Serializer = get_serializer(serializer)
-
-    async def connect(self) -> None:
-        """Open connections; safe to call more than once."""
-
-    async def aclose(self) -> None:
-        """Close connections."""
-
-    async def __aenter__(self) -> Self:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
     def prepare(self, message: Message) -> None:
         """Called for each message this process publishes, before it is encoded."""

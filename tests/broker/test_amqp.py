@@ -9,12 +9,12 @@ from typing import Any
 
 import aio_pika
 import pytest
-from conftest import require_server
 
 from aqueue.broker.amqp import AMQPBroker, amqp_url, delay_bucket_ms
 from aqueue.broker.base import Consumer, Delivery
 from aqueue.exceptions import ImproperlyConfigured, InvalidURL, OperationalError
 from aqueue.message import Envelope
+from tests.conftest import require_server
 
 URL = "amqp://guest:guest@127.0.0.1:5672//"
 JSON = "application/json"

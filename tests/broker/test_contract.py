@@ -14,7 +14,7 @@ from aqueue.broker import Broker, Consumer, Delivery
 from aqueue.message import Envelope
 
 if TYPE_CHECKING:
-    from conftest import Transport
+    from tests.conftest import Transport
 
 JSON = "application/json"
 
@@ -103,11 +103,17 @@ async def test_requeue_makes_the_message_available_again(broker: Broker, broker_
 
 async def test_rejected_message_does_not_come_back(broker: Broker, broker_transport: Transport) -> None:
     # Given a message received and rejected
-    await broker.publish([envelope(broker_transport.queue)])
+    sent = envelope(broker_transport.queue)
+    await broker.publish([sent])
     async with broker.consume([broker_transport.queue], prefetch=1) as consumer:
         await (await receive(consumer)).reject()
         # When the consumer keeps consuming, then it never gets it again
         await assert_nothing(consumer)
+    # And it is listed, unchanged, among the queue's dead letters
+    with anyio.fail_after(5):
+        while not (dead := await broker.dead_letters(broker_transport.queue)):
+            await anyio.sleep(0.05)
+    assert [(e.id, e.body, e.content_type) for e in dead] == [(sent.id, sent.body, sent.content_type)]
 
 
 async def test_eta_is_not_delivered_early(broker: Broker, broker_transport: Transport) -> None:

@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from conftest import require_server
 
 from aqueue.broker import from_url
 from aqueue.broker.base import Consumer, Delivery
 from aqueue.broker.redis import GROUP, RedisBroker
 from aqueue.exceptions import ImproperlyConfigured, InvalidURL, OperationalError
 from aqueue.message import Envelope
+from tests.conftest import require_server
 
 URL = "redis://127.0.0.1:6379/0"
 JSON = "application/json"

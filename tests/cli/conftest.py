@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
-from conftest import REDIS_URL, require_server
 
 from aqueue.app import App
+from tests.conftest import REDIS_URL, require_server
 
 __all__ = ["CliResult", "Project", "WorkerProcess"]
 

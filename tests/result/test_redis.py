@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from conftest import require_server
 
 from aqueue import states
 from aqueue.exceptions import OperationalError, TimeoutError
 from aqueue.result import from_url
 from aqueue.result.base import TaskMeta
 from aqueue.result.redis import RedisBackend
+from tests.conftest import require_server
 
 URL = "redis://127.0.0.1:6379/0"
 Factory = Callable[..., Awaitable[RedisBackend]]

@@ -12,7 +12,6 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
-from conftest import require_server
 
 from aqueue import states
 from aqueue.exceptions import AqueueError, ImproperlyConfigured, OperationalError
@@ -22,6 +21,7 @@ from aqueue.result import from_url
 from aqueue.result.base import TaskMeta
 from aqueue.result.rpc import RPCBackend
 from aqueue.serialization import get_serializer
+from tests.conftest import require_server
 
 URL = "amqp://guest:guest@127.0.0.1:5672//"
 JSON = get_serializer("json")

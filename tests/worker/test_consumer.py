@@ -12,7 +12,6 @@ import anyio
 import pytest
 
 from aqueue import App, states
-from aqueue.broker.memory import MemoryBroker
 from aqueue.exceptions import NotRegistered
 from aqueue.message import Envelope, Message, encode_message
 from aqueue.serialization import get_serializer
@@ -21,16 +20,14 @@ from aqueue.worker import Worker
 MakeApp = Callable[..., App]
 
 
-def dead_ids(app: App) -> list[str]:
-    broker = app.broker
-    assert isinstance(broker, MemoryBroker)
-    return [e.id for e in broker.dead_letters(app.conf.task_default_queue)]
+async def dead_ids(app: App) -> list[str]:
+    return [e.id for e in await app.broker.dead_letters(app.conf.task_default_queue)]
 
 
 async def run_worker_until_dead(app: App, count: int) -> None:
     async with Worker(app):
         with anyio.fail_after(5):
-            while len(dead_ids(app)) < count:
+            while len(await dead_ids(app)) < count:
                 await anyio.sleep(0.01)
 
 
@@ -63,7 +60,7 @@ async def test_bad_messages_are_dead_lettered_and_logged_with_their_id(
     async with app:
         await app.broker.publish([Envelope(bad_id, app.conf.task_default_queue, body, content_type)])
         await run_worker_until_dead(app, 1)
-    assert dead_ids(app) == [bad_id]
+    assert await dead_ids(app) == [bad_id]
     assert f"Rejecting {kind} message {bad_id}" in caplog.text
     assert "not run" in caplog.text
 
@@ -108,7 +105,7 @@ async def test_an_unregistered_task_is_dead_lettered_and_recorded_as_failed(
         with pytest.raises(NotRegistered, match=r"tasks\.unknown"):
             await result.get(timeout=5)
     assert result.state == states.FAILURE
-    assert dead_ids(app) == [result.id]
+    assert await dead_ids(app) == [result.id]
     assert f"Received unregistered task of type 'tasks.unknown' (id {result.id})" in caplog.text
     assert "Did you import the module" in caplog.text
 

@@ -111,7 +111,7 @@ async def test_reject_dead_letters_and_reject_with_requeue_runs_again(make_app: 
         dead = await job.delay("dead")
         assert await job.delay("again").get(timeout=5) == "done"
     # Then the rejected message is dead-lettered, and the requeued one ran twice
-    assert [e.id for e in memory_broker(app).dead_letters(app.conf.task_default_queue)] == [dead.id]
+    assert [e.id for e in await app.broker.dead_letters(app.conf.task_default_queue)] == [dead.id]
     assert calls.count("again") == 2 and calls.count("dead") == 1
 
 
