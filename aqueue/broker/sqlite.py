@@ -1,8 +1,7 @@
 """sqlite:///path.db — the embedded broker: several processes on one machine share one file, no server.
 
-Every broker owns one sqlite3 connection in WAL mode (readers do not block the writer) with a busy
-timeout, and runs every statement on one dedicated thread, so the event loop never waits on the disk.
-Each write is one short transaction, so processes sharing the file take turns quickly.
+Every broker owns one :class:`~aqueue._sqlite.SQLiteConnection` (WAL, a busy timeout, statements on a
+thread of its own, short write transactions).
 
 Messages are rows of ``aqueue_messages``; a row is visible when ``visible_at <= now`` (publishing sets it
 to the ETA, or now). A consumer claims rows with one ``UPDATE ... RETURNING`` that moves ``visible_at`` a
@@ -26,13 +25,12 @@ import difflib
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from functools import partial
-from pathlib import Path
 from typing import Any, TypeVar
 
+from aqueue._sqlite import SQLiteConnection, transaction
 from aqueue.broker.base import Broker, Consumer, Delivery
 from aqueue.exceptions import ImproperlyConfigured, OperationalError
 from aqueue.message import Envelope
@@ -63,83 +61,6 @@ CREATE TABLE IF NOT EXISTS aqueue_broadcasts (
 """
 
 
-class _Connection:
-    """One sqlite3 connection, used only from its own thread; opened on first use."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._db: sqlite3.Connection | None = None
-        self._executor: ThreadPoolExecutor | None = None
-
-    def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="aqueue-sqlite")
-        return asyncio.wrap_future(self._executor.submit(self._call, fn))
-
-    async def run(
-        self,
-        fn: Callable[[sqlite3.Connection], T],
-        on_cancel: Callable[[asyncio.Future[T]], None] | None = None,
-    ) -> T:
-        """Run ``fn(connection)`` on the thread. Once submitted it runs to the end, even if the caller is
-        cancelled (so a cancelled ack still happens); ``on_cancel`` then receives its outcome."""
-        future = self._submit(fn)
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            future.add_done_callback(on_cancel or _log_failure)
-            raise
-
-    def run_soon(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
-        """Run ``fn(connection)`` without waiting for it, unless the connection is closed."""
-        if self._executor is not None:
-            self._submit(fn).add_done_callback(_log_failure)
-
-    async def aclose(self) -> None:
-        executor, self._executor = self._executor, None
-        if executor is not None:
-            await asyncio.wrap_future(executor.submit(self._close))
-            executor.shutdown(wait=False)
-
-    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        try:
-            if self._db is None:
-                self._db = _open(self.path)
-            return fn(self._db)
-        except (sqlite3.Error, OSError) as exc:
-            raise OperationalError(f"SQLite broker {self.path}: {exc}") from exc
-
-    def _close(self) -> None:
-        db, self._db = self._db, None
-        if db is not None:
-            db.close()
-
-
-def _open(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA journal_mode=WAL")
-    # NORMAL keeps every commit across a process crash (SIGKILL); only an OS crash may lose the last ones.
-    db.execute("PRAGMA synchronous=NORMAL")
-    with _transaction(db):
-        for statement in _SCHEMA.split(";"):
-            if statement.strip():
-                db.execute(statement)
-    return db
-
-
-@contextmanager
-def _transaction(db: sqlite3.Connection) -> Iterator[None]:
-    # IMMEDIATE takes the write lock up front, so the busy timeout applies instead of a deadlock error.
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
-
-
 class SQLiteBroker(Broker):
     """A broker in one SQLite file that several processes on this machine may share."""
 
@@ -158,7 +79,7 @@ class SQLiteBroker(Broker):
             raise ImproperlyConfigured("visibility_timeout and polling_interval must be seconds > 0")
         self.url, self.path = url, sqlite_path(url)
         self.visibility_timeout, self.polling_interval = float(visibility_timeout), float(polling_interval)
-        self._db = _Connection(self.path)
+        self._db = SQLiteConnection(self.path, _SCHEMA, "SQLite broker")
         self._waiters: set[asyncio.Future[None]] = set()
         self._renewals: set[asyncio.Task[None]] = set()
 
@@ -303,18 +224,13 @@ class _SQLiteConsumer(Consumer):
                     logger.warning("Could not renew %d claims in %s: %s", len(tags), self._broker.path, exc)
 
 
-def _log_failure(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled() and (exc := future.exception()) is not None:
-        logger.warning("SQLite broker: %s", exc)
-
-
 def _insert(envelopes: list[Envelope], db: sqlite3.Connection) -> None:
     now = time.time()
     rows = [
         (e.id, e.queue, e.body, e.content_type, e.priority or 0, now if e.eta is None else e.eta)
         for e in envelopes
     ]
-    with _transaction(db):
+    with transaction(db):
         db.executemany(
             "INSERT INTO aqueue_messages (msg_id, queue, body, content_type, priority, visible_at) "
             "VALUES (?, ?, ?, ?, ?, ?)",
@@ -353,14 +269,14 @@ _SETTLE = {
 def _settle(tags: list[Tag], how: str, db: sqlite3.Connection) -> None:
     now = time.time()
     params = [{"now": now, "id": rowid, "count": count} for rowid, count in tags]
-    with _transaction(db):
+    with transaction(db):
         for statement in _SETTLE[how]:
             db.executemany(statement, params)
 
 
 def _renew(tags: list[Tag], timeout: float, db: sqlite3.Connection) -> None:
     until = time.time() + timeout
-    with _transaction(db):
+    with transaction(db):
         db.executemany(
             "UPDATE aqueue_messages SET visible_at = ? WHERE id = ? AND delivery_count = ?",
             [(until, rowid, count) for rowid, count in tags],
@@ -385,7 +301,7 @@ def _dead_letters(queue: str, db: sqlite3.Connection) -> list[Any]:
 
 def _broadcast(channel: str, data: bytes, db: sqlite3.Connection) -> None:
     now = time.time()
-    with _transaction(db):
+    with transaction(db):
         db.execute("DELETE FROM aqueue_broadcasts WHERE created < ?", (now - _BROADCAST_KEEP,))
         db.execute(
             "INSERT INTO aqueue_broadcasts (channel, data, created) VALUES (?, ?, ?)", (channel, data, now)

@@ -1,7 +1,7 @@
 """sqlite:///path.db — results in one SQLite file that several processes on this machine share.
 
-One connection per backend, in WAL mode with a busy timeout; statements run in a worker thread, one at
-a time, so the event loop never waits on the disk. Each result is one row, replaced on every store.
+One :class:`~aqueue._sqlite.SQLiteConnection` per backend (WAL, a busy timeout, statements on a thread of
+its own). Each result is one row, replaced on every store.
 Rows past ``expires`` read as missing and are deleted now and then. SQLite cannot notify other
 processes, so ``wait`` polls (backing off to ``poll_interval``).
 """
@@ -10,20 +10,14 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable
 from functools import partial
-from pathlib import Path
-from typing import TypeVar
 
-import anyio
-
-from aqueue.exceptions import OperationalError
+from aqueue._sqlite import SQLiteConnection
 from aqueue.result.base import ResultBackend, TaskMeta
 from aqueue.urls import sqlite_path
 
 __all__ = ["SQLiteBackend"]
 
-T = TypeVar("T")
 _PRUNE_EVERY = 60.0
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS aqueue_results "
@@ -40,55 +34,28 @@ class SQLiteBackend(ResultBackend):
         """Raises: InvalidURL when ``url`` is not ``sqlite:///relative.db`` or ``sqlite:////absolute.db``."""
         super().__init__(url, serializer, expires)
         self.path = sqlite_path(url)
-        self._db: sqlite3.Connection | None = None
-        self._limiter = anyio.CapacityLimiter(1)
+        self._db = SQLiteConnection(self.path, _SCHEMA, "SQLite result backend")
         self._pruned = 0.0
 
     async def connect(self) -> None:
-        await self._run(lambda db: None)
+        await self._db.run(lambda db: None)
 
     async def aclose(self) -> None:
-        await anyio.to_thread.run_sync(self._close, limiter=self._limiter)
+        await self._db.aclose()
 
     async def _set(self, task_id: str, data: bytes, meta: TaskMeta) -> None:
         now = time.time()
         expires_at = None if self.expires is None else now + self.expires
-        await self._run(partial(_upsert, task_id, data, expires_at))
+        await self._db.run(partial(_upsert, task_id, data, expires_at))
         if self.expires is not None and now - self._pruned > _PRUNE_EVERY:
             self._pruned = now
-            await self._run(_prune)
+            await self._db.run(_prune)
 
     async def _get(self, task_id: str) -> bytes | None:
-        return await self._run(partial(_select, task_id))
+        return await self._db.run(partial(_select, task_id))
 
     async def _delete(self, task_id: str) -> None:
-        await self._run(partial(_remove, task_id))
-
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return await anyio.to_thread.run_sync(self._call, fn, limiter=self._limiter)
-
-    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        try:
-            if self._db is None:
-                self._db = _open(self.path)
-            return fn(self._db)
-        except (sqlite3.Error, OSError) as exc:
-            raise OperationalError(f"SQLite result backend {self.path}: {exc}") from exc
-
-    def _close(self) -> None:
-        db, self._db = self._db, None
-        if db is not None:
-            db.close()
-
-
-def _open(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The limiter runs one call at a time, though not always on the same thread.
-    db = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
-    db.execute(_SCHEMA)
-    return db
+        await self._db.run(partial(_remove, task_id))
 
 
 def _upsert(task_id: str, data: bytes, expires_at: float | None, db: sqlite3.Connection) -> None:
