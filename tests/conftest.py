@@ -6,6 +6,7 @@ with a message saying how to start it otherwise.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import uuid
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from aqueue import App
 from aqueue.broker import Broker
@@ -180,3 +182,64 @@ async def make_app(unique: str) -> AsyncIterator[Callable[..., App]]:
     yield factory
     for app in reversed(apps):
         await app.aclose()
+
+
+# Redis and RabbitMQ helpers shared by the transport tests ----------------------------------------
+
+
+@pytest.fixture
+async def silent_url() -> AsyncIterator[str]:
+    """A loopback server that accepts connections and never answers."""
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(4096):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    yield f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"
+    server.close()
+    await server.wait_closed()
+
+
+@pytest.fixture
+def prefix(unique: str) -> str:
+    return f"t-{unique}:"
+
+
+@pytest.fixture
+async def raw(prefix: str) -> AsyncIterator[aioredis.Redis]:
+    """A plain client on the same database; deletes every key of the test's prefix afterwards."""
+    require_server("redis")
+    client = aioredis.Redis.from_url(f"{REDIS_URL}/0")
+    yield client
+    keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+async def rabbitmqctl(*args: str) -> None:
+    process = await asyncio.create_subprocess_exec(
+        "rabbitmqctl", *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode == 0, stderr.decode()
+
+
+@pytest.fixture
+async def vhost(unique: str) -> AsyncIterator[str]:
+    """A vhost of its own, so that closing its connections touches no other test."""
+    require_server("amqp")
+    name = f"aqueue-test-{unique}"
+    await rabbitmqctl("add_vhost", name)
+    try:
+        await rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        yield name
+    finally:
+        await rabbitmqctl("delete_vhost", name)

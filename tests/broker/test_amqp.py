@@ -14,7 +14,7 @@ from aqueue.broker.amqp import AMQPBroker, amqp_url, delay_bucket_ms
 from aqueue.broker.base import Consumer, Delivery
 from aqueue.exceptions import ImproperlyConfigured, InvalidURL, OperationalError
 from aqueue.message import Envelope
-from tests.conftest import require_server
+from tests.conftest import rabbitmqctl, require_server
 
 URL = "amqp://guest:guest@127.0.0.1:5672//"
 JSON = "application/json"
@@ -346,32 +346,6 @@ async def test_broadcast_reaches_every_subscriber(broker: AMQPBroker, unique: st
 
 
 # -- reconnection -------------------------------------------------------------------------------
-
-
-async def rabbitmqctl(*args: str) -> None:
-    process = await asyncio.create_subprocess_exec(
-        "rabbitmqctl", *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-    )
-    try:
-        _, stderr = await asyncio.wait_for(process.communicate(), 30)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode == 0, stderr.decode()
-
-
-@pytest.fixture
-async def vhost(unique: str) -> AsyncIterator[str]:
-    """A vhost of its own, so that closing its connections touches no other test."""
-    require_server("amqp")
-    name = f"aqueue-test-{unique}"
-    await rabbitmqctl("add_vhost", name)
-    try:
-        await rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-        yield name
-    finally:
-        await rabbitmqctl("delete_vhost", name)
 
 
 async def test_consuming_survives_close_all_connections(vhost: str, queue: str) -> None:

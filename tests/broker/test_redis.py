@@ -16,43 +16,10 @@ from aqueue.broker.base import Consumer, Delivery
 from aqueue.broker.redis import GROUP, RedisBroker
 from aqueue.exceptions import ImproperlyConfigured, InvalidURL, OperationalError
 from aqueue.message import Envelope
-from tests.conftest import require_server
 
 URL = "redis://127.0.0.1:6379/0"
 JSON = "application/json"
 Factory = Callable[..., Awaitable[RedisBroker]]
-
-
-@pytest.fixture
-async def silent_url() -> AsyncIterator[str]:
-    """A loopback server that accepts connections and never answers."""
-
-    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while await reader.read(4096):
-            pass
-        writer.close()
-
-    server = await asyncio.start_server(hold, "127.0.0.1", 0)
-    yield f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"
-    server.close()
-    await server.wait_closed()
-
-
-@pytest.fixture
-def prefix(unique: str) -> str:
-    return f"t-{unique}:"
-
-
-@pytest.fixture
-async def raw(prefix: str) -> AsyncIterator[aioredis.Redis]:
-    """A plain client on the same database; deletes every key of the test's prefix afterwards."""
-    require_server("redis")
-    client = aioredis.Redis.from_url(URL)
-    yield client
-    keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from aqueue.result import from_url
 from aqueue.result.base import TaskMeta
 from aqueue.result.rpc import RPCBackend
 from aqueue.serialization import get_serializer
-from tests.conftest import require_server
+from tests.conftest import rabbitmqctl, require_server
 
 URL = "amqp://guest:guest@127.0.0.1:5672//"
 JSON = get_serializer("json")
@@ -188,32 +188,6 @@ async def test_end_to_end_with_app_and_worker(unique: str) -> None:
     finally:
         async with AMQPBroker(URL) as broker:
             await broker.delete_queue(app.conf.task_default_queue)
-
-
-async def rabbitmqctl(*args: str) -> None:
-    process = await asyncio.create_subprocess_exec(
-        "rabbitmqctl", *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-    )
-    try:
-        _, stderr = await asyncio.wait_for(process.communicate(), 30)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode == 0, stderr.decode()
-
-
-@pytest.fixture
-async def vhost(unique: str) -> AsyncIterator[str]:
-    """A vhost of its own, so that closing its connections touches no other test."""
-    require_server("amqp")
-    name = f"aqueue-test-{unique}"
-    await rabbitmqctl("add_vhost", name)
-    try:
-        await rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-        yield name
-    finally:
-        await rabbitmqctl("delete_vhost", name)
 
 
 async def test_results_arrive_after_close_all_connections(vhost: str) -> None:
