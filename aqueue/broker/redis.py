@@ -68,18 +68,16 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
-from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool, parse_url
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from aqueue._redis import connection_kwargs
 from aqueue.broker.base import Broker, Consumer, Delivery
-from aqueue.exceptions import ImproperlyConfigured, InvalidURL, OperationalError
+from aqueue.exceptions import ImproperlyConfigured, OperationalError
 from aqueue.message import Envelope
 from aqueue.urls import mask_password, parse
 
@@ -515,19 +513,7 @@ async def _subscribe(conn: AbstractConnection, channel: bytes) -> None:
 
 
 def _pool(url: str, max_connections: int, options: dict[str, Any]) -> BlockingConnectionPool:
-    path = urlsplit(url).path.strip("/")
-    if path and not path.isdigit():
-        raise InvalidURL(f"Invalid redis URL {mask_password(url)!r}: the path must be a database number")
-    try:
-        kwargs: dict[str, Any] = dict(parse_url(url))
-    except ValueError as exc:
-        raise InvalidURL(f"Invalid redis URL {mask_password(url)!r}: {exc}") from exc
-    # Replies are awaited under asyncio.timeout(): with a socket_timeout, redis-py sends through
-    # asyncio.wait_for, which on Python 3.11 can swallow the cancellation of the calling task.
-    kwargs.update(options, protocol=2, socket_timeout=None)
-    kwargs.setdefault("client_name", "aqueue")
-    kwargs.setdefault("socket_keepalive", True)
-    kwargs.setdefault("retry", Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3))
+    kwargs = connection_kwargs(url, **options)
     return BlockingConnectionPool(max_connections=max_connections, timeout=20, **kwargs)
 
 

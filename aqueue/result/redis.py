@@ -34,16 +34,14 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-from redis.asyncio.connection import AbstractConnection, Connection, parse_url
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.asyncio.connection import AbstractConnection, Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from aqueue.exceptions import InvalidURL, OperationalError, TimeoutError
+from aqueue._redis import connection_kwargs
+from aqueue.exceptions import OperationalError, TimeoutError
 from aqueue.result.base import ResultBackend, TaskMeta
 from aqueue.urls import mask_password, parse
 
@@ -458,16 +456,6 @@ def _retrieved(future: asyncio.Future[Any]) -> None:
 
 
 def _connection(url: str, client_name: str) -> AbstractConnection:
-    path = urlsplit(url).path.strip("/")
-    if path and not path.isdigit():
-        raise InvalidURL(f"Invalid redis URL {mask_password(url)!r}: the path must be a database number")
-    try:
-        kwargs: dict[str, Any] = dict(parse_url(url))
-    except ValueError as exc:
-        raise InvalidURL(f"Invalid redis URL {mask_password(url)!r}: {exc}") from exc
+    kwargs = connection_kwargs(url, client_name=client_name)
     connection_class: type[AbstractConnection] = kwargs.pop("connection_class", Connection)
-    # Replies are awaited under asyncio.timeout(): with a socket_timeout, redis-py sends through
-    # asyncio.wait_for, which on Python 3.11 can swallow the cancellation of the calling task.
-    kwargs.update(protocol=2, client_name=client_name, socket_timeout=None, socket_keepalive=True)
-    kwargs.setdefault("retry", Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3))
     return connection_class(**kwargs)
