@@ -407,7 +407,6 @@ class Job:
                 "-f",
                 "raw",
                 "-F",
-                "--nolineno",
                 "-r",
                 "200",
                 "-o",
@@ -415,9 +414,8 @@ class Job:
             ]
             if role == "worker":
                 argv.append("--subprocesses")
-            spy = subprocess.Popen(
-                argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-            )
+            with out.with_suffix(".log").open("w") as log:
+                spy = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
             self.procs.append(spy)
             spies.append((spy, out))
         time.sleep(0.5)  # py-spy attaches
@@ -716,10 +714,11 @@ def _ratio_target(
         line(f"{label}: no figure", None)
         return
     ratio = mine / best[1]
-    unit = "ms" if key.startswith("w2") else "/s"
+    unit, digits = ("ms", 2) if key.startswith("w2") else ("/s", 0)
     sign = ">=" if higher else "<="
     line(
-        f"{label} {mine:,.2f}{unit} = {ratio:.2f}x the best peer ({best[0]} {best[1]:,.2f}{unit}; target {sign} {want}x)",
+        f"{label} {mine:,.{digits}f}{unit} = {ratio:.2f}x the best peer "
+        f"({best[0]} {best[1]:,.{digits}f}{unit}; target {sign} {want}x)",
         ratio >= want if higher else ratio <= want,
     )
 
@@ -822,6 +821,7 @@ def report(tables: list[Table], runs: int, sizes: dict[str, int]) -> str:
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in versions([]).items()),
     ]
+    head.append(f"aqueue under test: {_aqueue_source()}")
     parts = ["\n".join(head)]
     for table in tables:
         title = "Redis" if table.broker == "redis" else "RabbitMQ"
@@ -838,6 +838,26 @@ def report(tables: list[Table], runs: int, sizes: dict[str, int]) -> str:
             section.append("")
         parts.append("\n".join(section))
     return "\n\n".join(parts)
+
+
+def _aqueue_source() -> str:
+    """Where the benchmark's aqueue comes from: this checkout (editable, at which commit) or elsewhere."""
+    script = "import aqueue, pathlib; print(pathlib.Path(aqueue.__file__).resolve().parent.parent)"
+    found = subprocess.run(
+        [_bin("python"), "-c", script], capture_output=True, text=True, cwd=APPS, check=False
+    )
+    where = found.stdout.strip() or "not importable"
+    if Path(where) != REPO:
+        return f"installed at {where} (not this checkout)"
+    head = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "aqueue"], capture_output=True, text=True
+    )
+    return f"this checkout at {head.stdout.strip()}" + (
+        " with uncommitted changes in aqueue/" if dirty.stdout.strip() else ""
+    )
 
 
 def main() -> None:
