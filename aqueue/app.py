@@ -182,10 +182,10 @@ class App(AsyncResource):
 
             known = ", ".join(TaskOptions.__dataclass_fields__)
             raise ImproperlyConfigured(f"Unknown task option in {sorted(options)}: use {known}") from None
-        if task_options.rate_limit is not None:
-            from aqueue.rates import parse_rate
+        from aqueue.rates import parse_rate
 
-            parse_rate(task_options.rate_limit)
+        parse_rate(task_options.rate_limit)
+        parse_rate(task_options.global_rate_limit)
 
         def register(fn: Callable[..., Any]) -> Task[Any, Any]:
             task: Task[Any, Any] = Task(self, fn, name or self.gen_task_name(fn), bind, task_options)

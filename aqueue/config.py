@@ -74,6 +74,7 @@ class Settings(BaseModel):
     task_reject_on_worker_lost: bool = False
     task_track_started: bool = False
     task_default_rate_limit: str | float | None = None
+    task_default_global_rate_limit: str | float | None = None
     task_time_limit: float | None = None
     task_soft_time_limit: float | None = None
     task_default_retry_delay: float = 180.0
@@ -114,7 +115,7 @@ class Settings(BaseModel):
     def _seconds(cls, value: Any) -> Any:
         return value.total_seconds() if isinstance(value, timedelta) else value
 
-    @field_validator("task_default_rate_limit")
+    @field_validator("task_default_rate_limit", "task_default_global_rate_limit")
     @classmethod
     def _rate(cls, value: Any) -> Any:
         parse_rate(value)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 from aqueue.exceptions import InvalidRate
 
-__all__ = ["Rate", "parse_rate"]
+__all__ = ["Rate", "Tokens", "parse_rate"]
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -63,3 +64,32 @@ def _split(rate: str) -> tuple[float, float]:
     if unit[0] not in _UNITS or unit not in (unit[0], {"s": "sec", "m": "min", "h": "hour"}[unit[0]]):
         raise InvalidRate(rate)
     return count, _UNITS[unit[0]]
+
+
+class Tokens:
+    """Celery's token-bucket arithmetic: capacity 1, starting full, refilled at ``rate`` (None: no limit)."""
+
+    capacity = 1.0
+
+    def __init__(self, rate: Rate | None) -> None:
+        self.rate, self.tokens, self.stamp = rate, self.capacity, time.monotonic()
+
+    def take(self) -> float:
+        """Take a token: 0.0 when one was taken, else the seconds until one is due (nothing is taken)."""
+        if self.rate is None:
+            return 0.0
+        self.refill()
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / self.rate.per_second
+
+    def refill(self) -> None:
+        now = time.monotonic()
+        if self.rate is not None:
+            self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate.per_second)
+        self.stamp = now
+
+    def set_rate(self, rate: Rate | None) -> None:
+        self.refill()
+        self.rate = rate

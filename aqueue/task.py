@@ -32,6 +32,7 @@ class TaskOptions:
 
     ignore_result: bool | None = None
     rate_limit: str | float | None = None
+    global_rate_limit: str | float | None = None
     acks_late: bool | None = None
     queue: str | None = None
     serializer: str | None = None
@@ -49,6 +50,7 @@ class TaskOptionArgs(TypedDict, total=False):
 
     ignore_result: bool
     rate_limit: str | float | None
+    global_rate_limit: str | float | None
     acks_late: bool
     queue: str
     serializer: str

@@ -112,3 +112,26 @@ async def test_limits_a_task_cannot_have_are_reported_at_worker_start(
             pass
     assert f"Task {soft.name}: soft_time_limit has no effect" in caplog.text
     assert f"Task {threaded.name}: time_limit applies to async def tasks only" in caplog.text
+
+
+def test_global_rate_limit_on_a_broker_without_a_shared_store_says_what_to_use() -> None:
+    from aqueue.worker.execution import TaskRuntime
+
+    app = App("tasks", broker="amqp://guest:guest@127.0.0.1:5672//")
+
+    @app.task(global_rate_limit="100/s")
+    async def limited() -> None: ...
+
+    # When the worker works out the task's settings (before connecting); Then it refuses, saying what to use
+    with pytest.raises(ImproperlyConfigured, match="redis://"):
+        TaskRuntime.build(app, limited)
+
+
+def test_bad_global_rate_is_refused_where_the_task_is_declared() -> None:
+    from aqueue.exceptions import InvalidRate
+
+    app = App("tasks", broker="memory://")
+    with pytest.raises(InvalidRate, match="'100/x'"):
+
+        @app.task(global_rate_limit="100/x")
+        async def limited() -> None: ...

@@ -17,6 +17,7 @@ from typing import Any, Self
 
 from aqueue._compat import AsyncResource
 from aqueue.message import Envelope
+from aqueue.rates import Rate
 
 __all__ = ["Broker", "Consumer", "Delivery"]
 
@@ -154,6 +155,14 @@ class Broker(AsyncResource, ABC):
         For inspection; they stay where they are. Transports that cannot list them raise NotImplementedError.
         """
         raise NotImplementedError(f"{type(self).__name__} cannot list dead letters")
+
+    async def take_token(self, key: str, rate: Rate) -> float:
+        """Take a token from the bucket ``key`` shared by every worker of this broker (``global_rate_limit``).
+
+        Returns 0 when a token was taken, else the seconds until one is due (nothing is taken).
+        Transports without a store every worker shares raise NotImplementedError.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no rate-limit store shared by its workers")
 
     @abstractmethod
     async def broadcast(self, channel: str, data: bytes) -> None:

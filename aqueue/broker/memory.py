@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from aqueue.broker.base import Broker, Consumer, Delivery
 from aqueue.message import Envelope
+from aqueue.rates import Rate, Tokens
 
 __all__ = ["MemoryBroker"]
 
@@ -28,6 +29,7 @@ class _Store:
         self.channels: defaultdict[str, set[asyncio.Queue[bytes]]] = defaultdict(set)
         self.waiters: set[asyncio.Future[None]] = set()
         self.seq = itertools.count()
+        self.buckets: dict[str, Tokens] = {}
 
     def put(self, envelope: Envelope, redelivered: bool = False, front: bool = False) -> None:
         if envelope.eta is not None and envelope.eta > time.time():
@@ -80,6 +82,14 @@ class MemoryBroker(Broker):
     async def dead_letters(self, queue: str) -> list[Envelope]:
         """Envelopes rejected from ``queue``."""
         return list(self.store.dead[queue])
+
+    async def take_token(self, key: str, rate: Rate) -> float:
+        tokens = self.store.buckets.get(key)
+        if tokens is None:
+            tokens = self.store.buckets[key] = Tokens(rate)
+        elif tokens.rate != rate:
+            tokens.set_rate(rate)
+        return tokens.take()
 
     async def broadcast(self, channel: str, data: bytes) -> None:
         for subscriber in self.store.channels[channel]:

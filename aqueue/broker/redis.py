@@ -79,6 +79,7 @@ from aqueue._redis import connection_kwargs
 from aqueue.broker.base import Broker, Consumer, Delivery
 from aqueue.exceptions import ImproperlyConfigured, OperationalError
 from aqueue.message import Envelope
+from aqueue.rates import Rate
 from aqueue.urls import mask_password, parse
 
 __all__ = ["RedisBroker"]
@@ -90,7 +91,7 @@ _BLOCK = 1.0
 _ETA_POLL = 0.5
 _CHUNK = 500
 _LOST = (RedisConnectionError, RedisTimeoutError, OSError)
-_SCRIPTS = ("reclaim", "settle", "move_due", "purge", "leave")
+_SCRIPTS = ("reclaim", "settle", "move_due", "purge", "leave", "take_token")
 _LUA = {name: (Path(__file__).parent / f"redis_{name}.lua").read_text() for name in _SCRIPTS}
 _OWN_OPTIONS = ("visibility_timeout", "global_keyprefix", "max_deliveries", "max_connections")
 _CONNECTION_OPTIONS: tuple[str, ...] = ("socket_timeout", "socket_connect_timeout", "socket_keepalive")
@@ -182,6 +183,14 @@ class RedisBroker(Broker):
         keys = [self.stream_key(queue), self.delayed_key(queue)]
         async with self._errors("purge"):
             return int(await self._scripts["purge"](keys=keys, args=[GROUP]))
+
+    async def take_token(self, key: str, rate: Rate) -> float:
+        """One token of the bucket ``key`` that every worker on this Redis shares (atomic, in Lua)."""
+        async with self._errors("take a rate-limit token"):
+            wait = await self._scripts["take_token"](
+                keys=[f"{self.prefix}aqueue.rate.{key}"], args=[rate.per_second, 1]
+            )
+        return float(wait)
 
     async def dead_letters(self, queue: str) -> list[Envelope]:
         """The envelopes in ``queue``'s dead-letter stream, oldest first."""

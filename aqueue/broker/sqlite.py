@@ -34,6 +34,7 @@ from aqueue._sqlite import SQLiteConnection, transaction
 from aqueue.broker.base import Broker, Consumer, Delivery
 from aqueue.exceptions import ImproperlyConfigured, OperationalError
 from aqueue.message import Envelope
+from aqueue.rates import Rate
 from aqueue.urls import sqlite_path
 
 __all__ = ["SQLiteBroker"]
@@ -58,6 +59,7 @@ CREATE TABLE IF NOT EXISTS aqueue_dead_letters (
     content_type TEXT NOT NULL, priority INTEGER NOT NULL, reason TEXT NOT NULL, rejected_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS aqueue_broadcasts (
     id INTEGER PRIMARY KEY AUTOINCREMENT, channel TEXT NOT NULL, data BLOB NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS aqueue_buckets (key TEXT PRIMARY KEY, tokens REAL NOT NULL, stamp REAL NOT NULL);
 """
 
 
@@ -103,6 +105,10 @@ class SQLiteBroker(Broker):
 
     async def purge(self, queue: str) -> int:
         return await self._db.run(partial(_purge, queue))
+
+    async def take_token(self, key: str, rate: Rate) -> float:
+        """One token of the bucket ``key`` that every process on this file shares (one transaction)."""
+        return await self._db.run(partial(_take_token, key, rate.per_second))
 
     async def dead_letters(self, queue: str) -> list[Envelope]:
         """Envelopes rejected from ``queue``, oldest first."""
@@ -222,6 +228,19 @@ class _SQLiteConsumer(Consumer):
                     await self._broker._db.run(partial(_renew, tags, timeout))
                 except OperationalError as exc:
                     logger.warning("Could not renew %d claims in %s: %s", len(tags), self._broker.path, exc)
+
+
+def _take_token(key: str, per_second: float, db: sqlite3.Connection) -> float:
+    now = time.time()
+    with transaction(db):
+        row = db.execute("SELECT tokens, stamp FROM aqueue_buckets WHERE key = ?", (key,)).fetchone()
+        tokens = 1.0 if row is None else min(1.0, row[0] + max(0.0, now - row[1]) * per_second)
+        wait = 0.0 if tokens >= 1.0 else (1.0 - tokens) / per_second
+        tokens -= 1.0 if wait == 0.0 else 0.0
+        db.execute(
+            "INSERT OR REPLACE INTO aqueue_buckets (key, tokens, stamp) VALUES (?, ?, ?)", (key, tokens, now)
+        )
+    return wait
 
 
 def _insert(envelopes: list[Envelope], db: sqlite3.Connection) -> None:

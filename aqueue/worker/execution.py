@@ -14,15 +14,23 @@ from typing import TYPE_CHECKING, Any
 import anyio.to_thread
 
 from aqueue import states
-from aqueue.broker.base import Delivery
-from aqueue.exceptions import EncodeError, Ignore, OperationalError, Reject, Retry, TimeLimitExceeded
+from aqueue.broker.base import Broker, Delivery
+from aqueue.exceptions import (
+    EncodeError,
+    Ignore,
+    ImproperlyConfigured,
+    OperationalError,
+    Reject,
+    Retry,
+    TimeLimitExceeded,
+)
 from aqueue.message import Envelope, Message, encode_message
 from aqueue.rates import parse_rate
 from aqueue.result.base import ResultBackend, TaskMeta
 from aqueue.result.failure import exception_to_result, format_traceback
 from aqueue.serialization import get_serializer
 from aqueue.task import Context, Task, _request
-from aqueue.worker.limits import ConcurrencyLimit, TokenBucket
+from aqueue.worker.limits import ConcurrencyLimit, SharedBucket, TokenBucket
 from aqueue.worker.state import WorkerState
 
 if TYPE_CHECKING:
@@ -47,6 +55,8 @@ class TaskRuntime:
     bucket: TokenBucket
     ack_failures: bool
     """task_acks_on_failure_or_timeout: with late acks, a failed task is acknowledged (else dead-lettered)."""
+    shared: SharedBucket | None
+    """global_rate_limit: a bucket every worker of the broker shares."""
 
     @classmethod
     def build(cls, app: App, task: Task[Any, Any]) -> TaskRuntime:
@@ -76,6 +86,7 @@ class TaskRuntime:
             pick("time_limit", conf.task_time_limit),
             TokenBucket(parse_rate(rate)),
             conf.task_acks_on_failure_or_timeout,
+            _shared_bucket(app, task, pick("global_rate_limit", conf.task_default_global_rate_limit)),
         )
 
 
@@ -122,6 +133,8 @@ class Executor:
         """Take a token and a slot; False (holding no slot) once the worker is closing."""
         if not self.closing and not runtime.bucket.try_acquire():
             await self._wait(runtime.bucket.acquire)
+        if runtime.shared is not None and not self.closing:
+            await self._wait(runtime.shared.acquire)
         if not self.closing and not self.slots.try_acquire():
             await self._wait(self.slots.acquire)
             if self.closing:
@@ -303,6 +316,19 @@ def _unencodable(message: Message, meta: TaskMeta, serializer: str, exc: Excepti
         f"The result of {message.task}[{message.id}] ({type(meta.result).__name__}) "
         f"cannot be serialized with {serializer}: {exc}"
     )
+
+
+def _shared_bucket(app: App, task: Task[Any, Any], rate: str | float | None) -> SharedBucket | None:
+    parsed = parse_rate(rate)
+    if parsed is None:
+        return None
+    if type(app.broker).take_token is Broker.take_token:
+        raise ImproperlyConfigured(
+            f"Task {task.name} has global_rate_limit={rate!r}, but the {type(app.broker).__name__} keeps no "
+            "rate-limit store its workers share: use a redis:// or sqlite:// broker (memory:// within one process), "
+            "or rate_limit (per worker) instead."
+        )
+    return SharedBucket(app.broker, task.name, parsed)
 
 
 def _autoretry(runtime: TaskRuntime, exc: Exception) -> Retry | None:

@@ -6,12 +6,12 @@ Each has ``await acquire()``, ``try_acquire()`` (no wait), ``release()`` and ``s
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass
 
-from aqueue.rates import Rate
+from aqueue.broker.base import Broker
+from aqueue.rates import Rate, Tokens
 
-__all__ = ["BucketStatistics", "ConcurrencyLimit", "LimitStatistics", "TokenBucket"]
+__all__ = ["BucketStatistics", "ConcurrencyLimit", "LimitStatistics", "SharedBucket", "TokenBucket"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,30 +63,22 @@ class TokenBucket:
     also to tasks already waiting.
     """
 
-    capacity = 1.0
-
     def __init__(self, rate: Rate | None) -> None:
-        self.rate = rate
-        self._tokens = self.capacity
-        self._stamp = time.monotonic()
+        self._count = Tokens(rate)
         self._changed = asyncio.Event()
         self._waiting = 0
 
+    @property
+    def rate(self) -> Rate | None:
+        return self._count.rate
+
     def try_acquire(self) -> bool:
-        if self.rate is None:
-            return True
-        self._refill()
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        return False
+        return self._count.take() == 0.0
 
     async def acquire(self) -> None:
         self._waiting += 1
         try:
-            while not self.try_acquire():
-                assert self.rate is not None
-                pause = (1.0 - self._tokens) / self.rate.per_second
+            while pause := self._count.take():
                 self._changed.clear()
                 try:
                     await asyncio.wait_for(self._changed.wait(), pause)
@@ -99,16 +91,35 @@ class TokenBucket:
         """Tokens are not given back: a started task used its token."""
 
     def set_rate(self, rate: Rate | None) -> None:
-        self._refill()
-        self.rate = rate
+        self._count.set_rate(rate)
         self._changed.set()
 
     def statistics(self) -> BucketStatistics:
-        self._refill()
-        return BucketStatistics(str(self.rate) if self.rate else None, self._tokens, self._waiting)
+        self._count.refill()
+        return BucketStatistics(str(self.rate) if self.rate else None, self._count.tokens, self._waiting)
 
-    def _refill(self) -> None:
-        now = time.monotonic()
-        if self.rate is not None:
-            self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate.per_second)
-        self._stamp = now
+
+class SharedBucket:
+    """A token bucket every worker of the broker shares (``global_rate_limit``), kept by the broker."""
+
+    def __init__(self, broker: Broker, key: str, rate: Rate) -> None:
+        self.broker, self.key, self.rate = broker, key, rate
+        self._waiting = 0
+
+    def try_acquire(self) -> bool:
+        """Always False: a shared token takes a round trip, so it is taken by :meth:`acquire`."""
+        return False
+
+    async def acquire(self) -> None:
+        self._waiting += 1
+        try:
+            while pause := await self.broker.take_token(self.key, self.rate):
+                await asyncio.sleep(pause)
+        finally:
+            self._waiting -= 1
+
+    def release(self) -> None:
+        """Tokens are not given back: a started task used its token."""
+
+    def statistics(self) -> BucketStatistics:
+        return BucketStatistics(f"{self.rate} (global)", 0.0, self._waiting)

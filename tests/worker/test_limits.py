@@ -60,17 +60,17 @@ def test_ten_per_minute_refills_one_token_in_six_seconds() -> None:
     bucket = TokenBucket(parse_rate("10/m"))
     assert bucket.try_acquire()
     # When 5.9 s have passed (moving its clock back), then there is no token yet
-    bucket._stamp -= 5.9
+    bucket._count.stamp -= 5.9
     assert not bucket.try_acquire()
     # And at 6 s there is one, and only one
-    bucket._stamp -= 0.15
+    bucket._count.stamp -= 0.15
     assert bucket.try_acquire()
     assert not bucket.try_acquire()
 
 
 def test_tokens_never_exceed_the_capacity_of_one() -> None:
     bucket = TokenBucket(parse_rate("10/s"))
-    bucket._stamp -= 3600
+    bucket._count.stamp -= 3600
     assert bucket.statistics().tokens == 1.0
     assert bucket.try_acquire() and not bucket.try_acquire()
 
