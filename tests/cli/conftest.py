@@ -2,6 +2,11 @@
 
 Every subprocess is bounded: CLI runs have a timeout and are killed past it, and each worker started by
 a test is terminated (then killed) at teardown, whatever the test did.
+
+A project runs on SQLite, on Redis, or on RabbitMQ with its results in Redis (``rpc://`` replies reach
+only the process that sent the task, and these tests read results from the test process). Redis keys
+carry a prefix unique to the project and are deleted afterwards; on RabbitMQ the project's queues are
+deleted afterwards, unless it has a vhost of its own, which its fixture deletes whole.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import quote
 
 import pytest
 
@@ -26,6 +32,9 @@ from tests.conftest import REDIS_URL, require_server
 __all__ = ["CliResult", "Project", "WorkerProcess"]
 
 TRANSPORTS = ["sqlite", "redis"]
+FLEET_TRANSPORTS = ["redis", "amqp"]
+AMQP_HOST = "amqp://guest:guest@127.0.0.1:5672"
+_MERGED_SETTINGS = ("broker_transport_options", "result_backend_transport_options")
 
 TASKS_BODY = '''
 import asyncio
@@ -146,22 +155,36 @@ class WorkerProcess:
 
 
 class Project:
-    """A folder holding ``tasks.py`` for one transport, where CLI commands and workers run."""
+    """A folder holding ``tasks.py`` for one transport, where CLI commands and workers run.
 
-    def __init__(self, root: Path, kind: str) -> None:
-        self.root, self.kind = root, kind
+    ``kind`` is ``sqlite``, ``redis`` or ``amqp``. ``redis_url`` points a Redis project (and the results
+    of an AMQP one) at another server; ``vhost`` gives an AMQP project a vhost of its own.
+    """
+
+    def __init__(
+        self, root: Path, kind: str, *, redis_url: str = REDIS_URL, vhost: str | None = None
+    ) -> None:
+        self.root, self.kind, self.vhost = root, kind, vhost
         self.unique = uuid.uuid4().hex[:10]
         self.workers: list[WorkerProcess] = []
         # Database 0: the shared fixtures flush databases 1-15 after their tests; ours are cleaned by prefix.
         self.redis_db = 0
+        self.redis_url = f"{redis_url}/{self.redis_db}"
+        self.broker_url, self.backend_url = self.redis_url, self.redis_url
+        unique_names: dict[str, Any] = {
+            "task_default_queue": f"celery-{self.unique}",
+            "control_exchange": f"aqueue-{self.unique}",
+            "result_expires": 300,
+            "result_backend_transport_options": {"global_keyprefix": f"t{self.unique}:"},
+        }
         if kind == "redis":
-            self.broker_url = self.backend_url = f"{REDIS_URL}/{self.redis_db}"
             self.base_settings: dict[str, Any] = {
                 "broker_transport_options": {"global_keyprefix": f"t{self.unique}:"},
-                "task_default_queue": f"celery-{self.unique}",
-                "control_exchange": f"aqueue-{self.unique}",
-                "result_expires": 300,
+                **unique_names,
             }
+        elif kind == "amqp":
+            self.broker_url = f"{AMQP_HOST}/{quote(vhost, safe='') if vhost else '/'}"
+            self.base_settings = unique_names
         else:
             self.broker_url, self.backend_url = "sqlite:///broker.db", "sqlite:///results.db"
             self.base_settings = {}
@@ -175,7 +198,7 @@ class Project:
     def write_tasks(self, extra: str = "", **settings: Any) -> None:
         """(Re)write ``tasks.py`` with the app's settings merged over the transport's, plus ``extra`` code."""
         self.settings = {**self.base_settings, **settings}
-        for name in ("broker_transport_options",):
+        for name in _MERGED_SETTINGS:
             if name in self.base_settings and name in settings:
                 self.settings[name] = {**self.base_settings[name], **settings[name]}
         body = TASKS_BODY.format(broker=self.broker_url, backend=self.backend_url, settings=self.settings)
@@ -210,7 +233,9 @@ class Project:
         assert proc.returncode is not None
         return CliResult(proc.returncode, out.decode(), err.decode())
 
-    def spawn_worker(self, *args: str, argv: list[str] | None = None, logfile: str | None = None) -> WorkerProcess:
+    def spawn_worker(
+        self, *args: str, argv: list[str] | None = None, logfile: str | None = None
+    ) -> WorkerProcess:
         """Start ``python -m aqueue -A tasks worker -l info ARGS`` (or ``argv``) without waiting for it.
 
         ``logfile`` names the file the worker logs to when the arguments include ``--logfile``.
@@ -238,10 +263,20 @@ class Project:
         return worker
 
     def close(self) -> None:
+        """Reap the workers and delete the project's Redis keys (see :meth:`aclose` for RabbitMQ)."""
         for worker in self.workers:
             worker.reap()
-        if self.kind == "redis":
-            _delete_redis_keys(self.redis_db, f"t{self.unique}:*")
+        if self.kind in ("redis", "amqp"):
+            _delete_redis_keys(self.redis_url, f"t{self.unique}:*")
+
+    async def aclose(self) -> None:
+        """:meth:`close`, then delete the project's queue on RabbitMQ's default vhost."""
+        self.close()
+        if self.kind == "amqp" and self.vhost is None:
+            from aqueue.broker.amqp import AMQPBroker
+
+            async with AMQPBroker(self.broker_url) as broker:
+                await broker.delete_queue(self.default_queue)
 
 
 def _read(path: Path) -> str:
@@ -251,10 +286,10 @@ def _read(path: Path) -> str:
         return ""
 
 
-def _delete_redis_keys(db: int, pattern: str) -> None:
+def _delete_redis_keys(url: str, pattern: str) -> None:
     import redis
 
-    client = redis.Redis.from_url(f"{REDIS_URL}/{db}")
+    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
     try:
         keys = list(client.scan_iter(match=pattern, count=500))
         if keys:
@@ -285,6 +320,19 @@ def project(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Project]
         yield project
     finally:
         project.close()
+
+
+@pytest.fixture(params=FLEET_TRANSPORTS)
+async def fleet_project(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Project]:
+    """A project on each server transport: Redis, and RabbitMQ (default vhost) with Redis results."""
+    require_server("redis")
+    if request.param == "amqp":
+        require_server("amqp")
+    project = Project(tmp_path, request.param)
+    try:
+        yield project
+    finally:
+        await project.aclose()
 
 
 @pytest.fixture
