@@ -9,7 +9,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, TypedDict, TypeVar, Unpack
 
 import pydantic
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from aqueue.app import App
     from aqueue.result.asyncresult import AsyncResult
 
-__all__ = ["Context", "Task", "TaskOptionArgs", "TaskOptions"]
+__all__ = ["Context", "SendOptions", "Task", "TaskOptionArgs", "TaskOptions"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -43,6 +43,24 @@ class TaskOptions:
     track_started: bool | None = None
     priority: int | None = None
     autoretry_for: tuple[type[BaseException], ...] = ()
+
+
+class SendOptions(TypedDict, total=False):
+    """The options of ``apply_async`` and ``send_task``."""
+
+    task_id: str | None
+    queue: str | None
+    """Overrides task_routes and the task's own queue."""
+    countdown: float | None
+    """Seconds from now before the task may start."""
+    eta: datetime | float | None
+    """When the task may start: a datetime (naive: in the app's zone) or a unix time."""
+    expires: datetime | float | None
+    """Seconds from now, or a datetime, after which the task is revoked instead of run."""
+    headers: dict[str, Any] | None
+    ignore_result: bool | None
+    serializer: str | None
+    priority: int | None
 
 
 class TaskOptionArgs(TypedDict, total=False):
@@ -114,42 +132,14 @@ class Task(Generic[P, R]):
         self,
         args: tuple[Any, ...] | list[Any] | None = None,
         kwargs: dict[str, Any] | None = None,
-        *,
-        task_id: str | None = None,
-        queue: str | None = None,
-        countdown: float | None = None,
-        eta: datetime | float | None = None,
-        expires: datetime | float | None = None,
-        headers: dict[str, Any] | None = None,
-        ignore_result: bool | None = None,
-        serializer: str | None = None,
-        priority: int | None = None,
+        **options: Unpack[SendOptions],
     ) -> AsyncResult[R]:
-        """Send the task with options, as Celery's ``apply_async``.
-
-        Parameters:
-            countdown: seconds from now before the task may start; ``eta``: a datetime or unix time.
-            expires: seconds from now, or a datetime, after which the task is revoked instead of run.
-            queue: overrides task_routes and the task's own queue.
+        """Send the task with options, as Celery's ``apply_async`` (the options are :class:`SendOptions`).
 
         Raises:
             EncodeError: an argument cannot be serialized (it is named).
         """
-        return self.app.send_task(
-            self.name,
-            args,
-            kwargs,
-            task=self,
-            task_id=task_id,
-            queue=queue,
-            countdown=countdown,
-            eta=eta,
-            expires=expires,
-            headers=headers,
-            ignore_result=ignore_result,
-            serializer=serializer,
-            priority=priority,
-        )
+        return self.app.send_task(self.name, args, kwargs, task=self, **options)
 
     @cached_property
     def checked_fn(self) -> Callable[..., Any]:

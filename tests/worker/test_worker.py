@@ -211,31 +211,28 @@ def test_statistics(make_app: MakeApp) -> None:
     assert stats["pool"].limit == 3 and stats["state"].active == 0
 
 
-async def test_a_failing_consumer_stops_the_worker_and_run_raises_it(
-    make_app: MakeApp, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Given a broker whose consumer breaks down
+@pytest.fixture
+def broken_consumer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """memory:// consumers that break down as soon as they fetch."""
     from aqueue.broker.memory import _MemoryConsumer
 
     async def broken(self: object, n: int) -> list[object]:
         raise OperationalError("the broker went away")
 
     monkeypatch.setattr(_MemoryConsumer, "_fetch", broken)
+
+
+@pytest.mark.usefixtures("broken_consumer")
+async def test_a_failing_consumer_stops_the_worker_and_run_raises_it(make_app: MakeApp) -> None:
+    # Given a broker whose consumer breaks down
     app = make_app()
     # When the worker runs; Then it stops by itself and run() raises what broke, so a CLI exits non-zero
     with anyio.fail_after(5), pytest.raises(OperationalError, match="went away"):
         await Worker(app).run()
 
 
-async def test_async_with_raises_a_part_failure_on_exit(
-    make_app: MakeApp, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from aqueue.broker.memory import _MemoryConsumer
-
-    async def broken(self: object, n: int) -> list[object]:
-        raise OperationalError("the broker went away")
-
-    monkeypatch.setattr(_MemoryConsumer, "_fetch", broken)
+@pytest.mark.usefixtures("broken_consumer")
+async def test_async_with_raises_a_part_failure_on_exit(make_app: MakeApp) -> None:
     app = make_app()
     with anyio.fail_after(5), pytest.raises(OperationalError):
         async with Worker(app) as worker:
