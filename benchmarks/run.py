@@ -741,6 +741,7 @@ def versions(libs: list[Lib]) -> dict[str, str]:
         "dramatiq",
         "redis",
         "aio-pika",
+        "hiredis",
         "uvloop",
         "pika",
     ]
