@@ -15,6 +15,7 @@
     │   ├── DecodeError               bytes that do not decode to a message
     │   └── ContentDisallowed         a content type outside accept_content
     ├── OperationalError              the broker or backend cannot be reached or failed
+    │   └── DeliveryLost              a delivery's channel closed before its ack: it comes again
     ├── ResultNotStored               get() on a task published with ignore_result
     ├── TimeoutError                  get(timeout=...) ran out (also a builtin TimeoutError)
     ├── TaskError                     a task failed with an exception that cannot be rebuilt here
@@ -38,6 +39,7 @@ __all__ = [
     "AqueueError",
     "ContentDisallowed",
     "DecodeError",
+    "DeliveryLost",
     "EncodeError",
     "Ignore",
     "ImproperlyConfigured",
@@ -153,6 +155,10 @@ class ContentDisallowed(SerializationError):
 
 class OperationalError(AqueueError, ConnectionError):
     """The broker or result backend cannot be reached, or failed an operation."""
+
+
+class DeliveryLost(OperationalError):
+    """A message could not be acknowledged: its connection closed, and the broker delivers it again."""
 
 
 class ResultNotStored(AqueueError):

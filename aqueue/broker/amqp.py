@@ -74,7 +74,7 @@ from aio_pika.abc import (
 from yarl import URL
 
 from aqueue.broker.base import Broker, Consumer, Delivery
-from aqueue.exceptions import ImproperlyConfigured, InvalidURL, OperationalError
+from aqueue.exceptions import DeliveryLost, ImproperlyConfigured, InvalidURL, OperationalError
 from aqueue.message import Envelope
 from aqueue.urls import mask_password, parse
 
@@ -523,7 +523,15 @@ class _AMQPConsumer(Consumer):
 
     async def _ack(self, delivery: Delivery) -> None:
         message: AbstractIncomingMessage = delivery.tag
-        await self._settle(message, message.ack())
+        try:
+            await message.ack()
+        except aiormq.exceptions.ChannelInvalidStateError as exc:
+            # RabbitMQ has put it back and delivers it again: the caller must not run it now.
+            raise DeliveryLost(
+                f"Message {message.message_id} was not acknowledged: its channel closed"
+            ) from exc
+        except _ERRORS as exc:
+            raise OperationalError(f"Cannot settle message {message.message_id}: {exc}") from exc
 
     async def _reject(self, delivery: Delivery) -> None:
         message: AbstractIncomingMessage = delivery.tag

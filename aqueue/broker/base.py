@@ -42,7 +42,11 @@ class Delivery:
         self.redelivered, self.tag, self.settled = redelivered, tag, False
 
     async def ack(self) -> None:
-        """The message is done with: remove it from the broker."""
+        """The message is done with: remove it from the broker.
+
+        Raises:
+            DeliveryLost: the delivery went with its connection; the broker delivers the message again.
+        """
         if self._settle():
             await self._consumer._ack(self)
 

@@ -16,6 +16,7 @@ import anyio.to_thread
 from aqueue import states
 from aqueue.broker.base import Broker, Delivery
 from aqueue.exceptions import (
+    DeliveryLost,
     EncodeError,
     Ignore,
     ImproperlyConfigured,
@@ -166,8 +167,8 @@ class Executor:
         task_id, name = message.id, message.task
         if await self._skip(delivery, message):
             return
-        if not runtime.acks_late:
-            await delivery.ack()
+        if not runtime.acks_late and not await self._acked(delivery, message):
+            return
         self.state.active[task_id] = (message, time.time())
         if runtime.track_started:
             await self._store(
@@ -218,7 +219,20 @@ class Executor:
             _request.reset(token)
             self.state.active.pop(task_id, None)
             self.state.total[name] += 1
-        await delivery.ack()
+        await self._acked(delivery, message)  # lost: the copy that comes again finds the stored state
+
+    async def _acked(self, delivery: Delivery, message: Message) -> bool:
+        """Acknowledge; False when the delivery was lost with its connection (it comes again: do not run it)."""
+        try:
+            await delivery.ack()
+        except DeliveryLost:
+            logger.info(
+                "Task %s[%s]: its delivery was lost with the connection; the broker delivers it again",
+                message.task,
+                message.id,
+            )
+            return False
+        return True
 
     async def _skip(self, delivery: Delivery, message: Message) -> bool:
         """Revoked, expired, or already finished (a redelivered copy): ack without running."""
@@ -231,12 +245,12 @@ class Executor:
             logger.info(
                 "Task %s[%s] already finished: redelivered copy acknowledged", message.task, message.id
             )
-            await delivery.ack()
+            await self._acked(delivery, message)
             return True
         if why is None:
             return False
         logger.info("Discarding %s task %s[%s]", why, message.task, message.id)
-        await delivery.ack()
+        await self._acked(delivery, message)
         await self.backend.store(TaskMeta(message.id, states.REVOKED, why, name=message.task), message)
         return True
 

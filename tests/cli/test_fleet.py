@@ -390,15 +390,6 @@ async def test_worker_and_client_survive_closed_amqp_connections(vhost: str, vho
     assert len(done) >= 40
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Deliveries prefetched on a channel that RabbitMQ has closed still run: AMQP ack of such a delivery "
-        "only logs 'not settled' (aqueue/broker/amqp.py:516, _settle swallows ChannelInvalidStateError), so "
-        "the worker's early ack (aqueue/worker/execution.py:169-170) looks done and the task runs, while "
-        "RabbitMQ delivers the message again and it runs a second time"
-    ),
-)
 async def test_tasks_prefetched_before_closed_amqp_connections_run_once(
     vhost: str, vhost_project: Project
 ) -> None:
