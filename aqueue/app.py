@@ -104,8 +104,9 @@ class App(AsyncResource):
         self._connected = False
         self._connecting: asyncio.Lock | None = None
         self._specs: dict[str, _SendSpec] = {}
-        self._specs_version = -1
         self._router: Router | None = None
+        self._eager = self.conf.task_always_eager
+        self.conf.on_change(self._settings_changed)
 
     # Configuration ------------------------------------------------------------------------------
 
@@ -254,7 +255,7 @@ class App(AsyncResource):
             EncodeError: an argument cannot be serialized (it is named).
         """
         spec = self._spec(name, task)
-        if self.conf.task_always_eager:
+        if self._eager:
             from aqueue.eager import apply_eager
 
             return apply_eager(self, self.tasks.get(name) or _unregistered(name), args, kwargs, task_id)
@@ -306,14 +307,16 @@ class App(AsyncResource):
         await self.broker.publish(envelopes)
 
     def _spec(self, name: str, task: Task[Any, Any] | None) -> _SendSpec:
-        if self._specs_version != self.conf.version:
-            self._specs.clear()
-            self._router = None
-            self._specs_version = self.conf.version
         spec = self._specs.get(name)
         if spec is None:
             spec = self._specs[name] = self._make_spec(name, task or self.tasks.get(name))
         return spec
+
+    def _settings_changed(self) -> None:
+        """What sending works out once per task name is worked out again after a settings change."""
+        self._specs.clear()
+        self._router = None
+        self._eager = self.conf.task_always_eager
 
     def _make_spec(self, name: str, task: Task[Any, Any] | None) -> _SendSpec:
         conf, options = self.conf, task.options if task else TaskOptions()

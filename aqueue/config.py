@@ -103,12 +103,11 @@ class Settings(BaseModel):
     imports: list[str] | tuple[str, ...] = ()
     include: list[str] | tuple[str, ...] = ()
 
-    _version: int = PrivateAttr(0)
+    _listeners: list[Callable[[], None]] = PrivateAttr(default_factory=list)
 
-    @property
-    def version(self) -> int:
-        """Incremented on every change, so that values worked out from settings can be cached."""
-        return self._version
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` after every change, so that values worked out from settings can be cached."""
+        self._listeners.append(callback)
 
     @field_validator("result_expires", "task_time_limit", "task_soft_time_limit", mode="before")
     @classmethod
@@ -172,7 +171,8 @@ class Settings(BaseModel):
             super().__setattr__(name, value)
         except ValidationError as exc:
             raise _invalid(exc) from None
-        self._version += 1
+        for callback in self._listeners:
+            callback()
         if name in INERT and value != type(self).model_fields[name].default:
             logger.warning(
                 "Setting %r is accepted for Celery compatibility but has no effect: %s.", name, INERT[name]

@@ -45,8 +45,11 @@ class AsyncResult(Generic[R]):
         self._meta: TaskMeta | None = None
 
     def __await__(self) -> Generator[Any, None, AsyncResult[R]]:
-        if self._sent is not None:
-            yield from asyncio.shield(self._sent).__await__()
+        sent = self._sent
+        if sent is not None:
+            if not sent.done():
+                yield from asyncio.shield(sent).__await__()
+            sent.result()  # a publish failure raises here
         return self
 
     @overload
