@@ -11,6 +11,7 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,16 @@ class Transport:
                     await broker.delete_queue(queue)
 
 
+@asynccontextmanager
+async def transport_for(kind: str, tmp_path: Path, unique: str) -> AsyncIterator[Transport]:
+    """A :class:`Transport` of ``kind``, cleaned up on the server afterwards."""
+    transport = Transport(kind, tmp_path, unique)
+    try:
+        yield transport
+    finally:
+        await transport.cleanup()
+
+
 BROKER_KINDS = ["memory", "sqlite", "redis", "amqp"]
 BACKEND_KINDS = ["memory", "sqlite", "redis"]
 
@@ -108,9 +119,8 @@ BACKEND_KINDS = ["memory", "sqlite", "redis"]
 async def broker_transport(
     request: pytest.FixtureRequest, tmp_path: Path, unique: str
 ) -> AsyncIterator[Transport]:
-    transport = Transport(request.param, tmp_path, unique)
-    yield transport
-    await transport.cleanup()
+    async with transport_for(request.param, tmp_path, unique) as transport:
+        yield transport
 
 
 @pytest.fixture
@@ -125,9 +135,8 @@ async def broker(broker_transport: Transport) -> AsyncIterator[Broker]:
 async def backend_transport(
     request: pytest.FixtureRequest, tmp_path: Path, unique: str
 ) -> AsyncIterator[Transport]:
-    transport = Transport(request.param, tmp_path, unique)
-    yield transport
-    await transport.cleanup()
+    async with transport_for(request.param, tmp_path, unique) as transport:
+        yield transport
 
 
 @pytest.fixture

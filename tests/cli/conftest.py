@@ -29,7 +29,7 @@ import pytest
 from aqueue.app import App
 from tests.conftest import REDIS_URL, require_server
 
-__all__ = ["CliResult", "Project", "WorkerProcess"]
+__all__ = ["CliResult", "Project", "WorkerProcess", "reap"]
 
 TRANSPORTS = ["sqlite", "redis"]
 FLEET_TRANSPORTS = ["redis", "amqp"]
@@ -144,14 +144,19 @@ class WorkerProcess:
 
     def reap(self) -> None:
         """Make sure the process is gone: SIGTERM, then SIGKILL; always wait for it."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        reap(self.proc)
         self._output.close()
+
+
+def reap(proc: subprocess.Popen[bytes]) -> None:
+    """Make sure ``proc`` is gone: SIGTERM, then SIGKILL; always wait for it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 class Project:

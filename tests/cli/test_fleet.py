@@ -28,7 +28,7 @@ from aqueue.message import Envelope
 from aqueue.result.asyncresult import AsyncResult
 from tests.conftest import CI, rabbitmqctl, require_server
 
-from .conftest import Project, WorkerProcess
+from .conftest import Project, WorkerProcess, reap
 
 pytestmark = pytest.mark.slow
 
@@ -176,13 +176,8 @@ class RedisServer:
             await asyncio.sleep(0.05)
 
     def reap(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            reap(self.proc)
 
     def _accepts(self) -> bool:
         try:
