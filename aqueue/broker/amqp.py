@@ -51,11 +51,9 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-import functools
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
@@ -66,15 +64,17 @@ import aiormq
 import pamqp.exceptions
 from aio_pika.abc import (
     AbstractChannel,
-    AbstractExchange,
     AbstractIncomingMessage,
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
+from pamqp import commands as spec
 from yarl import URL
 
-from aqueue.broker.base import Broker, Consumer, Delivery
-from aqueue.exceptions import DeliveryLost, ImproperlyConfigured, InvalidURL, OperationalError
+from aqueue.broker.amqp_consumer import ETA_HEADER, AMQPConsumer
+from aqueue.broker.amqp_wire import Outbox
+from aqueue.broker.base import Broker, Consumer
+from aqueue.exceptions import ImproperlyConfigured, InvalidURL, OperationalError
 from aqueue.message import Envelope
 from aqueue.urls import mask_password, parse
 
@@ -83,7 +83,6 @@ __all__ = ["AMQPBroker", "amqp_url", "delay_bucket_ms"]
 log = logging.getLogger(__name__)
 
 _OPTIONS = ("confirm_publish", "connect_timeout", "max_priority", "visibility_timeout")
-_ETA_HEADER = "x-aqueue-eta"
 _BROADCAST = "aqueue.broadcast"
 _MIN_DELAY_MS = 64
 _MAX_DELAY_MS = 2**31
@@ -168,6 +167,7 @@ class AMQPBroker(Broker):
         self.connect_timeout = float(options.get("connect_timeout", 10.0))
         self._connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None
+        self._publish_outbox: Outbox | None = None
         self._connect_lock = asyncio.Lock()
         self._declare_lock = asyncio.Lock()
         self._queue_args: dict[str, dict[str, Any] | None] = {}
@@ -192,6 +192,7 @@ class AMQPBroker(Broker):
 
     async def aclose(self) -> None:
         connection, self._connection, self._publisher = self._connection, None, None
+        self._publish_outbox = None
         self._forget_declarations()
         if connection is not None:
             with self._errors("close the connection to"):
@@ -304,7 +305,6 @@ class AMQPBroker(Broker):
     async def publish(self, envelopes: Sequence[Envelope]) -> None:
         if not envelopes:
             return
-        await self._ready()
         with self._errors("publish to"):
             unroutable = await self._publish_all(envelopes)
             if unroutable:
@@ -314,16 +314,41 @@ class AMQPBroker(Broker):
                     raise OperationalError(f"RabbitMQ could not route {len(unroutable)} message(s).")
 
     async def _publish_all(self, envelopes: Sequence[Envelope]) -> list[Envelope]:
-        """Send every envelope at once and await all confirms; returns the unroutable ones."""
-        targets = [await self._target(envelope) for envelope in envelopes]
-        sends = (
-            self._send(*target, self._message(env)) for env, target in zip(envelopes, targets, strict=True)
-        )
-        results = await asyncio.gather(*sends, return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException) and not isinstance(result, aiormq.exceptions.PublishError):
-                raise result
-        return [env for env, result in zip(envelopes, results, strict=True) if result is not None]
+        """Write every envelope at once and await all confirms; returns the unroutable ones."""
+        outbox = await self._outbox()
+        now, declared, mandatory = time.time(), self._queue_args, self.confirm_publish
+        futures = []
+        for envelope in envelopes:
+            if envelope.queue in declared and (envelope.eta is None or envelope.eta <= now):
+                exchange = key = envelope.queue
+            else:
+                exchange, key = await self._target(envelope)
+            futures.append(outbox.publish(exchange, key, _properties(envelope), envelope.body, mandatory))
+        unroutable = []
+        for envelope, future in zip(envelopes, futures, strict=True):
+            if future is None:
+                continue
+            try:
+                await future
+            except aiormq.exceptions.PublishError:
+                unroutable.append(envelope)
+            except BaseException:
+                for rest in futures:
+                    if rest is not None:
+                        rest.add_done_callback(_retrieve)
+                raise
+        return unroutable
+
+    async def _outbox(self) -> Outbox:
+        """The outbox of the publisher channel as it is now (a new one after a reconnect)."""
+        if self._connection is None:
+            await self.connect()
+        if self._publisher is None:
+            raise OperationalError(f"The broker {mask_password(self.url)} is closed.")
+        with self._errors("reach"):
+            outbox = await Outbox.current(self._publish_outbox, self._publisher, self.connect_timeout)
+        self._publish_outbox = outbox
+        return outbox
 
     async def _target(self, envelope: Envelope) -> tuple[str, str]:
         await self._queue_arguments(envelope.queue)
@@ -332,30 +357,8 @@ class AMQPBroker(Broker):
         ttl = delay_bucket_ms(envelope.eta - time.time())
         return "", await self._delay_queue(envelope.queue, ttl)
 
-    def _message(self, envelope: Envelope) -> aio_pika.Message:
-        return aio_pika.Message(
-            envelope.body,
-            content_type=envelope.content_type,
-            message_id=envelope.id,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            priority=envelope.priority,
-            # Milliseconds as an integer: AMQP tables carry a Python float as a 32-bit float.
-            headers={_ETA_HEADER: math.ceil(envelope.eta * 1000)} if envelope.eta is not None else None,
-        )
-
-    async def _send(
-        self, exchange: str, routing_key: str, message: aio_pika.Message, mandatory: bool = True
-    ) -> None:
-        channel = self._publisher
-        if channel is None:
-            raise OperationalError(f"The broker {mask_password(self.url)} is closed.")
-        target: AbstractExchange = (
-            channel.default_exchange if exchange == "" else await channel.get_exchange(exchange, ensure=False)
-        )
-        await target.publish(message, routing_key, mandatory=mandatory and self.confirm_publish)
-
     def consume(self, queues: Sequence[str], prefetch: int) -> Consumer:
-        return _AMQPConsumer(self, queues, prefetch)
+        return AMQPConsumer(self, queues, prefetch)
 
     async def purge(self, queue: str) -> int:
         names = [queue, *(f"{queue}.delay.{ttl}" for ttl in self._delays.get(queue, ()))]
@@ -401,9 +404,10 @@ class AMQPBroker(Broker):
     async def broadcast(self, channel: str, data: bytes) -> None:
         await self._ready()
         with self._errors("broadcast on"):
-            await self._send(
-                await self._broadcast_exchange(), channel, aio_pika.Message(data), mandatory=False
-            )
+            exchange = await self._broadcast_exchange()
+            confirmed = (await self._outbox()).publish(exchange, channel, spec.Basic.Properties(), data)
+            if confirmed is not None:
+                await confirmed
 
     @asynccontextmanager
     async def subscribe(self, channel: str) -> AsyncIterator[AsyncIterator[bytes]]:
@@ -426,126 +430,22 @@ class AMQPBroker(Broker):
                     await amqp_channel.close()
 
 
+def _properties(envelope: Envelope) -> spec.Basic.Properties:
+    return spec.Basic.Properties(
+        content_type=envelope.content_type,
+        message_id=envelope.id,
+        delivery_mode=2,  # persistent
+        priority=envelope.priority,
+        # Milliseconds as an integer: AMQP tables carry a Python float as a 32-bit float.
+        headers={ETA_HEADER: math.ceil(envelope.eta * 1000)} if envelope.eta is not None else None,
+    )
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 async def _drain(inbox: asyncio.Queue[bytes]) -> AsyncIterator[bytes]:
     while True:
         yield await inbox.get()
-
-
-def _eta(message: AbstractIncomingMessage) -> float | None:
-    value = (message.headers or {}).get(_ETA_HEADER)
-    return value / 1000 if isinstance(value, int) else None
-
-
-class _AMQPConsumer(Consumer):
-    """Deliveries pushed by RabbitMQ on one channel, QoS prefetch = the consumer's prefetch."""
-
-    def __init__(self, broker: AMQPBroker, queues: Sequence[str], prefetch: int) -> None:
-        super().__init__(queues, prefetch)
-        self.broker = broker
-        self._channel: AbstractChannel | None = None
-        self._start_lock = asyncio.Lock()
-        self._inbox: deque[tuple[str, AbstractIncomingMessage]] = deque()
-        self._arrived = asyncio.Event()
-
-    async def _start(self) -> None:
-        async with self._start_lock:
-            if self._channel is not None:
-                return
-            channel = await self.broker.channel(prefetch=self.prefetch)
-            try:
-                with self.broker._errors("consume from"):
-                    for name in self.queues:
-                        arguments = await self.broker._queue_arguments(name)
-                        queue = await channel.declare_queue(
-                            name, durable=True, arguments=arguments, passive=arguments is None
-                        )
-                        await queue.consume(functools.partial(self._received, name))
-            except BaseException:
-                await channel.close()
-                raise
-            self._channel = channel
-
-    async def _received(self, queue: str, message: AbstractIncomingMessage) -> None:
-        self._inbox.append((queue, message))
-        self._arrived.set()
-
-    async def _fetch(self, n: int) -> Sequence[Delivery]:
-        await self._start()
-        if not self._inbox:
-            self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), 1.0)
-            except TimeoutError:
-                return []
-        out: list[Delivery] = []
-        while self._inbox and len(out) < n:
-            delivery = await self._accept(*self._inbox.popleft())
-            if delivery is not None:
-                out.append(delivery)
-        return out
-
-    async def _accept(self, queue: str, message: AbstractIncomingMessage) -> Delivery | None:
-        try:
-            message.channel  # noqa: B018  (raises once the channel it came on is closed)
-        except aiormq.exceptions.ChannelInvalidStateError:
-            return None  # from before a reconnect: RabbitMQ delivers it again
-        eta = _eta(message)
-        if eta is not None and eta > time.time():
-            await self._hop(queue, message, eta)
-            return None
-        message_id = message.message_id or str((message.headers or {}).get("id", ""))
-        content_type = message.content_type or ""
-        return Delivery(
-            self, message_id, queue, message.body, content_type, bool(message.redelivered), message
-        )
-
-    async def _hop(self, queue: str, message: AbstractIncomingMessage, eta: float) -> None:
-        """Send an early message back to a delay queue for the time left, then drop this copy."""
-        body, content_type = message.body, message.content_type or ""
-        envelope = Envelope(message.message_id or "", queue, body, content_type, eta, message.priority)
-        try:
-            await self.broker.publish([envelope])
-            await self._settle(message, message.ack())
-        except OperationalError as exc:
-            # Unsettled, it goes back to the queue when this channel closes.
-            log.warning("Could not delay message %s again: %s", message.message_id, exc)
-
-    async def _settle(self, message: AbstractIncomingMessage, action: Any) -> None:
-        try:
-            await action
-        except aiormq.exceptions.ChannelInvalidStateError:
-            # The channel closed since: RabbitMQ has put the message back and delivers it again.
-            log.info(
-                "Message %s not settled: its channel closed, it will be delivered again", message.message_id
-            )
-        except _ERRORS as exc:
-            raise OperationalError(f"Cannot settle message {message.message_id}: {exc}") from exc
-
-    async def _ack(self, delivery: Delivery) -> None:
-        message: AbstractIncomingMessage = delivery.tag
-        try:
-            await message.ack()
-        except aiormq.exceptions.ChannelInvalidStateError as exc:
-            # RabbitMQ has put it back and delivers it again: the caller must not run it now.
-            raise DeliveryLost(
-                f"Message {message.message_id} was not acknowledged: its channel closed"
-            ) from exc
-        except _ERRORS as exc:
-            raise OperationalError(f"Cannot settle message {message.message_id}: {exc}") from exc
-
-    async def _reject(self, delivery: Delivery) -> None:
-        message: AbstractIncomingMessage = delivery.tag
-        await self._settle(message, message.nack(requeue=False))
-
-    async def _requeue(self, delivery: Delivery) -> None:
-        message: AbstractIncomingMessage = delivery.tag
-        await self._settle(message, message.nack(requeue=True))
-
-    async def aclose(self) -> None:
-        """Stop consuming; RabbitMQ takes back every delivery not settled yet."""
-        await super().aclose()
-        channel, self._channel = self._channel, None
-        self._inbox.clear()
-        if channel is not None and not channel.is_closed:
-            with self.broker._errors("stop consuming from"):
-                await channel.close()

@@ -86,14 +86,23 @@ class Consumer(ABC):
 
     async def receive(self) -> Delivery:
         """The next delivery; waits while ``prefetch`` deliveries are unsettled."""
-        while not self._buffer:
-            while len(self.held) >= self.prefetch:
-                self._room.clear()
-                await self._room.wait()
-            for delivery in await self._fetch(self.prefetch - len(self.held)):
-                self.held[id(delivery)] = delivery
-                self._buffer.append(delivery)
-        return self._buffer.popleft()
+        while True:
+            while not self._buffer:
+                while len(self.held) >= self.prefetch:
+                    self._room.clear()
+                    await self._room.wait()
+                for delivery in await self._fetch(self.prefetch - len(self.held)):
+                    self.held[id(delivery)] = delivery
+                    self._buffer.append(delivery)
+            delivery = self._buffer.popleft()
+            if not self._lost(delivery):
+                return delivery
+            delivery.settled = True  # the broker has it back already
+            self._release(delivery)
+
+    def _lost(self, delivery: Delivery) -> bool:
+        """Whether ``delivery`` went with its connection since it was fetched (the broker sends it again)."""
+        return False
 
     def __aiter__(self) -> Self:
         return self

@@ -5,8 +5,12 @@ by ``connect()``. ``prepare()`` sets ``reply_to`` of every message this process 
 queue and remembers the task id. In the worker, ``store()`` publishes each state (STARTED, RETRY,
 SUCCESS, FAILURE, ...) to the message's ``reply_to`` through the default exchange, with the task id
 as ``correlation_id``; replies are not persistent, since the reply queue is not durable either, and
-``expires`` becomes their TTL. One consumer on the reply queue keeps the latest state of each task
-id in memory and wakes whoever waits for it.
+``expires`` becomes their TTL. States stored during one event-loop turn for the same client travel
+as one message: a single state exactly as Celery's rpc backend sends it, several as a list with the
+AMQP ``type`` ``aqueue.rpc.batch`` (so a busy worker sends one reply per client per turn, not one per
+task). Replies are published with confirms, and ``store()`` returns once RabbitMQ confirmed its
+reply; the worker acknowledges the task only after that. One consumer on the reply queue keeps the
+latest state of each task id in memory and wakes whoever waits for it.
 
 Limits, as in Celery: only the process that sent a task receives its states, so ``wait()`` on any
 other id raises at once instead of waiting forever, and ``get()`` elsewhere says PENDING; states sent
@@ -19,17 +23,21 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import uuid
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
-import aio_pika
 import aiormq
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel
+import aiormq.abc
+from aio_pika.abc import AbstractRobustChannel
+from pamqp import commands as spec
 
 from aqueue.broker.amqp import AMQPBroker
+from aqueue.broker.amqp_wire import Outbox
 from aqueue.exceptions import AqueueError, ImproperlyConfigured, OperationalError, SerializationError
 from aqueue.exceptions import TimeoutError as WaitTimeout
 from aqueue.message import Message
@@ -38,6 +46,11 @@ from aqueue.serialization import serializer_for
 from aqueue.urls import mask_password
 
 __all__ = ["RPCBackend"]
+
+_BATCH = "aqueue.rpc.batch"
+"""The AMQP ``type`` of a reply message carrying a list of states (for several tasks) instead of one."""
+_Reply = tuple[dict[str, Any], "asyncio.Future[None]", int]
+"""A state to send, who waits for its confirm, and how many sends the connection dropped under."""
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +108,11 @@ class RPCBackend(ResultBackend):
         self._sent: OrderedDict[str, TaskMeta | None] = OrderedDict()
         self._waiters: defaultdict[str, set[asyncio.Future[None]]] = defaultdict(set)
         self._channel: AbstractRobustChannel | None = None
+        self._outbox: Outbox | None = None
+        self._outgoing: dict[str, list[_Reply]] = {}
+        self._sending: asyncio.Task[None] | None = None
+        # RabbitMQ's per-message TTL: milliseconds, as a string.
+        self._expiration = None if expires is None else str(max(0, round(expires * 1000)))
         self._lock = asyncio.Lock()
 
     async def connect(self) -> None:
@@ -104,13 +122,19 @@ class RPCBackend(ResultBackend):
                 return
             channel = await self.broker.channel(confirms=True)
             with self._errors("declare the reply queue on"):
-                queue = await channel.declare_queue(self.reply_to, exclusive=True, auto_delete=True)
-                await queue.consume(self._received, no_ack=True)
+                await channel.declare_queue(self.reply_to, exclusive=True, auto_delete=True)
+                await self._consume(channel)
+            channel.reopen_callbacks.add(self._consume)  # type: ignore[arg-type]
             self._channel = channel
+
+    async def _consume(self, channel: AbstractRobustChannel) -> None:
+        """Consume the reply queue on ``channel``'s current aiormq channel (again, after a reconnect)."""
+        self._outbox = outbox = await Outbox.current(self._outbox, channel, self.broker.connect_timeout)
+        await outbox.channel.basic_consume(self.reply_to, self._received, no_ack=True)
 
     async def aclose(self) -> None:
         """Close the connection; whoever still waits gets OperationalError."""
-        self._channel = None
+        self._channel, self._outbox = None, None
         for waiters in self._waiters.values():
             for waiter in waiters:
                 if not waiter.done():
@@ -131,27 +155,71 @@ class RPCBackend(ResultBackend):
             return
         if meta.date_done is None and meta.ready:
             meta.date_done = now_iso()
-        reply = aio_pika.Message(
-            self.serializer.dumps(meta.to_dict()),
-            content_type=self.serializer.content_type,
-            correlation_id=meta.task_id,
-            delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
-            expiration=self.expires,
-        )
-        await self.connect()
+        if self._channel is None:
+            await self.connect()
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._outgoing.setdefault(request.reply_to, []).append((meta.to_dict(), waiter, 0))
+        if self._sending is None:
+            self._sending = asyncio.create_task(self._send_outgoing())
         with self._errors("send a result to"):
-            try:
-                await self._send(reply, request.reply_to)
-            except _RECONNECTING:
-                # The connection dropped under this send; the robust connection is coming back.
-                await self._send(reply, request.reply_to)
+            await waiter
 
-    async def _send(self, reply: aio_pika.Message, reply_to: str) -> None:
-        channel = self._channel
-        if channel is None:
-            raise OperationalError("The rpc:// result backend is closed.")
-        await asyncio.wait_for(channel.ready(), self.broker.connect_timeout)
-        await channel.default_exchange.publish(reply, reply_to, mandatory=False)
+    async def _send_outgoing(self) -> None:
+        """Send what ``store()`` queued in this loop turn: one message per reply queue, then relay the confirms."""
+        try:
+            while self._outgoing:
+                outgoing, self._outgoing = self._outgoing, {}
+                try:
+                    if self._channel is None:
+                        raise OperationalError("The rpc:// result backend is closed.")
+                    outbox = await Outbox.current(self._outbox, self._channel, self.broker.connect_timeout)
+                    self._outbox = outbox
+                except Exception as exc:
+                    for replies in outgoing.values():
+                        _settle([waiter for _, waiter, _ in replies], exc)
+                    continue
+                for reply_to, replies in outgoing.items():
+                    try:
+                        confirmed = outbox.publish("", reply_to, *self._reply(replies))
+                    except _RECONNECTING as exc:
+                        self._again(reply_to, replies, exc)
+                        continue
+                    if confirmed is None:
+                        _settle([waiter for _, waiter, _ in replies], None)
+                    else:
+                        confirmed.add_done_callback(functools.partial(self._confirmed, reply_to, replies))
+        finally:
+            self._sending = None
+
+    def _reply(self, replies: list[_Reply]) -> tuple[spec.Basic.Properties, bytes]:
+        """One reply message: a single state as Celery's rpc backend sends it, or several in a batch."""
+        properties = spec.Basic.Properties(
+            content_type=self.serializer.content_type,
+            delivery_mode=1,  # not persistent: the reply queue is not durable either
+            expiration=self._expiration,
+        )
+        if len(replies) == 1:
+            properties.correlation_id = replies[0][0]["task_id"]
+            return properties, self.serializer.dumps(replies[0][0])
+        properties.message_type = _BATCH
+        return properties, self.serializer.dumps([state for state, _, _ in replies])
+
+    def _confirmed(self, reply_to: str, replies: list[_Reply], confirmed: asyncio.Future[Any]) -> None:
+        exc = None if confirmed.cancelled() else confirmed.exception()
+        if isinstance(exc, _RECONNECTING):
+            self._again(reply_to, replies, exc)
+        else:
+            _settle([waiter for _, waiter, _ in replies], exc)
+
+    def _again(self, reply_to: str, replies: list[_Reply], exc: BaseException) -> None:
+        """Send once more after a reconnect the replies whose send the connection dropped under."""
+        failed = [waiter for _, waiter, attempts in replies if attempts]
+        _settle(failed, exc)
+        retry = [(state, waiter, 1) for state, waiter, attempts in replies if not attempts]
+        if retry:
+            self._outgoing.setdefault(reply_to, []).extend(retry)
+            if self._sending is None:
+                self._sending = asyncio.create_task(self._send_outgoing())
 
     async def get(self, task_id: str) -> TaskMeta:
         """The latest state received for ``task_id``; PENDING when none."""
@@ -198,21 +266,26 @@ class RPCBackend(ResultBackend):
     async def _delete(self, task_id: str) -> None:
         self._sent.pop(task_id, None)
 
-    async def _received(self, message: AbstractIncomingMessage) -> None:
-        task_id = message.correlation_id
-        if task_id is None or task_id not in self._sent:
+    async def _received(self, message: aiormq.abc.DeliveredMessage) -> None:
+        properties = message.header.properties
+        batch = properties.message_type == _BATCH
+        task_id = properties.correlation_id
+        if not batch and (task_id is None or task_id not in self._sent):
             return  # forgotten, or for an earlier client that used this queue name
         try:
-            content_type = message.content_type or self.serializer.content_type
+            content_type = properties.content_type or self.serializer.content_type
             if content_type == self.serializer.content_type:
                 decoded = self.serializer.decode(message.body)
             else:
                 decoded = serializer_for(content_type, _SAFE_CONTENT).decode(message.body)
-            meta = TaskMeta.from_dict(decoded)
-        except SerializationError as exc:
-            log.warning("Ignoring a reply for task %s that cannot be decoded: %s", task_id, exc)
+            metas = (
+                [TaskMeta.from_dict(state) for state in decoded] if batch else [TaskMeta.from_dict(decoded)]
+            )
+        except (SerializationError, TypeError, KeyError, ValueError) as exc:
+            log.warning("Ignoring a reply that cannot be decoded (task %s): %s", task_id or "batch", exc)
             return
-        await self._set(task_id, message.body, meta)
+        for meta in metas:
+            await self._set(meta.task_id, b"", meta)
 
     def _discard(self, task_id: str, waiter: asyncio.Future[None]) -> None:
         waiters = self._waiters.get(task_id)
@@ -229,3 +302,12 @@ class RPCBackend(ResultBackend):
             raise OperationalError(
                 f"Cannot {action} RabbitMQ at {mask_password(self.broker.url)}: {exc}"
             ) from exc
+
+
+def _settle(waiters: list[asyncio.Future[None]], exc: BaseException | None) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            if exc is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(exc)

@@ -10,6 +10,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -152,6 +153,44 @@ async def test_many_waits_share_one_consumer(client: RPCBackend, worker: RPCBack
         assert queue.declaration_result.consumer_count == 1
     finally:
         await channel.close()
+
+
+async def test_states_stored_in_one_loop_turn_travel_as_one_message_per_client(
+    worker: RPCBackend,
+) -> None:
+    # Given two clients, with 50 and 30 tasks sent, each awaited
+    async with RPCBackend(broker_url=URL) as first, RPCBackend(broker_url=URL) as second:
+        requests = [sent_by(first) for _ in range(50)] + [sent_by(second) for _ in range(30)]
+        owners = [first] * 50 + [second] * 30
+        waits = [
+            asyncio.ensure_future(owner.wait(r.id, timeout=10))
+            for owner, r in zip(owners, requests, strict=True)
+        ]
+        delivered: list[int] = []
+        for owner in (first, second):
+            await owner.connect()
+            assert owner._outbox is not None
+            consumers = owner._outbox.channel.consumers
+            tag, receive = next(iter(consumers.items()))
+            consumers[tag] = _counting(receive, delivered)
+        # When the worker stores all 80 results in the same loop turn
+        await asyncio.gather(
+            *(worker.store(TaskMeta(r.id, states.SUCCESS, i), r) for i, r in enumerate(requests))
+        )
+        # Then every waiter gets its own result
+        metas = await asyncio.gather(*waits)
+        assert [m.result for m in metas] == list(range(80))
+        assert [m.task_id for m in metas] == [r.id for r in requests]
+        # And each client received them in one message
+        assert delivered == [1, 1]
+
+
+def _counting(receive: Any, counts: list[int]) -> Any:
+    async def counted(message: Any) -> None:
+        counts.append(1)
+        await receive(message)
+
+    return counted
 
 
 async def test_aclose_ends_waits(worker: RPCBackend) -> None:

@@ -1,0 +1,184 @@
+"""The RabbitMQ consumer: deliveries pushed on one channel, settled through an :class:`Outbox`.
+
+The channel's QoS prefetch count is the consumer's prefetch. Deliveries are taken straight from
+aiormq (no aio-pika message object per delivery) and settled in batches: each loop turn's acks and
+nacks go out as one write (see :mod:`aqueue.broker.amqp_wire`). After a reconnect the robust channel
+is re-opened with its QoS and queues, and this consumer starts consuming on it again; deliveries of
+the old channel cannot be settled any more (RabbitMQ has put them back and delivers them again, with
+``redelivered`` set), so acknowledging one raises :class:`DeliveryLost`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+import aiormq
+import aiormq.abc
+from aio_pika.abc import AbstractRobustChannel
+from aiormq.exceptions import ChannelInvalidStateError
+from pamqp import commands as spec
+
+from aqueue.broker.amqp_wire import Outbox
+from aqueue.broker.base import Consumer, Delivery
+from aqueue.exceptions import DeliveryLost, OperationalError
+from aqueue.message import Envelope
+
+if TYPE_CHECKING:
+    from aqueue.broker.amqp import AMQPBroker
+
+__all__ = ["ETA_HEADER", "AMQPConsumer", "eta_of"]
+
+log = logging.getLogger("aqueue.broker.amqp")
+
+ETA_HEADER = "x-aqueue-eta"
+"""Header with a delayed message's due time, in integer milliseconds since the epoch."""
+
+
+def eta_of(headers: dict[str, Any] | None) -> float | None:
+    value = (headers or {}).get(ETA_HEADER)
+    return value / 1000 if isinstance(value, int) else None
+
+
+class AMQPConsumer(Consumer):
+    """Deliveries pushed by RabbitMQ on one channel, QoS prefetch = the consumer's prefetch."""
+
+    def __init__(self, broker: AMQPBroker, queues: Sequence[str], prefetch: int) -> None:
+        super().__init__(queues, prefetch)
+        self.broker = broker
+        self._channel: AbstractRobustChannel | None = None
+        self._outbox: Outbox | None = None
+        self._start_lock = asyncio.Lock()
+        self._inbox: deque[tuple[str, Outbox, int, aiormq.abc.DeliveredMessage]] = deque()
+        self._arrived = asyncio.Event()
+
+    async def _start(self) -> None:
+        async with self._start_lock:
+            if self._channel is not None:
+                return
+            channel = await self.broker.channel(prefetch=self.prefetch)
+            try:
+                with self.broker._errors("consume from"):
+                    for name in self.queues:
+                        arguments = await self.broker._queue_arguments(name)
+                        await channel.declare_queue(
+                            name, durable=True, arguments=arguments, passive=arguments is None
+                        )
+                    await self._consume(channel)
+            except BaseException:
+                await channel.close()
+                raise
+            channel.reopen_callbacks.add(self._consume)  # type: ignore[arg-type]
+            self._channel = channel
+
+    async def _consume(self, channel: AbstractRobustChannel) -> None:
+        """Consume every queue on ``channel``'s current aiormq channel (again, after a reconnect)."""
+        raw = cast(aiormq.Channel, await channel.get_underlay_channel())
+        outbox = self._outbox = Outbox(raw)
+        for name in self.queues:
+            await raw.basic_consume(name, functools.partial(self._received, name, outbox))
+
+    async def _received(self, queue: str, outbox: Outbox, message: aiormq.abc.DeliveredMessage) -> None:
+        deliver = cast(spec.Basic.Deliver, message.delivery)
+        tag = cast(int, deliver.delivery_tag)
+        outbox.delivered(tag)
+        self._inbox.append((queue, outbox, tag, message))
+        self._arrived.set()
+
+    async def _fetch(self, n: int) -> Sequence[Delivery]:
+        await self._start()
+        if not self._inbox:
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), 1.0)
+            except TimeoutError:
+                return []
+        out: list[Delivery] = []
+        while self._inbox and len(out) < n:
+            queue, outbox, tag, message = self._inbox.popleft()
+            if outbox.closed:
+                continue  # from before a reconnect: RabbitMQ delivers it again
+            properties = message.header.properties
+            eta = eta_of(properties.headers)
+            if eta is not None and eta > time.time():
+                await self._hop(queue, outbox, tag, message, eta)
+                continue
+            message_id = properties.message_id or str((properties.headers or {}).get("id", ""))
+            out.append(
+                Delivery(
+                    self,
+                    message_id,
+                    queue,
+                    message.body,
+                    properties.content_type or "",
+                    bool(message.redelivered),
+                    (outbox, tag),
+                )
+            )
+        return out
+
+    async def _hop(
+        self, queue: str, outbox: Outbox, tag: int, message: aiormq.abc.DeliveredMessage, eta: float
+    ) -> None:
+        """Send an early message back to a delay queue for the time left, then drop this copy."""
+        properties = message.header.properties
+        envelope = Envelope(
+            properties.message_id or "",
+            queue,
+            message.body,
+            properties.content_type or "",
+            eta,
+            properties.priority,
+        )
+        try:
+            await self.broker.publish([envelope])
+            outbox.ack(tag)
+        except (OperationalError, ChannelInvalidStateError) as exc:
+            # Unsettled, it goes back to the queue when this channel closes.
+            log.warning("Could not delay message %s again: %s", properties.message_id, exc)
+
+    def _lost(self, delivery: Delivery) -> bool:
+        outbox: Outbox = delivery.tag[0]
+        return outbox.closed
+
+    async def _ack(self, delivery: Delivery) -> None:
+        outbox, tag = delivery.tag
+        try:
+            outbox.ack(tag)
+        except ChannelInvalidStateError as exc:
+            # RabbitMQ has put it back and delivers it again: the caller must not run it now.
+            raise DeliveryLost(f"Message {delivery.id} was not acknowledged: its channel closed") from exc
+
+    async def _reject(self, delivery: Delivery) -> None:
+        self._nack(delivery, requeue=False)
+
+    async def _requeue(self, delivery: Delivery) -> None:
+        self._nack(delivery, requeue=True)
+
+    def _nack(self, delivery: Delivery, requeue: bool) -> None:
+        outbox, tag = delivery.tag
+        try:
+            outbox.nack(tag, requeue)
+        except ChannelInvalidStateError:
+            # The channel closed since: RabbitMQ has put the message back and delivers it again.
+            log.info("Message %s not settled: its channel closed, it will be delivered again", delivery.id)
+
+    async def aclose(self) -> None:
+        """Stop consuming; RabbitMQ takes back every delivery not settled yet."""
+        await super().aclose()
+        channel, self._channel = self._channel, None
+        outbox, self._outbox = self._outbox, None
+        self._inbox.clear()
+        if channel is None:
+            return
+        channel.reopen_callbacks.discard(self._consume)  # type: ignore[arg-type]
+        if outbox is not None:
+            await outbox.flush()
+        if not channel.is_closed:
+            with self.broker._errors("stop consuming from"):
+                await channel.close()

@@ -1,0 +1,228 @@
+"""Frames on one aiormq channel, written together once per event-loop turn.
+
+aiormq sends each publish and each acknowledgement as its own write, through an ``asyncio.Queue`` hop
+and a drain, and aio-pika adds a ``Message`` object per publish; on the hot path that per-message
+machinery costs more CPU than the rest of aqueue. An :class:`Outbox` instead gathers what its owner
+sends during one loop turn (publishes, acks, nacks), marshals it into one piece and puts that on the
+connection's write queue once:
+
+- publishes take their delivery tags under the channel's lock, as aiormq's own ``basic_publish``
+  does, so the two may share a channel; each gets a future that the publisher confirm (or the
+  ``basic.return`` of an unroutable mandatory message) settles;
+- acknowledgements are coalesced: the longest run of settled deliveries from the oldest unsettled
+  one is acknowledged with one ``multiple`` ack whose tag is an ack not sent yet (RabbitMQ refuses a
+  multiple ack that settles nothing), the rest one by one; nacks are written first, so a multiple
+  ack never covers a delivery meant for the dead-letter queue or for requeueing.
+
+An outbox belongs to one aiormq channel. When that channel closes, the futures of publishes not yet
+confirmed fail with ``ChannelInvalidStateError``; acknowledgements not yet written are dropped, and
+RabbitMQ delivers those messages again. This module uses aiormq's channel internals (its lock,
+delivery-tag counter, confirmation table and write queue), hence the aiormq pin in ``pyproject.toml``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any, cast
+
+from aio_pika.abc import AbstractRobustChannel
+from aiormq import Channel
+from aiormq.abc import ChannelFrame
+from aiormq.exceptions import ChannelInvalidStateError
+from pamqp import commands as spec
+from pamqp.header import ContentHeader
+
+__all__ = ["Outbox"]
+
+_Publish = tuple[spec.Basic.Publish, ContentHeader, bytes, "asyncio.Future[Any] | None"]
+
+
+class Outbox:
+    """Publishes, acks and nacks for ``channel``, each loop turn's worth written as one piece."""
+
+    __slots__ = ("_acks", "_flushing", "_loop", "_nacks", "_open", "_publishes", "_settled", "channel")
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self._loop = asyncio.get_running_loop()
+        self._publishes: list[_Publish] = []
+        self._nacks: list[spec.Basic.Nack] = []
+        self._acks: set[int] = set()
+        self._open: deque[int] = deque()
+        """Delivery tags received, oldest first, down to the oldest one not yet settled."""
+        self._settled: set[int] = set()
+        """Tags in ``_open`` that are settled (acked or nacked, written or not)."""
+        self._flushing: asyncio.Task[None] | None = None
+        channel.closing.add_done_callback(self._closed)
+
+    @classmethod
+    async def current(cls, outbox: Outbox | None, channel: AbstractRobustChannel, timeout: float) -> Outbox:
+        """``outbox`` while its channel is open, else one for the robust ``channel``'s aiormq channel now.
+
+        Waits up to ``timeout`` seconds for ``channel`` to be restored after a reconnect.
+        """
+        if outbox is not None and not outbox.closed:
+            return outbox
+        await asyncio.wait_for(channel.ready(), timeout)
+        raw = await channel.get_underlay_channel()
+        if outbox is not None and outbox.channel is raw:
+            return outbox
+        return cls(cast(Channel, raw))
+
+    @property
+    def closed(self) -> bool:
+        return self.channel.is_closed
+
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        properties: spec.Basic.Properties,
+        body: bytes,
+        mandatory: bool = False,
+    ) -> asyncio.Future[Any] | None:
+        """Queue a publish; its future (None without publisher confirms) completes once RabbitMQ confirmed it.
+
+        The future fails with ``aiormq.exceptions.PublishError`` when a mandatory message was returned
+        unroutable, ``DeliveryError`` when RabbitMQ refused it, ``ChannelInvalidStateError`` when the
+        channel closed first.
+
+        Raises:
+            ChannelInvalidStateError: the channel is closed.
+        """
+        self._check()
+        future = self._loop.create_future() if self.channel.publisher_confirms else None
+        command = spec.Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory)
+        self._publishes.append((command, ContentHeader(0, len(body), properties), body, future))
+        self._schedule()
+        return future
+
+    def delivered(self, tag: int) -> None:
+        """Note a delivery received on this channel (to be settled later by ``ack`` or ``nack``)."""
+        self._open.append(tag)
+
+    def ack(self, tag: int) -> None:
+        """Acknowledge delivery ``tag``.
+
+        Raises:
+            ChannelInvalidStateError: the channel is closed (RabbitMQ delivers the message again).
+        """
+        self._check()
+        self._acks.add(tag)
+        self._settled.add(tag)
+        self._schedule()
+
+    def nack(self, tag: int, requeue: bool) -> None:
+        """Give delivery ``tag`` back (``requeue``) or dead-letter it.
+
+        Raises:
+            ChannelInvalidStateError: the channel is closed (RabbitMQ delivers the message again).
+        """
+        self._check()
+        self._nacks.append(spec.Basic.Nack(tag, requeue=requeue))
+        self._settled.add(tag)
+        self._schedule()
+
+    async def flush(self) -> None:
+        """Write everything queued so far now (for instance before closing the channel)."""
+        while self._flushing is not None:
+            await asyncio.shield(self._flushing)
+
+    def _check(self) -> None:
+        if self.channel.is_closed:
+            raise ChannelInvalidStateError(f"channel {self.channel} is closed")
+
+    def _schedule(self) -> None:
+        if self._flushing is None:
+            self._flushing = self._loop.create_task(self._flush())
+
+    async def _flush(self) -> None:
+        try:
+            while self._publishes or self._acks or self._nacks:
+                frames: list[Any] = self._nacks
+                self._nacks = []
+                frames += self._ack_frames()
+                if self._publishes:
+                    await self._write_publishes(frames)
+                elif not self.channel.is_closed:
+                    await self.channel.write_queue.put(ChannelFrame.marshall(self.channel.number, frames))
+        finally:
+            self._flushing = None
+
+    def _ack_frames(self) -> list[spec.Basic.Ack]:
+        acks, opened, settled = self._acks, self._open, self._settled
+        top = 0
+        while opened and opened[0] in settled:
+            tag = opened.popleft()
+            settled.discard(tag)
+            if tag in acks:
+                acks.discard(tag)
+                top = tag
+        frames = [spec.Basic.Ack(top, multiple=True)] if top else []
+        frames += [spec.Basic.Ack(tag) for tag in sorted(acks)]
+        acks.clear()
+        return frames
+
+    async def _write_publishes(self, frames: list[Any]) -> None:
+        publishes, self._publishes = self._publishes, []
+        channel = self.channel
+        try:
+            async with channel.lock:
+                first = tag = channel.delivery_tag
+                split, confirmations, ids = (
+                    channel._split_body,
+                    channel.confirmations,
+                    channel.message_id_delivery_tag,
+                )
+                for command, header, body, future in publishes:
+                    tag += 1
+                    frames += (command, header, *split(body))
+                    if future is not None:
+                        confirmations[tag] = future
+                        if command.mandatory and header.properties.message_id:
+                            ids[header.properties.message_id] = tag
+                            future.add_done_callback(_forget(ids, header.properties.message_id, tag))
+                channel.delivery_tag = tag
+                try:
+                    await channel.write_queue.put(ChannelFrame.marshall(channel.number, frames))
+                except BaseException:
+                    channel.delivery_tag = first  # nothing was written: the tags are free again
+                    for unused in range(first + 1, tag + 1):
+                        confirmations.pop(unused, None)
+                    raise
+        except BaseException as exc:
+            reason = exc if isinstance(exc, Exception) else ChannelInvalidStateError("publish interrupted")
+            _fail([future for *_, future in publishes], reason)
+            raise
+
+    def _closed(self, closing: asyncio.Future[Any]) -> None:
+        reason = ChannelInvalidStateError(f"channel {self.channel} closed: {_reason(closing)}")
+        pending = [future for *_, future in self._publishes]
+        pending += [f for f in self.channel.confirmations.values() if isinstance(f, asyncio.Future)]
+        _fail(pending, reason)
+        self._publishes.clear()
+        self._acks.clear()
+        self._nacks.clear()
+
+
+def _fail(futures: list[asyncio.Future[Any] | None], reason: Exception) -> None:
+    for future in futures:
+        if future is not None and not future.done():
+            future.set_exception(reason)
+            future.exception()  # whoever awaits it still gets it; nobody else logs it at collection
+
+
+def _forget(ids: dict[str, int], message_id: str, tag: int) -> Any:
+    def forget(_: asyncio.Future[Any]) -> None:
+        if ids.get(message_id) == tag:
+            del ids[message_id]
+
+    return forget
+
+
+def _reason(closing: asyncio.Future[Any]) -> str:
+    if closing.cancelled():
+        return "cancelled"
+    exc = closing.exception()
+    return (str(exc) or type(exc).__name__) if exc is not None else "closed"

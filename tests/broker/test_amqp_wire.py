@@ -1,0 +1,178 @@
+"""The AMQP outbox against the real RabbitMQ: acks coalesced, nacks first, confirms, closed channels."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+import aiormq
+import pamqp.frame
+import pytest
+from aiormq.exceptions import ChannelInvalidStateError, PublishError
+from pamqp import commands as spec
+
+from aqueue.broker.amqp import AMQPBroker
+from aqueue.broker.amqp_consumer import AMQPConsumer
+from aqueue.broker.amqp_wire import Outbox
+from aqueue.exceptions import DeliveryLost
+from tests.broker.test_amqp import broker, envelopes, queue, ready_count, receive
+
+__all__ = ["broker", "queue"]  # the fixtures of test_amqp, used here too
+
+
+def frames_in(payload: bytes) -> list[Any]:
+    """The AMQP frames marshalled in ``payload``."""
+    frames, offset = [], 0
+    while offset < len(payload):
+        used, _, frame = pamqp.frame.unmarshal(payload[offset:])
+        frames.append(frame)
+        offset += used
+    return frames
+
+
+def written(outbox: Outbox) -> list[list[Any]]:
+    """The frames of each write ``outbox``'s channel puts on the connection from now on."""
+    writes: list[list[Any]] = []
+    write_queue = outbox.channel.write_queue
+    put = write_queue.put
+
+    async def recorded(frame: Any) -> None:
+        writes.append(frames_in(frame.payload))
+        await put(frame)
+
+    write_queue.put = recorded  # type: ignore[method-assign,assignment]
+    return writes
+
+
+def consume(broker: AMQPBroker, queue: str, prefetch: int) -> AMQPConsumer:
+    return cast(AMQPConsumer, broker.consume([queue], prefetch))
+
+
+async def test_publish_writes_1000_envelopes_at_once_and_awaits_their_confirms(
+    broker: AMQPBroker, queue: str
+) -> None:
+    # Given a broker whose publisher channel's writes are recorded
+    await broker.publish(envelopes(queue, 1))
+    writes = written(await broker._outbox())
+    # When publishing 1,000 envelopes
+    await broker.publish(envelopes(queue, 1000))
+    # Then they went to RabbitMQ in one write (method, header and body frame each), and RabbitMQ holds
+    # every one once publish returned
+    assert [len(frames) for frames in writes] == [3000]
+    assert await ready_count(broker, queue) == 1001
+
+
+async def test_acks_of_one_turn_go_as_one_multiple_ack_and_singles(broker: AMQPBroker, queue: str) -> None:
+    # Given ten deliveries held by one consumer
+    await broker.publish(envelopes(queue, 10))
+    async with consume(broker, queue, 10) as consumer:
+        held = [await receive(consumer) for _ in range(10)]
+        assert consumer._outbox is not None
+        writes = written(consumer._outbox)
+        # When all but the fourth are acknowledged in one loop turn
+        for delivery in held[:3] + held[4:]:
+            await delivery.ack()
+        await consumer._outbox.flush()
+        # Then one write carries a multiple ack up to the third, and single acks for the six after it
+        assert len(writes) == 1
+        assert [(f.delivery_tag, f.multiple) for f in writes[0]] == [(3, True)] + [
+            (t, False) for t in range(5, 11)
+        ]
+        # And acknowledging the fourth then is a multiple ack of the fourth alone (the rest are settled)
+        await held[3].ack()
+        await consumer._outbox.flush()
+        assert [(f.delivery_tag, f.multiple) for f in writes[1]] == [(4, True)]
+    # And none of them came back to the queue when the consumer closed
+    assert await ready_count(broker, queue) == 0
+
+
+async def test_nacks_are_written_before_a_multiple_ack_that_passes_them(
+    broker: AMQPBroker, queue: str
+) -> None:
+    # Given three deliveries
+    await broker.publish(envelopes(queue, 3))
+    async with consume(broker, queue, 3) as consumer:
+        first, second, third = [await receive(consumer) for _ in range(3)]
+        # When the second is rejected and the others acknowledged in the same turn
+        await first.ack()
+        await second.reject()
+        await third.ack()
+        assert consumer._outbox is not None
+        await consumer._outbox.flush()
+    # Then the second is in the dead-letter queue, not acknowledged by the multiple ack, and nothing is left
+    assert [e.id for e in await broker.dead_letters(queue)] == [second.id]
+    assert await ready_count(broker, queue) == 0
+
+
+async def test_requeued_delivery_comes_back(broker: AMQPBroker, queue: str) -> None:
+    await broker.publish(envelopes(queue, 2))
+    async with consume(broker, queue, 1) as consumer:
+        delivery = await receive(consumer)
+        await delivery.requeue()
+        again = []
+        for _ in range(2):
+            again.append(await receive(consumer))
+            await again[-1].ack()
+    assert sorted(d.id for d in again) == ["m0", "m1"]
+    assert await ready_count(broker, queue) == 0
+
+
+async def test_unroutable_mandatory_publish_fails_its_future_only(broker: AMQPBroker, queue: str) -> None:
+    # Given the broker's outbox, after a publish declared the queue
+    await broker.publish(envelopes(queue, 1))
+    outbox = await broker._outbox()
+    properties = spec.Basic.Properties(message_id="lost", delivery_mode=2)
+    # When one mandatory message goes to a queue that does not exist and one to the real queue
+    lost = outbox.publish("", f"{queue}-missing", properties, b"x", mandatory=True)
+    kept = outbox.publish(queue, queue, spec.Basic.Properties(message_id="kept", delivery_mode=2), b"y", True)
+    assert lost is not None and kept is not None
+    # Then the first fails as returned, the second is confirmed
+    with pytest.raises(PublishError):
+        await asyncio.wait_for(lost, 5)
+    await asyncio.wait_for(kept, 5)
+    assert await ready_count(broker, queue) == 2
+
+
+async def test_publishes_waiting_for_confirms_fail_when_the_channel_closes(broker: AMQPBroker) -> None:
+    # Given an outbox on a channel of its own, with confirms on
+    channel = await broker.channel(confirms=True)
+    raw = await channel.get_underlay_channel()
+    assert isinstance(raw, aiormq.Channel)
+    outbox = Outbox(raw)
+    # When a publish goes to an exchange that does not exist, so RabbitMQ closes the channel unconfirmed
+    confirmed = outbox.publish("aqueue.test.no-such-exchange", "x", spec.Basic.Properties(), b"x")
+    # Then its future fails with ChannelInvalidStateError, and the outbox refuses more work
+    assert confirmed is not None
+    with pytest.raises(ChannelInvalidStateError):
+        await asyncio.wait_for(confirmed, 5)
+    assert outbox.closed
+    with pytest.raises(ChannelInvalidStateError):
+        outbox.ack(1)
+    await channel.close()
+
+
+async def test_after_its_channel_closes_the_consumer_hands_out_fresh_copies_only(
+    broker: AMQPBroker, queue: str
+) -> None:
+    # Given a consumer that handed out one of two messages and holds the other, fetched
+    await broker.publish(envelopes(queue, 2))
+    async with consume(broker, queue, 2) as consumer:
+        first = await receive(consumer)
+        deadline = asyncio.get_running_loop().time() + 5
+        while not (consumer._inbox or consumer._buffer):
+            assert asyncio.get_running_loop().time() < deadline, "the second message never arrived"
+            await asyncio.sleep(0.01)
+        # When their channel closes (the robust channel opens a new one and consumes again)
+        assert consumer._outbox is not None
+        await consumer._outbox.channel.close()
+        # Then acknowledging the handed-out one raises DeliveryLost
+        with pytest.raises(DeliveryLost):
+            await first.ack()
+        # And what comes next are RabbitMQ's new copies of both, never the stale fetched one
+        again = []
+        for _ in range(2):
+            again.append(await receive(consumer, timeout=10))
+            await again[-1].ack()
+    assert sorted(d.id for d in again) == ["m0", "m1"]
+    assert all(d.redelivered for d in again)
+    assert await ready_count(broker, queue) == 0
