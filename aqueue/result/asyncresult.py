@@ -23,7 +23,9 @@ class AsyncResult(Generic[R]):
     """The result of a task call.
 
     ``await result`` waits until the broker has accepted the message (a publish failure raises there)
-    and returns the result itself.
+    and returns the result itself. ``get()`` waits for the task's result and, at the same time, for
+    the broker's acceptance: a publish failure raises, and a result that arrives before the broker's
+    confirm is returned at once.
     """
 
     __slots__ = ("_convert", "_meta", "_sent", "backend", "id", "ignored", "task_name")
@@ -72,14 +74,34 @@ class AsyncResult(Generic[R]):
         """
         if self.ignored:
             raise ResultNotStored(self.id)
-        await self
-        self._meta = await self.backend.wait(self.id, timeout)
+        sent = self._sent
+        if sent is None or sent.done():
+            await self
+            self._meta = await self.backend.wait(self.id, timeout)
+        else:
+            self._meta = await self._wait_while_sending(sent, timeout)
         if self._meta.status == states.SUCCESS:
             return self._value(self._meta.result)
         exc = self._exception()
         if propagate:
             raise exc
         return exc
+
+    async def _wait_while_sending(self, sent: asyncio.Future[None], timeout: float | None) -> TaskMeta:
+        """Wait for the result while the broker's confirm of the message is still on its way.
+
+        A result that arrives first proves the message was accepted, so it does not wait for the confirm
+        as well; a publish failure that arrives first raises.
+        """
+        waiting = asyncio.ensure_future(self.backend.wait(self.id, timeout))
+        try:
+            await asyncio.wait((sent, waiting), return_when=asyncio.FIRST_COMPLETED)
+            if sent.done():
+                sent.result()  # a publish failure raises here
+            return await waiting
+        finally:
+            if not waiting.done():
+                waiting.cancel()
 
     async def refresh(self) -> str:
         """Fetch the task's state from the backend; returns it."""

@@ -151,6 +151,24 @@ async def test_await_confirms_the_send_and_a_send_failure_raises(backend: Memory
         await bad.get(timeout=5)
 
 
+async def test_get_waits_for_the_result_and_the_confirm_together(backend: MemoryBackend) -> None:
+    loop = asyncio.get_running_loop()
+    # Given a task whose result is stored while the broker's confirm of its message is still pending
+    pending: asyncio.Future[None] = loop.create_future()
+    tid = new_id()
+    result: AsyncResult[int] = AsyncResult(tid, backend, sent=pending)
+    loop.call_later(0.02, lambda: asyncio.ensure_future(backend.store(TaskMeta(tid, states.SUCCESS, 8))))
+    # Then get() returns the result without waiting for the confirm, and leaves the send alone
+    with anyio.fail_after(1):
+        assert await result.get() == 8
+    assert not pending.done()
+    # And a send that fails while get() waits makes get() raise at once
+    failing: asyncio.Future[None] = loop.create_future()
+    loop.call_later(0.02, failing.set_exception, OperationalError("broker down"))
+    with anyio.fail_after(1), pytest.raises(OperationalError, match="broker down"):
+        await AsyncResult(new_id(), backend, sent=failing).get(timeout=5)
+
+
 async def test_cancelling_an_await_does_not_cancel_the_send(backend: MemoryBackend) -> None:
     sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     result: AsyncResult[int] = AsyncResult(new_id(), backend, sent=sent)
