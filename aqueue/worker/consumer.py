@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -20,7 +19,7 @@ logger = logging.getLogger("aqueue.worker")
 
 
 class ConsumerLoop:
-    """Takes deliveries from a consumer and starts one execution per good message."""
+    """Takes deliveries from a consumer and hands each good message to the executor."""
 
     def __init__(
         self,
@@ -32,13 +31,12 @@ class ConsumerLoop:
     ) -> None:
         self.consumer, self.runtimes, self.executor = consumer, runtimes, executor
         self.backend, self.accepted = backend, accepted
-        self.running: set[asyncio.Task[None]] = set()
+        self.running = executor.running
 
     async def run(self) -> None:
         """Consume until cancelled."""
         log_info = logger.isEnabledFor(logging.INFO)
-        runtimes, accepted, spawn = self.runtimes, self.accepted, asyncio.get_running_loop().create_task
-        running, execute = self.running, self.executor.run
+        runtimes, accepted, submit = self.runtimes, self.accepted, self.executor.submit
         async for delivery in self.consumer:
             try:
                 message = decode_message(delivery.body, delivery.content_type, accepted)
@@ -51,9 +49,7 @@ class ConsumerLoop:
                 continue
             if log_info:
                 logger.info("Task %s[%s] received", message.task, message.id)
-            job = spawn(execute(delivery, message, runtime))
-            running.add(job)
-            job.add_done_callback(running.discard)
+            submit(delivery, message, runtime)
 
     async def _bad(self, delivery: Delivery, exc: Exception) -> None:
         kind = "refused" if isinstance(exc, ContentDisallowed) else "undecodable"

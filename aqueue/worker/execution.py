@@ -1,4 +1,16 @@
-"""One task run: early or late ack, STARTED, await or thread, time limit, retry, store, log."""
+"""One task run: early or late ack, STARTED, await or thread, time limit, retry, store, log.
+
+Admission: a delivery gets its asyncio task only when it can start. Slots go first come, first served, in
+one line (:class:`~aqueue.worker.limits.ConcurrencyLimit`), to deliveries that hold their rate limit's token.
+On arrival a delivery takes its token if it can (a task without a rate limit always can); then it starts at
+once when a slot is free and nobody is in line, else it joins the line as a plain (delivery, message,
+runtime) entry, with no task. A finished run hands its slot straight to the first in line and starts it.
+A delivery that cannot take its token at once (an empty bucket, or a ``global_rate_limit``, whose tokens
+take a round trip) gets a task that waits for its token(s), then takes a free slot or joins the same line.
+Neither kind starves the other: the line is strictly FIFO, and a token wait holds no slot and no place.
+:meth:`Executor.close` cancels the token waits and empties the line; both give their messages back to the
+broker, and nothing that waited starts.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +19,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -106,41 +118,66 @@ class Executor:
         self.hostname = hostname
         self.log_info = logger.isEnabledFor(logging.INFO)
         self.closing = False
+        self.running: set[asyncio.Task[None]] = set()
+        """Every task the executor started: runs, rate-limit waits, and the requeue of the line at close."""
         self._waiting: set[asyncio.Task[Any]] = set()
+        self._spawn, self._forget = asyncio.get_running_loop().create_task, self.running.discard
+
+    def submit(self, delivery: Delivery, message: Message, runtime: TaskRuntime) -> None:
+        """Start a run now if it may, else put it in line for a slot (or let it wait for its token first)."""
+        if runtime.shared is None and runtime.bucket.try_acquire():
+            if self.slots.try_acquire():
+                self._start(self._execute(delivery, message, runtime))
+            else:
+                self.slots.queue(self._begin, delivery, message, runtime)
+        else:
+            self._start(self._throttled(delivery, message, runtime))
 
     def close(self) -> None:
-        """Start no more tasks: those still waiting for a token or a slot give their message back."""
+        """Start no more tasks: those waiting for a token or a slot give their message back."""
         self.closing = True
         for job in self._waiting:
             job.cancel()
+        queued = self.slots.withdraw()
+        if queued:
+            requeues = asyncio.gather(*(args[0].requeue() for args in queued), return_exceptions=True)
+            self._start(self._requeued(requeues))
 
-    async def run(self, delivery: Delivery, message: Message, runtime: TaskRuntime) -> None:
-        """Wait for a token and a slot, then run; on cancellation or shutdown give the message back."""
-        started = False
+    def _start(self, run: Coroutine[Any, Any, None]) -> None:
+        job = self._spawn(run)
+        self.running.add(job)
+        job.add_done_callback(self._forget)
+
+    def _begin(self, delivery: Delivery, message: Message, runtime: TaskRuntime) -> None:
+        """Start a run from the line: the slot that was released has been handed to it."""
+        self._start(self._execute(delivery, message, runtime))
+
+    async def _execute(self, delivery: Delivery, message: Message, runtime: TaskRuntime) -> None:
+        """Run holding a slot; then hand the slot to the first in line, or give it back."""
         try:
-            if not await self._admit(runtime):
-                await delivery.requeue()
-                return
-            try:
-                started = True
-                await self._run(delivery, message, runtime)
-            finally:
-                self.slots.release()
+            await self._run(delivery, message, runtime)
         except asyncio.CancelledError:
-            await asyncio.shield(self._give_back(delivery, message, started))
+            await asyncio.shield(self._give_back(delivery, message))
             raise
+        finally:
+            self.slots.release()
 
-    async def _admit(self, runtime: TaskRuntime) -> bool:
-        """Take a token and a slot; False (holding no slot) once the worker is closing."""
-        if not self.closing and not runtime.bucket.try_acquire():
-            await self._wait(runtime.bucket.acquire)
-        if runtime.shared is not None and not self.closing:
-            await self._wait(runtime.shared.acquire)
-        if not self.closing and not self.slots.try_acquire():
-            await self._wait(self.slots.acquire)
-            if self.closing:
-                self.slots.release()
-        return not self.closing
+    async def _throttled(self, delivery: Delivery, message: Message, runtime: TaskRuntime) -> None:
+        """Wait for the task's tokens, then take a slot or a place in line like any other delivery."""
+        try:
+            if not self.closing:
+                await self._wait(runtime.bucket.acquire)
+            if runtime.shared is not None and not self.closing:
+                await self._wait(runtime.shared.acquire)
+        except asyncio.CancelledError:
+            await asyncio.shield(delivery.requeue())
+            raise
+        if self.closing:
+            await delivery.requeue()
+        elif self.slots.try_acquire():
+            await self._execute(delivery, message, runtime)
+        else:
+            self.slots.queue(self._begin, delivery, message, runtime)
 
     async def _wait(self, acquire: Callable[[], Awaitable[None]]) -> None:
         job = asyncio.current_task()
@@ -151,10 +188,22 @@ class Executor:
         finally:
             self._waiting.discard(job)
 
-    async def _give_back(self, delivery: Delivery, message: Message, started: bool) -> None:
+    @staticmethod
+    async def _requeued(requeues: asyncio.Future[list[BaseException | None]]) -> None:
+        """Wait until the messages that were in line are given back, even when shutdown stops waiting."""
+        try:
+            failures = await asyncio.shield(requeues)
+        except asyncio.CancelledError:
+            await requeues
+            raise
+        for failure in failures:
+            if failure is not None:
+                logger.error("Could not give a message back to the broker at shutdown: %s", failure)
+
+    async def _give_back(self, delivery: Delivery, message: Message) -> None:
         if not delivery.settled:
             await delivery.requeue()
-        elif started:
+        else:
             # Acknowledged when it started, cut short by shutdown: send it again so it is not lost.
             await self.publisher.submit(
                 Envelope(message.id, delivery.queue, delivery.body, delivery.content_type)

@@ -6,7 +6,10 @@ Each has ``await acquire()``, ``try_acquire()`` (no wait), ``release()`` and ``s
 from __future__ import annotations
 
 import asyncio
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aqueue.broker.base import Broker
 from aqueue.rates import Rate, Tokens
@@ -22,31 +25,68 @@ class LimitStatistics:
 
 
 class ConcurrencyLimit:
-    """At most ``limit`` tasks run at once."""
+    """At most ``limit`` tasks run at once; the others wait in one first-come, first-served line.
+
+    :meth:`release` hands a freed slot straight to the first in line (it goes back to the pool only when
+    nobody waits), and :meth:`try_acquire` fails while anyone is in line, so nobody overtakes. The line
+    holds :meth:`acquire` calls and, without a task each, what :meth:`queue` puts there.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._semaphore = asyncio.Semaphore(limit)
-        self._waiting = 0
+        self.borrowed = 0
+        self._line: deque[tuple[Callable[..., object], tuple[Any, ...]]] = deque()
+        self._wake = self._hand_to_waiter  # one bound method: acquire() entries are told apart by it
 
     async def acquire(self) -> None:
-        self._waiting += 1
+        if self.try_acquire():
+            return
+        handed = asyncio.get_running_loop().create_future()
+        entry = (self._wake, (handed,))
+        self._line.append(entry)
         try:
-            await self._semaphore.acquire()
-        finally:
-            self._waiting -= 1
+            await handed
+        except asyncio.CancelledError:
+            if not handed.cancelled():
+                self.release()  # a slot was handed over just as the wait was cancelled: pass it on
+            elif entry in self._line:
+                self._line.remove(entry)
+            raise
 
     def try_acquire(self) -> bool:
-        if self._semaphore.locked():
-            return False
-        self._semaphore._value -= 1  # an uncontended acquire, without a coroutine
-        return True
+        if self.borrowed < self.limit and not self._line:
+            self.borrowed += 1
+            return True
+        return False
+
+    def queue(self, start: Callable[..., object], *args: Any) -> None:
+        """Wait in line without a task: the :meth:`release` that hands this a slot calls ``start(*args)``."""
+        self._line.append((start, args))
 
     def release(self) -> None:
-        self._semaphore.release()
+        """Give a slot back, or hand it to the first in line."""
+        if self._line:
+            start, args = self._line.popleft()
+            start(*args)
+        else:
+            self.borrowed -= 1
+
+    def withdraw(self) -> list[tuple[Any, ...]]:
+        """Take what :meth:`queue` put in line out of it: the ``args`` of each, in order."""
+        wake, line = self._wake, self._line
+        queued = [args for start, args in line if start is not wake]
+        if queued:
+            self._line = deque(entry for entry in line if entry[0] is wake)
+        return queued
+
+    def _hand_to_waiter(self, handed: asyncio.Future[None]) -> None:
+        if handed.cancelled():
+            self.release()  # its acquire() was cancelled while in line: the next one gets the slot
+        else:
+            handed.set_result(None)
 
     def statistics(self) -> LimitStatistics:
-        return LimitStatistics(self.limit, self.limit - self._semaphore._value, self._waiting)
+        return LimitStatistics(self.limit, self.borrowed, len(self._line))
 
 
 @dataclass(frozen=True, slots=True)

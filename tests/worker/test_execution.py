@@ -309,3 +309,132 @@ async def test_retry_raised_directly_without_retry_call(make_app: MakeApp) -> No
 
     async with app, Worker(app):
         assert await job.delay().get(timeout=5) == 2
+
+
+# Admission: a delivery gets its task only when it can start; the line is FIFO ------------------------
+
+
+async def _until(predicate: Callable[[], bool], timeout: float = 5) -> None:
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await anyio.sleep(0.005)
+
+
+def _most_at_once(events: list[tuple[str, int]]) -> int:
+    running = most = 0
+    for what, _ in events:
+        running += 1 if what == "start" else -1
+        most = max(most, running)
+    return most
+
+
+async def test_at_most_concurrency_run_and_they_start_in_arrival_order(make_app: MakeApp) -> None:
+    app = make_app()
+    events: list[tuple[str, int]] = []
+    tasks_seen: list[int] = []
+    worker: Worker | None = None
+
+    @app.task
+    async def job(n: int) -> int:
+        assert worker is not None and worker._loop is not None
+        tasks_seen.append(sum(not task.done() for task in worker._loop.running))
+        events.append(("start", n))
+        await anyio.sleep(0.02)
+        events.append(("end", n))
+        return n
+
+    async with app:
+        # Given ten tasks in the queue
+        results = [await job.delay(n) for n in range(10)]
+        # When a worker with two slots (and room for eight unsettled) runs them
+        async with Worker(app, concurrency=2) as worker:
+            assert [await r.get(timeout=5) for r in results] == list(range(10))
+    # Then they started in the order they were sent
+    assert [n for what, n in events if what == "start"] == list(range(10))
+    # And never more than two ran at once, nor had a task of their own while waiting
+    assert _most_at_once(events) == 2 and max(tasks_seen) <= 2
+
+
+@pytest.mark.parametrize(("shutdown_timeout", "runs_of_the_first"), [(5, 1), (0, 2)])
+async def test_stopping_gives_back_the_messages_in_line(
+    make_app: MakeApp, shutdown_timeout: float, runs_of_the_first: int
+) -> None:
+    app = make_app()
+    ran: list[int] = []
+
+    @app.task
+    async def job(n: int) -> int:
+        ran.append(n)
+        await anyio.sleep(0.2)
+        return n
+
+    async with app:
+        # Given one task running and four in line for the single slot
+        results = [await job.delay(n) for n in range(5)]
+        async with Worker(
+            app, concurrency=1, prefetch_multiplier=5, shutdown_timeout=shutdown_timeout
+        ) as worker:
+            await _until(lambda: worker.slots.statistics().waiting == 4)
+        # When the worker stops (waiting for the running task, or not at all), then the line started nothing
+        assert ran == [0]
+        # And another worker runs each of those in line exactly once (and the first again if it was cut short)
+        async with Worker(app, concurrency=2):
+            assert [await r.get(timeout=5) for r in results] == list(range(5))
+    assert sorted(ran) == [0] * runs_of_the_first + [1, 2, 3, 4]
+
+
+async def test_rate_limited_and_unlimited_tasks_share_one_slot(make_app: MakeApp) -> None:
+    app = make_app()
+    events: list[tuple[str, int]] = []
+
+    async def body(n: int) -> int:
+        events.append(("start", n))
+        await anyio.sleep(0.005)
+        events.append(("end", n))
+        return n
+
+    @app.task(rate_limit="40/s")
+    async def limited(n: int) -> int:
+        return await body(n)
+
+    @app.task(global_rate_limit="40/s")
+    async def shared(n: int) -> int:
+        return await body(n)
+
+    @app.task
+    async def free(n: int) -> int:
+        return await body(n)
+
+    async with app, Worker(app, concurrency=1):
+        # When rate-limited and unlimited tasks arrive mixed, then every one completes, one at a time
+        results = [task.delay(n) for n in range(6) for task in (limited, free, shared, free)]
+        with anyio.fail_after(10):
+            values = [await r.get(timeout=10) for r in results]
+    assert values == [n for n in range(6) for _ in range(4)]
+    assert _most_at_once(events) == 1
+
+
+async def test_inspect_reports_the_line_as_waiting(make_app: MakeApp) -> None:
+    app = make_app()
+    release = anyio.Event()
+
+    @app.task
+    async def job(n: int) -> int:
+        await release.wait()
+        return n
+
+    async with app, Worker(app, concurrency=1, hostname="w-line") as worker:
+        # Given one task running and three in line
+        results = [job.delay(n) for n in range(4)]
+        await _until(lambda: worker.slots.statistics().waiting == 3)
+        # Then stats count the line as waiting, and active lists the running one only
+        stats = (await app.control.inspect("stats", destination=["w-line"], timeout=5))[0]["w-line"]["ok"]
+        assert stats["pool"] == {"limit": 1, "borrowed": 1, "waiting": 3} and stats["active"] == 1
+        active = (await app.control.inspect("active", destination=["w-line"], timeout=5))[0]["w-line"]["ok"]
+        assert [entry["id"] for entry in active] == [results[0].id]
+        # And when they have all run, nothing is borrowed or waiting
+        release.set()
+        assert [await r.get(timeout=5) for r in results] == [0, 1, 2, 3]
+        await _until(lambda: worker.slots.statistics().borrowed == 0)
+        stats = (await app.control.inspect("stats", destination=["w-line"], timeout=5))[0]["w-line"]["ok"]
+        assert stats["pool"] == {"limit": 1, "borrowed": 0, "waiting": 0} and stats["active"] == 0

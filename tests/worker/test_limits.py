@@ -40,6 +40,85 @@ async def test_a_cancelled_waiter_is_not_counted() -> None:
     assert limit.statistics() == LimitStatistics(1, 1, 0)
 
 
+def test_a_freed_slot_is_handed_to_the_first_in_line() -> None:
+    # Given one slot taken and two entries queued behind it
+    limit = ConcurrencyLimit(1)
+    started: list[str] = []
+    assert limit.try_acquire()
+    limit.queue(started.append, "a")
+    limit.queue(started.append, "b")
+    assert limit.statistics() == LimitStatistics(limit=1, borrowed=1, waiting=2)
+    # When the slot is released, then it passes to the first entry, still borrowed
+    limit.release()
+    assert started == ["a"] and limit.statistics() == LimitStatistics(1, 1, 1)
+    # And nobody overtakes the line, even with a slot free in a larger limit
+    limit.limit = 2
+    assert not limit.try_acquire()
+    limit.release()
+    limit.release()
+    assert started == ["a", "b"] and limit.statistics() == LimitStatistics(2, 0, 0)
+    assert limit.try_acquire()
+
+
+async def _a_waiter_between_two_entries() -> tuple[ConcurrencyLimit, list[str], asyncio.Task[None]]:
+    """One slot, taken; in line: an entry ``first``, an ``acquire()``, an entry ``last``."""
+    limit = ConcurrencyLimit(1)
+    started: list[str] = []
+    assert limit.try_acquire()
+    limit.queue(started.append, "first")
+    waiter = asyncio.create_task(limit.acquire())
+    await asyncio.sleep(0)
+    limit.queue(started.append, "last")
+    return limit, started, waiter
+
+
+async def test_acquire_waits_in_the_same_line_as_queued_entries() -> None:
+    limit, started, waiter = await _a_waiter_between_two_entries()
+    # When slots are released, then they go in the order of the line
+    limit.release()
+    await asyncio.sleep(0)
+    assert started == ["first"] and not waiter.done()
+    limit.release()
+    with anyio.fail_after(1):
+        await waiter
+    assert started == ["first"]
+    limit.release()
+    assert started == ["first", "last"] and limit.statistics() == LimitStatistics(1, 1, 0)
+
+
+async def test_withdraw_takes_the_queued_entries_out_in_order() -> None:
+    limit, started, waiter = await _a_waiter_between_two_entries()
+    # When the queued entries are withdrawn, then their arguments come back and the acquire keeps its place
+    assert limit.withdraw() == [("first",), ("last",)]
+    assert limit.statistics().waiting == 1
+    limit.release()
+    with anyio.fail_after(1):
+        await waiter
+    assert started == []
+
+
+@pytest.mark.parametrize("handed_first", [False, True], ids=["in-line", "just-handed"])
+async def test_a_cancelled_acquire_passes_its_slot_on(handed_first: bool) -> None:
+    # Given an acquire waiting in front of a queued entry
+    limit = ConcurrencyLimit(1)
+    started: list[str] = []
+    assert limit.try_acquire()
+    waiter = asyncio.create_task(limit.acquire())
+    await asyncio.sleep(0)
+    limit.queue(started.append, "next")
+    # When the acquire is cancelled while still in line, or just after it was handed the slot
+    if handed_first:
+        limit.release()
+    waiter.cancel()
+    if not handed_first:
+        limit.release()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    # Then the entry behind it gets the slot
+    assert started == ["next"]
+    assert limit.statistics() == LimitStatistics(1, 1, 0)
+
+
 def test_no_rate_means_no_limit() -> None:
     bucket = TokenBucket(None)
     assert all(bucket.try_acquire() for _ in range(1000))
