@@ -163,11 +163,18 @@ class Project:
     """A folder holding ``tasks.py`` for one transport, where CLI commands and workers run.
 
     ``kind`` is ``sqlite``, ``redis`` or ``amqp``. ``redis_url`` points a Redis project (and the results
-    of an AMQP one) at another server; ``vhost`` gives an AMQP project a vhost of its own.
+    of an AMQP one) at another server; ``amqp_url`` (no vhost) points an AMQP project at another
+    RabbitMQ; ``vhost`` gives an AMQP project a vhost of its own.
     """
 
     def __init__(
-        self, root: Path, kind: str, *, redis_url: str = REDIS_URL, vhost: str | None = None
+        self,
+        root: Path,
+        kind: str,
+        *,
+        redis_url: str = REDIS_URL,
+        amqp_url: str = AMQP_HOST,
+        vhost: str | None = None,
     ) -> None:
         self.root, self.kind, self.vhost = root, kind, vhost
         self.unique = uuid.uuid4().hex[:10]
@@ -188,7 +195,7 @@ class Project:
                 **unique_names,
             }
         elif kind == "amqp":
-            self.broker_url = f"{AMQP_HOST}/{quote(vhost, safe='') if vhost else '/'}"
+            self.broker_url = f"{amqp_url}/{quote(vhost, safe='') if vhost else '/'}"
             self.base_settings = unique_names
         else:
             self.broker_url, self.backend_url = "sqlite:///broker.db", "sqlite:///results.db"
