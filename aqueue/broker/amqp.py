@@ -68,11 +68,10 @@ from aio_pika.abc import (
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
-from pamqp import commands as spec
 from yarl import URL
 
 from aqueue.broker.amqp_consumer import ETA_HEADER, AMQPConsumer
-from aqueue.broker.amqp_wire import Outbox
+from aqueue.broker.amqp_wire import Outbox, encode_properties
 from aqueue.broker.base import Broker, Consumer
 from aqueue.exceptions import ImproperlyConfigured, InvalidURL, OperationalError
 from aqueue.message import Envelope
@@ -84,6 +83,7 @@ log = logging.getLogger(__name__)
 
 _OPTIONS = ("confirm_publish", "connect_timeout", "max_priority", "visibility_timeout")
 _BROADCAST = "aqueue.broadcast"
+_NO_PROPERTIES = encode_properties()
 _MIN_DELAY_MS = 64
 _MAX_DELAY_MS = 2**31
 _BUCKET_BITS = 4
@@ -323,7 +323,9 @@ class AMQPBroker(Broker):
                 exchange = key = envelope.queue
             else:
                 exchange, key = await self._target(envelope)
-            futures.append(outbox.publish(exchange, key, _properties(envelope), envelope.body, mandatory))
+            futures.append(
+                outbox.publish(exchange, key, _properties(envelope), envelope.body, mandatory, envelope.id)
+            )
         unroutable = []
         for envelope, future in zip(envelopes, futures, strict=True):
             if future is None:
@@ -405,7 +407,7 @@ class AMQPBroker(Broker):
         await self._ready()
         with self._errors("broadcast on"):
             exchange = await self._broadcast_exchange()
-            confirmed = (await self._outbox()).publish(exchange, channel, spec.Basic.Properties(), data)
+            confirmed = (await self._outbox()).publish(exchange, channel, _NO_PROPERTIES, data)
             if confirmed is not None:
                 await confirmed
 
@@ -430,14 +432,14 @@ class AMQPBroker(Broker):
                     await amqp_channel.close()
 
 
-def _properties(envelope: Envelope) -> spec.Basic.Properties:
-    return spec.Basic.Properties(
+def _properties(envelope: Envelope) -> bytes:
+    return encode_properties(
         content_type=envelope.content_type,
-        message_id=envelope.id,
-        delivery_mode=2,  # persistent
-        priority=envelope.priority,
         # Milliseconds as an integer: AMQP tables carry a Python float as a 32-bit float.
         headers={ETA_HEADER: math.ceil(envelope.eta * 1000)} if envelope.eta is not None else None,
+        delivery_mode=2,  # persistent
+        priority=envelope.priority,
+        message_id=envelope.id,
     )
 
 

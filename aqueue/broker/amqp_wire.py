@@ -14,6 +14,10 @@ connection's write queue once:
   multiple ack that settles nothing), the rest one by one; nacks are written first, so a multiple
   ack never covers a delivery meant for the dead-letter queue or for requeueing.
 
+The frames of publishes, acks and nacks are encoded here with ``struct`` (``encode_properties`` for
+the content header's properties); what comes out is byte for byte what pamqp marshals, at a
+fraction of the cost. Other frames still go through aiormq.
+
 An outbox belongs to one aiormq channel. When that channel closes, the futures of publishes not yet
 confirmed fail with ``ChannelInvalidStateError``; acknowledgements not yet written are dropped, and
 RabbitMQ delivers those messages again. This module uses aiormq's channel internals (its lock,
@@ -23,6 +27,7 @@ delivery-tag counter, confirmation table and write queue), hence the aiormq pin 
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections import deque
 from typing import Any, cast
 
@@ -30,24 +35,103 @@ from aio_pika.abc import AbstractRobustChannel
 from aiormq import Channel
 from aiormq.abc import ChannelFrame
 from aiormq.exceptions import ChannelInvalidStateError
-from pamqp import commands as spec
-from pamqp.header import ContentHeader
+from pamqp.encode import field_table
 
-__all__ = ["Outbox"]
+__all__ = ["Outbox", "encode_properties"]
 
-_Publish = tuple[spec.Basic.Publish, ContentHeader, bytes, "asyncio.Future[Any] | None"]
+_METHOD, _HEADER, _BODY = 1, 2, 3
+_FRAME = struct.Struct(">BHI")
+_FRAME_END = b"\xce"
+_PUBLISH = struct.Struct(">HHH").pack(60, 40, 0)  # basic.publish, reserved-1
+_CONTENT = struct.Struct(">HHQ")  # class basic, weight 0, body size
+_ACK = struct.Struct(">HHQB")
+_FLAGS = struct.Struct(">H")
+_OCTET = struct.Struct(">B")
+_MAX_ROUTES = 4096
+"""Method frames of publishes kept, per (exchange, routing key, mandatory); past this the cache restarts."""
+
+_Publish = tuple[bytes, "asyncio.Future[Any] | None", str | None]
+"""The frames of a publish, the future of its confirm, and its message id when it is mandatory."""
+
+
+def _short(text: str) -> bytes:
+    data = text.encode()
+    if len(data) > 255:
+        raise ValueError(f"AMQP short string longer than 255 bytes: {text[:40]!r}...")
+    return _OCTET.pack(len(data)) + data
+
+
+def _frame(kind: int, channel: int, payload: bytes) -> bytes:
+    return _FRAME.pack(kind, channel, len(payload)) + payload + _FRAME_END
+
+
+def encode_properties(
+    *,
+    content_type: str | None = None,
+    headers: dict[str, Any] | None = None,
+    delivery_mode: int | None = None,
+    priority: int | None = None,
+    correlation_id: str | None = None,
+    reply_to: str | None = None,
+    expiration: str | None = None,
+    message_id: str | None = None,
+    message_type: str | None = None,
+) -> bytes:
+    """The property flags and property list of a basic content header, as AMQP 0-9-1 lays them out."""
+    flags, parts = 0, []
+    if content_type is not None:
+        flags |= 0x8000
+        parts.append(_short(content_type))
+    if headers is not None:
+        flags |= 0x2000
+        parts.append(field_table(headers))
+    if delivery_mode is not None:
+        flags |= 0x1000
+        parts.append(_OCTET.pack(delivery_mode))
+    if priority is not None:
+        flags |= 0x0800
+        parts.append(_OCTET.pack(priority))
+    if correlation_id is not None:
+        flags |= 0x0400
+        parts.append(_short(correlation_id))
+    if reply_to is not None:
+        flags |= 0x0200
+        parts.append(_short(reply_to))
+    if expiration is not None:
+        flags |= 0x0100
+        parts.append(_short(expiration))
+    if message_id is not None:
+        flags |= 0x0080
+        parts.append(_short(message_id))
+    if message_type is not None:
+        flags |= 0x0020
+        parts.append(_short(message_type))
+    return _FLAGS.pack(flags) + b"".join(parts)
 
 
 class Outbox:
     """Publishes, acks and nacks for ``channel``, each loop turn's worth written as one piece."""
 
-    __slots__ = ("_acks", "_flushing", "_loop", "_nacks", "_open", "_publishes", "_settled", "channel")
+    __slots__ = (
+        "_acks",
+        "_flushing",
+        "_loop",
+        "_max_body",
+        "_nacks",
+        "_open",
+        "_publishes",
+        "_routes",
+        "_settled",
+        "channel",
+    )
 
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
         self._loop = asyncio.get_running_loop()
         self._publishes: list[_Publish] = []
-        self._nacks: list[spec.Basic.Nack] = []
+        self._routes: dict[tuple[str, str, bool], bytes] = {}
+        self._max_body = channel.max_content_size
+        self._nacks: list[bytes] = []
         self._acks: set[int] = set()
         self._open: deque[int] = deque()
         """Delivery tags received, oldest first, down to the oldest one not yet settled."""
@@ -78,23 +162,42 @@ class Outbox:
         self,
         exchange: str,
         routing_key: str,
-        properties: spec.Basic.Properties,
+        properties: bytes,
         body: bytes,
         mandatory: bool = False,
+        message_id: str | None = None,
     ) -> asyncio.Future[Any] | None:
         """Queue a publish; its future (None without publisher confirms) completes once RabbitMQ confirmed it.
 
-        The future fails with ``aiormq.exceptions.PublishError`` when a mandatory message was returned
-        unroutable, ``DeliveryError`` when RabbitMQ refused it, ``ChannelInvalidStateError`` when the
-        channel closed first.
+        ``properties`` come from :func:`encode_properties`; a mandatory message needs its
+        ``message_id`` here too, to match RabbitMQ's return of it. The future fails with
+        ``aiormq.exceptions.PublishError`` when a mandatory message was returned unroutable,
+        ``DeliveryError`` when RabbitMQ refused it, ``ChannelInvalidStateError`` when the channel
+        closed first.
 
         Raises:
             ChannelInvalidStateError: the channel is closed.
         """
         self._check()
+        channel = self.channel.number
+        route = (exchange, routing_key, mandatory)
+        method = self._routes.get(route)
+        if method is None:
+            if len(self._routes) >= _MAX_ROUTES:
+                self._routes.clear()
+            payload = _PUBLISH + _short(exchange) + _short(routing_key) + (b"\x01" if mandatory else b"\x00")
+            method = self._routes[route] = _frame(_METHOD, channel, payload)
+        header = _frame(_HEADER, channel, _CONTENT.pack(60, 0, len(body)) + properties)
+        if not body:
+            frames = method + header
+        elif len(body) <= self._max_body:
+            frames = method + header + _FRAME.pack(_BODY, channel, len(body)) + body + _FRAME_END
+        else:
+            step = self._max_body
+            chunks = (_frame(_BODY, channel, body[i : i + step]) for i in range(0, len(body), step))
+            frames = method + header + b"".join(chunks)
         future = self._loop.create_future() if self.channel.publisher_confirms else None
-        command = spec.Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory)
-        self._publishes.append((command, ContentHeader(0, len(body), properties), body, future))
+        self._publishes.append((frames, future, message_id if mandatory else None))
         self._schedule()
         return future
 
@@ -120,7 +223,7 @@ class Outbox:
             ChannelInvalidStateError: the channel is closed (RabbitMQ delivers the message again).
         """
         self._check()
-        self._nacks.append(spec.Basic.Nack(tag, requeue=requeue))
+        self._nacks.append(_frame(_METHOD, self.channel.number, _ACK.pack(60, 120, tag, 2 if requeue else 0)))
         self._settled.add(tag)
         self._schedule()
 
@@ -140,17 +243,17 @@ class Outbox:
     async def _flush(self) -> None:
         try:
             while self._publishes or self._acks or self._nacks:
-                frames: list[Any] = self._nacks
+                frames = self._nacks
                 self._nacks = []
                 frames += self._ack_frames()
                 if self._publishes:
                     await self._write_publishes(frames)
                 elif not self.channel.is_closed:
-                    await self.channel.write_queue.put(ChannelFrame.marshall(self.channel.number, frames))
+                    await self.channel.write_queue.put(ChannelFrame(b"".join(frames), False))
         finally:
             self._flushing = None
 
-    def _ack_frames(self) -> list[spec.Basic.Ack]:
+    def _ack_frames(self) -> list[bytes]:
         acks, opened, settled = self._acks, self._open, self._settled
         top = 0
         while opened and opened[0] in settled:
@@ -159,33 +262,30 @@ class Outbox:
             if tag in acks:
                 acks.discard(tag)
                 top = tag
-        frames = [spec.Basic.Ack(top, multiple=True)] if top else []
-        frames += [spec.Basic.Ack(tag) for tag in sorted(acks)]
+        channel = self.channel.number
+        frames = [_frame(_METHOD, channel, _ACK.pack(60, 80, top, 1))] if top else []
+        frames += [_frame(_METHOD, channel, _ACK.pack(60, 80, tag, 0)) for tag in sorted(acks)]
         acks.clear()
         return frames
 
-    async def _write_publishes(self, frames: list[Any]) -> None:
+    async def _write_publishes(self, frames: list[bytes]) -> None:
         publishes, self._publishes = self._publishes, []
         channel = self.channel
         try:
             async with channel.lock:
                 first = tag = channel.delivery_tag
-                split, confirmations, ids = (
-                    channel._split_body,
-                    channel.confirmations,
-                    channel.message_id_delivery_tag,
-                )
-                for command, header, body, future in publishes:
+                confirmations, ids = channel.confirmations, channel.message_id_delivery_tag
+                for data, future, message_id in publishes:
                     tag += 1
-                    frames += (command, header, *split(body))
+                    frames.append(data)
                     if future is not None:
                         confirmations[tag] = future
-                        if command.mandatory and header.properties.message_id:
-                            ids[header.properties.message_id] = tag
-                            future.add_done_callback(_forget(ids, header.properties.message_id, tag))
+                        if message_id:
+                            ids[message_id] = tag
+                            future.add_done_callback(_forget(ids, message_id, tag))
                 channel.delivery_tag = tag
                 try:
-                    await channel.write_queue.put(ChannelFrame.marshall(channel.number, frames))
+                    await channel.write_queue.put(ChannelFrame(b"".join(frames), False))
                 except BaseException:
                     channel.delivery_tag = first  # nothing was written: the tags are free again
                     for unused in range(first + 1, tag + 1):
@@ -193,12 +293,12 @@ class Outbox:
                     raise
         except BaseException as exc:
             reason = exc if isinstance(exc, Exception) else ChannelInvalidStateError("publish interrupted")
-            _fail([future for *_, future in publishes], reason)
+            _fail([future for _, future, _ in publishes], reason)
             raise
 
     def _closed(self, closing: asyncio.Future[Any]) -> None:
         reason = ChannelInvalidStateError(f"channel {self.channel} closed: {_reason(closing)}")
-        pending = [future for *_, future in self._publishes]
+        pending = [future for _, future, _ in self._publishes]
         pending += [f for f in self.channel.confirmations.values() if isinstance(f, asyncio.Future)]
         _fail(pending, reason)
         self._publishes.clear()

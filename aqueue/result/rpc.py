@@ -34,10 +34,9 @@ from typing import Any
 import aiormq
 import aiormq.abc
 from aio_pika.abc import AbstractRobustChannel
-from pamqp import commands as spec
 
 from aqueue.broker.amqp import AMQPBroker
-from aqueue.broker.amqp_wire import Outbox
+from aqueue.broker.amqp_wire import Outbox, encode_properties
 from aqueue.exceptions import AqueueError, ImproperlyConfigured, OperationalError, SerializationError
 from aqueue.exceptions import TimeoutError as WaitTimeout
 from aqueue.message import Message
@@ -191,17 +190,22 @@ class RPCBackend(ResultBackend):
         finally:
             self._sending = None
 
-    def _reply(self, replies: list[_Reply]) -> tuple[spec.Basic.Properties, bytes]:
+    def _reply(self, replies: list[_Reply]) -> tuple[bytes, bytes]:
         """One reply message: a single state as Celery's rpc backend sends it, or several in a batch."""
-        properties = spec.Basic.Properties(
-            content_type=self.serializer.content_type,
-            delivery_mode=1,  # not persistent: the reply queue is not durable either
-            expiration=self._expiration,
-        )
+        content_type, expiration = self.serializer.content_type, self._expiration
         if len(replies) == 1:
-            properties.correlation_id = replies[0][0]["task_id"]
-            return properties, self.serializer.dumps(replies[0][0])
-        properties.message_type = _BATCH
+            state = replies[0][0]
+            # Not persistent (delivery mode 1): the reply queue is not durable either.
+            properties = encode_properties(
+                content_type=content_type,
+                delivery_mode=1,
+                correlation_id=state["task_id"],
+                expiration=expiration,
+            )
+            return properties, self.serializer.dumps(state)
+        properties = encode_properties(
+            content_type=content_type, delivery_mode=1, expiration=expiration, message_type=_BATCH
+        )
         return properties, self.serializer.dumps([state for state, _, _ in replies])
 
     def _confirmed(self, reply_to: str, replies: list[_Reply], confirmed: asyncio.Future[Any]) -> None:

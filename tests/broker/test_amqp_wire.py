@@ -10,10 +10,11 @@ import pamqp.frame
 import pytest
 from aiormq.exceptions import ChannelInvalidStateError, PublishError
 from pamqp import commands as spec
+from pamqp.header import ContentHeader
 
 from aqueue.broker.amqp import AMQPBroker
 from aqueue.broker.amqp_consumer import AMQPConsumer
-from aqueue.broker.amqp_wire import Outbox
+from aqueue.broker.amqp_wire import Outbox, encode_properties
 from aqueue.exceptions import DeliveryLost
 from tests.broker.test_amqp import broker, envelopes, queue, ready_count, receive
 
@@ -121,10 +122,9 @@ async def test_unroutable_mandatory_publish_fails_its_future_only(broker: AMQPBr
     # Given the broker's outbox, after a publish declared the queue
     await broker.publish(envelopes(queue, 1))
     outbox = await broker._outbox()
-    properties = spec.Basic.Properties(message_id="lost", delivery_mode=2)
     # When one mandatory message goes to a queue that does not exist and one to the real queue
-    lost = outbox.publish("", f"{queue}-missing", properties, b"x", mandatory=True)
-    kept = outbox.publish(queue, queue, spec.Basic.Properties(message_id="kept", delivery_mode=2), b"y", True)
+    lost = outbox.publish("", f"{queue}-missing", encode_properties(message_id="lost"), b"x", True, "lost")
+    kept = outbox.publish(queue, queue, encode_properties(message_id="kept"), b"y", True, "kept")
     assert lost is not None and kept is not None
     # Then the first fails as returned, the second is confirmed
     with pytest.raises(PublishError):
@@ -140,7 +140,7 @@ async def test_publishes_waiting_for_confirms_fail_when_the_channel_closes(broke
     assert isinstance(raw, aiormq.Channel)
     outbox = Outbox(raw)
     # When a publish goes to an exchange that does not exist, so RabbitMQ closes the channel unconfirmed
-    confirmed = outbox.publish("aqueue.test.no-such-exchange", "x", spec.Basic.Properties(), b"x")
+    confirmed = outbox.publish("aqueue.test.no-such-exchange", "x", encode_properties(), b"x")
     # Then its future fails with ChannelInvalidStateError, and the outbox refuses more work
     assert confirmed is not None
     with pytest.raises(ChannelInvalidStateError):
@@ -176,3 +176,50 @@ async def test_after_its_channel_closes_the_consumer_hands_out_fresh_copies_only
     assert sorted(d.id for d in again) == ["m0", "m1"]
     assert all(d.redelivered for d in again)
     assert await ready_count(broker, queue) == 0
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"content_type": "application/json", "delivery_mode": 2, "message_id": "3f2a0c4e-1b7d"},
+        {
+            "content_type": "application/json",
+            "delivery_mode": 1,
+            "correlation_id": "c1",
+            "expiration": "60000",
+        },
+        {"content_type": "application/x-msgpack", "headers": {"x-aqueue-eta": 1764000000123}, "priority": 9},
+        {"reply_to": "aqueue.reply.ab", "message_type": "aqueue.rpc.batch", "delivery_mode": 1},
+    ],
+)
+def test_encoded_properties_are_what_pamqp_marshals(fields: dict[str, Any]) -> None:
+    header = ContentHeader(0, 5, spec.Basic.Properties(**fields))
+    assert encode_properties(**fields) == header.marshal()[12:]  # after class id, weight and body size
+
+
+async def test_published_frames_are_what_pamqp_marshals(broker: AMQPBroker, queue: str) -> None:
+    # Given the broker's outbox, recording its writes
+    await broker.publish(envelopes(queue, 1))
+    outbox = await broker._outbox()
+    writes = written(outbox)
+    # When a message with a body longer than one frame is published
+    step = outbox.channel.max_content_size
+    body = (bytes(range(256)) * (3 * step // 256))[: 2 * step + 100]
+    fields: dict[str, Any] = {
+        "content_type": "application/octet-stream",
+        "message_id": "big",
+        "delivery_mode": 2,
+    }
+    confirmed = outbox.publish(queue, queue, encode_properties(**fields), body, True, "big")
+    assert confirmed is not None
+    await asyncio.wait_for(confirmed, 5)
+    # Then its frames are pamqp's: the method, the content header and the body split by the frame size
+    frames = writes[0]
+    assert isinstance(frames[0], spec.Basic.Publish)
+    assert (frames[0].exchange, frames[0].routing_key, frames[0].mandatory) == (queue, queue, True)
+    assert isinstance(frames[1], ContentHeader) and frames[1].body_size == len(body)
+    assert (frames[1].properties.message_id, frames[1].properties.delivery_mode) == ("big", 2)
+    assert [len(f.value) for f in frames[2:]] == [step, step, 100]
+    assert b"".join(f.value for f in frames[2:]) == body
+    assert await ready_count(broker, queue) == 2
