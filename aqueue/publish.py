@@ -72,7 +72,7 @@ class Publisher:
             await asyncio.gather(*self._flushes, return_exceptions=True)
 
     async def _flush(self) -> None:
-        await asyncio.sleep(0)  # let the rest of this loop turn add to the batch
+        # This task's first step runs after the rest of the loop turn that submitted the first envelope.
         batch, self._pending = self._pending, []
         try:
             await self._send([envelope for envelope, _ in batch])

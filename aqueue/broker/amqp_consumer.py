@@ -45,6 +45,11 @@ def eta_of(headers: dict[str, Any] | None) -> float | None:
     return value / 1000 if isinstance(value, int) else None
 
 
+def _wake(arrived: asyncio.Future[None]) -> None:
+    if not arrived.done():
+        arrived.set_result(None)
+
+
 class AMQPConsumer(Consumer):
     """Deliveries pushed by RabbitMQ on one channel, QoS prefetch = the consumer's prefetch."""
 
@@ -55,7 +60,7 @@ class AMQPConsumer(Consumer):
         self._outbox: Outbox | None = None
         self._start_lock = asyncio.Lock()
         self._inbox: deque[tuple[str, Outbox, int, aiormq.abc.DeliveredMessage]] = deque()
-        self._arrived = asyncio.Event()
+        self._arrived: asyncio.Future[None] | None = None
 
     async def _start(self) -> None:
         async with self._start_lock:
@@ -88,15 +93,22 @@ class AMQPConsumer(Consumer):
         tag = cast(int, deliver.delivery_tag)
         outbox.delivered(tag)
         self._inbox.append((queue, outbox, tag, message))
-        self._arrived.set()
+        if self._arrived is not None:
+            _wake(self._arrived)
 
     async def _fetch(self, n: int) -> Sequence[Delivery]:
         await self._start()
         if not self._inbox:
-            self._arrived.clear()
+            # A bare future woken by the next delivery (an Event under wait_for costs a task per wait).
+            loop = asyncio.get_running_loop()
+            arrived = self._arrived = loop.create_future()
+            timer = loop.call_later(1.0, _wake, arrived)
             try:
-                await asyncio.wait_for(self._arrived.wait(), 1.0)
-            except TimeoutError:
+                await arrived
+            finally:
+                timer.cancel()
+                self._arrived = None
+            if not self._inbox:
                 return []
         out: list[Delivery] = []
         while self._inbox and len(out) < n:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections import deque
+from collections.abc import Callable
 from typing import Any, cast
 
 from aio_pika.abc import AbstractRobustChannel
@@ -114,6 +115,7 @@ class Outbox:
 
     __slots__ = (
         "_acks",
+        "_fills",
         "_flushing",
         "_loop",
         "_max_body",
@@ -129,6 +131,7 @@ class Outbox:
         self.channel = channel
         self._loop = asyncio.get_running_loop()
         self._publishes: list[_Publish] = []
+        self._fills: list[Callable[[Outbox], None]] = []
         self._routes: dict[tuple[str, str, bool], bytes] = {}
         self._max_body = channel.max_content_size
         self._nacks: list[bytes] = []
@@ -201,6 +204,18 @@ class Outbox:
         self._schedule()
         return future
 
+    def before_write(self, fill: Callable[[Outbox], None]) -> None:
+        """Have ``fill(self)`` called just before the next write, to queue publishes that go with it.
+
+        If the channel closes first, ``fill`` is called then, and its publishes raise.
+
+        Raises:
+            ChannelInvalidStateError: the channel is closed.
+        """
+        self._check()
+        self._fills.append(fill)
+        self._schedule()
+
     def delivered(self, tag: int) -> None:
         """Note a delivery received on this channel (to be settled later by ``ack`` or ``nack``)."""
         self._open.append(tag)
@@ -242,7 +257,8 @@ class Outbox:
 
     async def _flush(self) -> None:
         try:
-            while self._publishes or self._acks or self._nacks:
+            while self._fills or self._publishes or self._acks or self._nacks:
+                self._run_fills()
                 frames = self._nacks
                 self._nacks = []
                 frames += self._ack_frames()
@@ -252,6 +268,11 @@ class Outbox:
                     await self.channel.write_queue.put(ChannelFrame(b"".join(frames), False))
         finally:
             self._flushing = None
+
+    def _run_fills(self) -> None:
+        fills, self._fills = self._fills, []
+        for fill in fills:
+            fill(self)
 
     def _ack_frames(self) -> list[bytes]:
         acks, opened, settled = self._acks, self._open, self._settled
@@ -298,6 +319,7 @@ class Outbox:
 
     def _closed(self, closing: asyncio.Future[Any]) -> None:
         reason = ChannelInvalidStateError(f"channel {self.channel} closed: {_reason(closing)}")
+        self._run_fills()
         pending = [future for _, future, _ in self._publishes]
         pending += [f for f in self.channel.confirmations.values() if isinstance(f, asyncio.Future)]
         _fail(pending, reason)

@@ -110,6 +110,7 @@ class RPCBackend(ResultBackend):
         self._outbox: Outbox | None = None
         self._outgoing: dict[str, list[_Reply]] = {}
         self._sending: asyncio.Task[None] | None = None
+        self._filling = False
         # RabbitMQ's per-message TTL: milliseconds, as a string.
         self._expiration = None if expires is None else str(max(0, round(expires * 1000)))
         self._lock = asyncio.Lock()
@@ -158,13 +159,28 @@ class RPCBackend(ResultBackend):
             await self.connect()
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._outgoing.setdefault(request.reply_to, []).append((meta.to_dict(), waiter, 0))
-        if self._sending is None:
-            self._sending = asyncio.create_task(self._send_outgoing())
+        self._send_soon()
         with self._errors("send a result to"):
             await waiter
 
+    def _send_soon(self) -> None:
+        """Have the queued states sent: with the outbox's next write, or by a task after a reconnect."""
+        if self._sending is not None or self._filling:
+            return
+        outbox = self._outbox
+        if outbox is not None and not outbox.closed:
+            self._filling = True
+            outbox.before_write(self._fill)
+        else:
+            self._sending = asyncio.create_task(self._send_outgoing())
+
+    def _fill(self, outbox: Outbox) -> None:
+        self._filling = False
+        outgoing, self._outgoing = self._outgoing, {}
+        self._publish(outbox, outgoing)
+
     async def _send_outgoing(self) -> None:
-        """Send what ``store()`` queued in this loop turn: one message per reply queue, then relay the confirms."""
+        """Send the queued states once the channel is back."""
         try:
             while self._outgoing:
                 outgoing, self._outgoing = self._outgoing, {}
@@ -177,18 +193,22 @@ class RPCBackend(ResultBackend):
                     for replies in outgoing.values():
                         _settle([waiter for _, waiter, _ in replies], exc)
                     continue
-                for reply_to, replies in outgoing.items():
-                    try:
-                        confirmed = outbox.publish("", reply_to, *self._reply(replies))
-                    except _RECONNECTING as exc:
-                        self._again(reply_to, replies, exc)
-                        continue
-                    if confirmed is None:
-                        _settle([waiter for _, waiter, _ in replies], None)
-                    else:
-                        confirmed.add_done_callback(functools.partial(self._confirmed, reply_to, replies))
+                self._publish(outbox, outgoing)
         finally:
             self._sending = None
+
+    def _publish(self, outbox: Outbox, outgoing: dict[str, list[_Reply]]) -> None:
+        """One message per reply queue; each waiter is settled by its message's confirm."""
+        for reply_to, replies in outgoing.items():
+            try:
+                confirmed = outbox.publish("", reply_to, *self._reply(replies))
+            except _RECONNECTING as exc:
+                self._again(reply_to, replies, exc)
+                continue
+            if confirmed is None:
+                _settle([waiter for _, waiter, _ in replies], None)
+            else:
+                confirmed.add_done_callback(functools.partial(self._confirmed, reply_to, replies))
 
     def _reply(self, replies: list[_Reply]) -> tuple[bytes, bytes]:
         """One reply message: a single state as Celery's rpc backend sends it, or several in a batch."""
@@ -222,8 +242,7 @@ class RPCBackend(ResultBackend):
         retry = [(state, waiter, 1) for state, waiter, attempts in replies if not attempts]
         if retry:
             self._outgoing.setdefault(reply_to, []).extend(retry)
-            if self._sending is None:
-                self._sending = asyncio.create_task(self._send_outgoing())
+            self._send_soon()
 
     async def get(self, task_id: str) -> TaskMeta:
         """The latest state received for ``task_id``; PENDING when none."""
