@@ -60,6 +60,15 @@ class Delivery:
         if self._settle():
             await self._consumer._requeue(self)
 
+    def drop(self) -> None:
+        """Forget a lost delivery without telling the broker, which has it back already."""
+        self._settle()
+
+    @property
+    def lost(self) -> bool:
+        """Whether the delivery went with its connection (the broker has it back and sends it again)."""
+        return not self.settled and self._consumer._lost(self)
+
     def _settle(self) -> bool:
         if self.settled:
             return False
@@ -97,8 +106,7 @@ class Consumer(ABC):
             delivery = self._buffer.popleft()
             if not self._lost(delivery):
                 return delivery
-            delivery.settled = True  # the broker has it back already
-            self._release(delivery)
+            delivery.drop()
 
     def _lost(self, delivery: Delivery) -> bool:
         """Whether ``delivery`` went with its connection since it was fetched (the broker sends it again)."""

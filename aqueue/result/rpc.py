@@ -256,19 +256,23 @@ class RPCBackend(ResultBackend):
             AqueueError: ``task_id`` was not sent by this client, so its result never comes here.
             TimeoutError: ``timeout`` seconds passed first.
         """
-        await self.connect()
         if task_id not in self._sent:
             raise _NotSentHere(task_id)
+        meta = self._sent[task_id]
+        if meta is not None and meta.ready:
+            return meta
+        if self._channel is None:
+            await self.connect()
         waiter = asyncio.get_running_loop().create_future()
         self._waiters[task_id].add(waiter)
         try:
-            if not (await self.get(task_id)).ready:
-                await asyncio.wait_for(waiter, timeout)
+            async with asyncio.timeout(timeout):
+                await waiter
         except TimeoutError:
             raise WaitTimeout(f"The operation timed out waiting for task {task_id}.") from None
         finally:
             self._discard(task_id, waiter)
-        return await self.get(task_id)
+        return self._sent.get(task_id) or TaskMeta(task_id)
 
     async def forget(self, task_id: str) -> None:
         """Drop what this client holds for ``task_id``; it is PENDING afterwards."""

@@ -216,7 +216,17 @@ class Executor:
         task_id, name = message.id, message.task
         if await self._skip(delivery, message):
             return
-        if not runtime.acks_late and not await self._acked(delivery, message):
+        if runtime.acks_late:
+            if delivery.lost:
+                logger.info(
+                    "Task %s[%s]: its delivery was lost with the connection before it started; the broker "
+                    "delivers it again",
+                    name,
+                    task_id,
+                )
+                delivery.drop()
+                return
+        elif not await self._acked(delivery, message):
             return
         self.state.active[task_id] = (message, time.time())
         if runtime.track_started:

@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from aqueue import App, Task, states
-from aqueue.broker.memory import MemoryBroker
+from aqueue.broker.memory import MemoryBroker, _MemoryConsumer
 from aqueue.exceptions import EncodeError, Ignore, MaxRetriesExceededError, Reject, Retry
 from aqueue.worker import Worker
 from aqueue.worker.execution import TaskRuntime
@@ -438,3 +438,39 @@ async def test_inspect_reports_the_line_as_waiting(make_app: MakeApp) -> None:
         await _until(lambda: worker.slots.statistics().borrowed == 0)
         stats = (await app.control.inspect("stats", destination=["w-line"], timeout=5))[0]["w-line"]["ok"]
         assert stats["pool"] == {"limit": 1, "borrowed": 0, "waiting": 0} and stats["active"] == 0
+
+
+async def test_an_acks_late_delivery_lost_while_in_line_is_not_run(
+    make_app: MakeApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a broker whose deliveries of task 2 are lost with their connection (as on RabbitMQ)
+    lost: set[str] = set()
+    monkeypatch.setattr(_MemoryConsumer, "_lost", lambda self, delivery: delivery.id in lost)
+    app = make_app(task_acks_late=True)
+    ran: list[int] = []
+    release = anyio.Event()
+
+    ids: list[str] = []
+
+    @app.task
+    async def job(n: int) -> int:
+        ran.append(n)
+        if n == 1:
+            await anyio.sleep(0.2)  # the other two are received meanwhile, and wait in line
+            lost.add(ids[1])
+            await release.wait()
+        return n
+
+    async with app:
+        results = [await job.delay(n) for n in (1, 2, 3)]
+        ids.extend(r.id for r in results)
+        # When a worker with one slot runs the first while the other two wait in line, and the second is lost
+        async with Worker(app, concurrency=1) as worker:
+            with anyio.fail_after(5):
+                while worker._loop is None or not ran:
+                    await anyio.sleep(0.01)
+            release.set()
+            assert [await results[i].get(timeout=5) for i in (0, 2)] == [1, 3]
+            # Then the lost one was not run, and it no longer counts against the prefetch window
+            assert ran == [1, 3]
+            assert worker._loop.consumer.held == {}
