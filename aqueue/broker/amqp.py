@@ -24,7 +24,9 @@ confirms, and one channel per consumer whose QoS prefetch count is the consumer'
 consumer of several queues sets that prefetch on each queue, so RabbitMQ may push up to
 ``prefetch`` per queue; the base class still hands out at most ``prefetch`` at once. After a
 reconnect, deliveries of the old channel cannot be settled any more: RabbitMQ has already put them
-back, and delivers them again with ``redelivered`` set.
+back, and delivers them again with ``redelivered`` set (the consumer is in
+:mod:`aqueue.broker.amqp_consumer`). Publishes and acknowledgements go through an
+:class:`~aqueue.broker.amqp_wire.Outbox`, which writes each loop turn's frames at once.
 
 ETA and countdown are held by RabbitMQ, not by the worker, so a flood of ETA tasks never fills the
 prefetch window and never meets the acknowledgement timeout below. A message due in ``d`` ms goes
