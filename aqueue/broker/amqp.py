@@ -174,6 +174,7 @@ class AMQPBroker(Broker):
         self._queue_args: dict[str, dict[str, Any] | None] = {}
         self._delays: dict[str, dict[int, float]] = {}
         self._broadcast_declared = False
+        self._down = False
 
     async def connect(self) -> None:
         async with self._connect_lock:
@@ -188,7 +189,8 @@ class AMQPBroker(Broker):
                 except BaseException:
                     await connection.close()
                     raise
-            connection.reconnect_callbacks.add(self._forget_declarations)
+            connection.reconnect_callbacks.add(self._reconnected)
+            connection.close_callbacks.add(self._lost)
             self._connection = connection
 
     async def aclose(self) -> None:
@@ -231,10 +233,31 @@ class AMQPBroker(Broker):
         try:
             yield
         except _ERRORS as exc:
-            text = str(exc) or type(exc).__name__
-            if self._url.password and self._url.password != "guest":
-                text = text.replace(self._url.password, "**")
+            text = self._text(exc)
             raise OperationalError(f"Cannot {action} RabbitMQ at {mask_password(self.url)}: {text}") from exc
+
+    def _lost(self, _: object, exc: BaseException | None) -> None:
+        """Log a dropped connection once per outage (aio-pika reconnects by itself)."""
+        if self._connection is None or exc is None or isinstance(exc, asyncio.CancelledError) or self._down:
+            return
+        self._down = True
+        log.warning(
+            "RabbitMQ %s: the connection was lost (%s); reconnecting",
+            mask_password(self.url),
+            self._text(exc),
+        )
+
+    def _reconnected(self, *_: object) -> None:
+        self._forget_declarations()
+        if self._down:
+            self._down = False
+            log.info("RabbitMQ %s: reconnected", mask_password(self.url))
+
+    def _text(self, exc: BaseException) -> str:
+        text = str(exc) or type(exc).__name__
+        if self._url.password and self._url.password != "guest":
+            text = text.replace(self._url.password, "**")
+        return text
 
     def _forget_declarations(self, *_: object) -> None:
         self._queue_args.clear()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -340,7 +341,10 @@ async def test_broadcast_reaches_every_subscriber(broker: AMQPBroker, unique: st
 # -- reconnection -------------------------------------------------------------------------------
 
 
-async def test_consuming_survives_close_all_connections(vhost: str, queue: str) -> None:
+async def test_consuming_survives_close_all_connections(
+    vhost: str, queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="aqueue.broker.amqp")
     async with AMQPBroker(f"amqp://guest:guest@127.0.0.1:5672/{vhost}") as broker:
         # Given 20 confirmed messages, five of them acknowledged
         await broker.publish(envelopes(queue, 20))
@@ -362,6 +366,15 @@ async def test_consuming_survives_close_all_connections(vhost: str, queue: str) 
                 await delivery.ack()
                 seen.add(delivery.id)
     assert seen == {f"m{i}" for i in range(20)} | {"after"}
+    # And the broker said once that it lost the connection, and once that it was back
+    said = [r.getMessage() for r in caplog.records if r.name == "aqueue.broker.amqp"]
+    assert [m for m in said if "the connection was lost" in m] == [
+        f"RabbitMQ amqp://guest:**@127.0.0.1:5672/{vhost}: the connection was lost "
+        "([Errno 320] CONNECTION_FORCED - aqueue test); reconnecting"
+    ]
+    assert [m for m in said if m.endswith("reconnected")] == [
+        f"RabbitMQ amqp://guest:**@127.0.0.1:5672/{vhost}: reconnected"
+    ]
 
 
 async def _publishes(broker: AMQPBroker, queue: str) -> bool:
