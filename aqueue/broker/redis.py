@@ -44,7 +44,7 @@ waiting up to 20 s for a free one; plus one connection per open consumer and one
 ``subscribe``. A reply is awaited at most ``socket_timeout`` (default 10 s), under
 ``asyncio.timeout`` rather than redis-py's own socket timeout (see ``_pool``). Redis errors become
 :class:`~aqueue.exceptions.OperationalError`. A consumer whose connection drops logs once,
-reconnects with backoff (0.1 s doubling to 5 s) and goes on; entries whose reply was lost (read
+reconnects with backoff (0.1 s doubling to 1 s) and goes on; entries whose reply was lost (read
 for it by the server, never received) are given back to the stream.
 
 The hot path: the blocking read is sent and parsed by hand on the consumer's own connection
@@ -508,7 +508,7 @@ class _Backoff:
                 mask_password(self.url), self.what, exc,
             )  # fmt: skip
         await asyncio.sleep(self.pause)
-        self.pause = min(self.pause * 2, 5.0)
+        self.pause = min(self.pause * 2, 1.0)
 
     def ok(self) -> None:
         if self.down:
