@@ -9,6 +9,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # not on Windows
+    fcntl = None  # type: ignore[assignment]
+
 import click
 
 from aqueue.app import App
@@ -129,46 +134,56 @@ def _setup_logging(level: str, logfile: str | None) -> None:
 
 @contextmanager
 def _pidfile(path: str | None) -> Iterator[None]:
+    """Hold ``path`` for this worker: it holds our pid and an exclusive lock while we run.
+
+    The lock (``flock``) is what makes it exclusive, so two workers started at the same instant cannot
+    both start, and a file left by a crashed worker (nobody holds its lock) is simply taken over.
+    """
     if path is None:
         yield
         return
     pidfile = Path(path)
-    _claim(pidfile)
+    fd = _claim(pidfile)
     try:
         yield
     finally:
         try:
-            if pidfile.read_text().strip() == str(os.getpid()):
+            if _same_file(fd, pidfile):
                 pidfile.unlink()
         except OSError:
             pass
+        os.close(fd)
 
 
-def _claim(pidfile: Path) -> None:
-    for _ in range(2):
+def _claim(pidfile: Path) -> int:
+    """Open, lock and fill ``pidfile``; the lock lasts while the returned descriptor is open."""
+    if fcntl is None:
+        raise click.ClickException("--pidfile needs a POSIX system (file locks).")
+    for _ in range(3):
         try:
-            fd = os.open(pidfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            other = _live_pid(pidfile)
-            if other is not None:
-                raise click.ClickException(
-                    f"Pidfile {pidfile} holds pid {other}, a worker that is still running. "
-                    "Stop it first, or use another --pidfile."
-                ) from None
-            pidfile.unlink(missing_ok=True)  # stale: its process is gone
-            continue
+            fd = os.open(pidfile, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise click.ClickException(f"Cannot create the pidfile {pidfile}: {exc.strerror}") from exc
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()}\n")
-        return
-    raise click.ClickException(f"Cannot create pidfile {pidfile}.")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            held = f"holds pid {other}, a worker" if other else "is held by a worker"
+            raise click.ClickException(
+                f"Pidfile {pidfile} {held} that is still running. Stop it first, or use another --pidfile."
+            ) from None
+        if not _same_file(fd, pidfile):
+            os.close(fd)  # its worker removed it between our open and our lock: open the new one
+            continue
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+    raise click.ClickException(f"Cannot take the pidfile {pidfile}: it keeps being replaced.")
 
 
-def _live_pid(pidfile: Path) -> int | None:
+def _same_file(fd: int, path: Path) -> bool:
     try:
-        pid = int(pidfile.read_text().strip())
-        os.kill(pid, 0)
-    except (ValueError, OSError):
-        return None
-    return pid
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except OSError:
+        return False

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import shutil
 import signal
 import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -207,6 +209,45 @@ async def test_pidfile_is_exclusive_and_removed_on_exit(sqlite_project: Project)
     # When: the first worker stops, its pidfile goes with it
     assert await first.stop() == 0
     assert not pidfile.exists()
+
+
+def _claim_pidfile(path: str, start: Any, outcomes: Any, release: Any) -> None:
+    """In a child process: take the pidfile at the same instant as the others; report; hold it until told."""
+    import click
+
+    from aqueue.cli.worker import _pidfile
+
+    start.wait(10)
+    try:
+        with _pidfile(path):
+            outcomes.put("took it")
+            release.wait(10)
+    except click.ClickException as exc:
+        outcomes.put(exc.message)
+
+
+def test_workers_started_at_the_same_instant_cannot_both_take_the_pidfile(tmp_path: Path) -> None:
+    # Given: eight processes that try to take one pidfile at the same instant, each keeping it if it got it
+    context = multiprocessing.get_context("spawn")
+    start, release, outcomes = context.Barrier(8), context.Event(), context.Queue()
+    path = str(tmp_path / "w.pid")
+    children = [
+        context.Process(target=_claim_pidfile, args=(path, start, outcomes, release)) for _ in range(8)
+    ]
+    for child in children:
+        child.start()
+    try:
+        said = [outcomes.get(timeout=30) for _ in children]
+    finally:
+        release.set()
+        for child in children:
+            child.join(10)
+            if child.is_alive():
+                child.kill()
+    # Then: exactly one took it, and the seven others were told a running worker holds it
+    assert said.count("took it") == 1, said
+    assert all("that is still running" in text for text in said if text != "took it"), said
+    assert not (tmp_path / "w.pid").exists()
 
 
 async def test_stale_pidfile_is_replaced(sqlite_project: Project) -> None:
