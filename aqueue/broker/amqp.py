@@ -20,8 +20,9 @@ exclusive auto-delete queue to it. (An exchange per channel would outlive the on
 channels of remote control; the routing key gives the same fan-out and leaves nothing behind.)
 
 One robust connection (aio-pika reconnects by itself) carries one publisher channel with publisher
-confirms, and one channel per consumer whose QoS prefetch count is the consumer's prefetch, shared
-by all the queues it consumes (RabbitMQ's per-channel "global" QoS). After a
+confirms, and one channel per consumer whose QoS prefetch count is the consumer's prefetch. A
+consumer of several queues sets that prefetch on each queue, so RabbitMQ may push up to
+``prefetch`` per queue; the base class still hands out at most ``prefetch`` at once. After a
 reconnect, deliveries of the old channel cannot be settled any more: RabbitMQ has already put them
 back, and delivers them again with ``redelivered`` set (the consumer is in
 :mod:`aqueue.broker.amqp_consumer`). Publishes and acknowledgements go through an
@@ -214,8 +215,7 @@ class AMQPBroker(Broker):
         with self._errors("open a channel on"):
             channel = await connection.channel(publisher_confirms=confirms)
             if prefetch is not None:
-                # global: RabbitMQ then counts the window across every consumer of the channel
-                await channel.set_qos(prefetch_count=prefetch, global_=True)
+                await channel.set_qos(prefetch_count=prefetch)
         return channel
 
     async def _ready(self) -> AbstractRobustConnection:

@@ -181,21 +181,6 @@ async def test_prefetch_is_the_qos_window(broker: AMQPBroker, queue: str) -> Non
         await until(lambda: _equals(ready_count(broker, queue), 6))
 
 
-async def test_the_qos_window_is_shared_by_the_queues_of_one_consumer(broker: AMQPBroker, queue: str) -> None:
-    # Given ten messages in each of two queues, and one consumer of both with prefetch 3
-    other = f"{queue}-b"
-    try:
-        await broker.publish(envelopes(queue, 10) + envelopes(other, 10))
-        async with broker.consume([queue, other], prefetch=3) as consumer:
-            await receive(consumer)
-            await asyncio.sleep(0.5)
-            # Then RabbitMQ delivered three in all, not three from each queue
-            ready = await ready_count(broker, queue) + await ready_count(broker, other)
-            assert ready == 17
-    finally:
-        await broker.delete_queue(other)
-
-
 async def test_reject_dead_letters(broker: AMQPBroker, queue: str) -> None:
     # Given a received message
     await broker.publish(envelopes(queue, 1))
