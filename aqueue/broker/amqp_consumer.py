@@ -11,6 +11,7 @@ the old channel cannot be settled any more (RabbitMQ has put them back and deliv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -35,6 +36,9 @@ if TYPE_CHECKING:
 __all__ = ["ETA_HEADER", "AMQPConsumer", "eta_of"]
 
 log = logging.getLogger("aqueue.broker.amqp")
+
+_FLUSH_TIMEOUT = 5.0
+"""Seconds a closing consumer waits for its last acknowledgements to be written."""
 
 ETA_HEADER = "x-aqueue-eta"
 """Header with a delayed message's due time, in integer milliseconds since the epoch."""
@@ -189,8 +193,11 @@ class AMQPConsumer(Consumer):
         if channel is None:
             return
         channel.reopen_callbacks.discard(self._consume)  # type: ignore[arg-type]
-        if outbox is not None:
-            await outbox.flush()
+        if outbox is not None and not outbox.closed:
+            # Bounded: a connection that died with its write queue full never drains it.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_FLUSH_TIMEOUT):
+                    await outbox.flush()
         if not channel.is_closed:
             with self.broker._errors("stop consuming from"):
                 await channel.close()

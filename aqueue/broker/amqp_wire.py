@@ -9,10 +9,11 @@ connection's write queue once:
 - publishes take their delivery tags under the channel's lock, as aiormq's own ``basic_publish``
   does, so the two may share a channel; each gets a future that the publisher confirm (or the
   ``basic.return`` of an unroutable mandatory message) settles;
-- acknowledgements are coalesced: the longest run of settled deliveries from the oldest unsettled
-  one is acknowledged with one ``multiple`` ack whose tag is an ack not sent yet (RabbitMQ refuses a
-  multiple ack that settles nothing), the rest one by one; nacks are written first, so a multiple
-  ack never covers a delivery meant for the dead-letter queue or for requeueing.
+- acknowledgements are coalesced: the acks below the oldest delivery still unsettled go as one
+  ``multiple`` ack of the highest of them (an ack not written yet: RabbitMQ refuses a multiple ack
+  that settles nothing), those above it one by one; nacks are written first, so a multiple ack never
+  covers a delivery meant for the dead-letter queue or for requeueing. Only unsettled tags are kept,
+  so the bookkeeping stays within the consumer's prefetch however long one delivery stays open.
 
 The frames of publishes, acks and nacks are encoded here with ``struct`` (``encode_properties`` for
 the content header's properties); what comes out is byte for byte what pamqp marshals, at a
@@ -27,8 +28,8 @@ delivery-tag counter, confirmation table and write queue), hence the aiormq pin 
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
-from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -39,6 +40,8 @@ from aiormq.exceptions import ChannelInvalidStateError
 from pamqp.encode import field_table
 
 __all__ = ["Outbox", "encode_properties"]
+
+log = logging.getLogger(__name__)
 
 _METHOD, _HEADER, _BODY = 1, 2, 3
 _FRAME = struct.Struct(">BHI")
@@ -120,10 +123,9 @@ class Outbox:
         "_loop",
         "_max_body",
         "_nacks",
-        "_open",
         "_publishes",
         "_routes",
-        "_settled",
+        "_unsettled",
         "channel",
     )
 
@@ -135,11 +137,10 @@ class Outbox:
         self._routes: dict[tuple[str, str, bool], bytes] = {}
         self._max_body = channel.max_content_size
         self._nacks: list[bytes] = []
-        self._acks: set[int] = set()
-        self._open: deque[int] = deque()
-        """Delivery tags received, oldest first, down to the oldest one not yet settled."""
-        self._settled: set[int] = set()
-        """Tags in ``_open`` that are settled (acked or nacked, written or not)."""
+        self._acks: list[int] = []
+        """Tags acknowledged since the last write."""
+        self._unsettled: dict[int, None] = {}
+        """Tags received and not settled yet, oldest first (at most the consumer's prefetch)."""
         self._flushing: asyncio.Task[None] | None = None
         channel.closing.add_done_callback(self._closed)
 
@@ -218,7 +219,7 @@ class Outbox:
 
     def delivered(self, tag: int) -> None:
         """Note a delivery received on this channel (to be settled later by ``ack`` or ``nack``)."""
-        self._open.append(tag)
+        self._unsettled[tag] = None
 
     def ack(self, tag: int) -> None:
         """Acknowledge delivery ``tag``.
@@ -227,8 +228,8 @@ class Outbox:
             ChannelInvalidStateError: the channel is closed (RabbitMQ delivers the message again).
         """
         self._check()
-        self._acks.add(tag)
-        self._settled.add(tag)
+        self._unsettled.pop(tag, None)
+        self._acks.append(tag)
         self._schedule()
 
     def nack(self, tag: int, requeue: bool) -> None:
@@ -238,13 +239,13 @@ class Outbox:
             ChannelInvalidStateError: the channel is closed (RabbitMQ delivers the message again).
         """
         self._check()
+        self._unsettled.pop(tag, None)
         self._nacks.append(_frame(_METHOD, self.channel.number, _ACK.pack(60, 120, tag, 2 if requeue else 0)))
-        self._settled.add(tag)
         self._schedule()
 
     async def flush(self) -> None:
         """Write everything queued so far now (for instance before closing the channel)."""
-        while self._flushing is not None:
+        while self._flushing is not None and not self.channel.is_closed:
             await asyncio.shield(self._flushing)
 
     def _check(self) -> None:
@@ -263,7 +264,10 @@ class Outbox:
                 self._nacks = []
                 frames += self._ack_frames()
                 if self._publishes:
-                    await self._write_publishes(frames)
+                    try:
+                        await self._write_publishes(frames)
+                    except Exception:
+                        continue  # their futures have failed with the reason; the channel is closing
                 elif not self.channel.is_closed:
                     await self.channel.write_queue.put(ChannelFrame(b"".join(frames), False))
         finally:
@@ -272,21 +276,26 @@ class Outbox:
     def _run_fills(self) -> None:
         fills, self._fills = self._fills, []
         for fill in fills:
-            fill(self)
+            try:
+                fill(self)
+            except Exception:
+                log.exception("Queuing publishes for channel %s failed", self.channel)
 
     def _ack_frames(self) -> list[bytes]:
-        acks, opened, settled = self._acks, self._open, self._settled
-        top = 0
-        while opened and opened[0] in settled:
-            tag = opened.popleft()
-            settled.discard(tag)
-            if tag in acks:
-                acks.discard(tag)
-                top = tag
+        acks = self._acks
+        if not acks:
+            return []
+        self._acks = []
+        oldest = next(iter(self._unsettled), None)
+        if oldest is None:
+            below, above = acks, []
+        else:
+            below = [tag for tag in acks if tag < oldest]
+            above = sorted(tag for tag in acks if tag > oldest)
+        # Every tag below the oldest unsettled one is settled: one multiple ack covers those not written yet.
         channel = self.channel.number
-        frames = [_frame(_METHOD, channel, _ACK.pack(60, 80, top, 1))] if top else []
-        frames += [_frame(_METHOD, channel, _ACK.pack(60, 80, tag, 0)) for tag in sorted(acks)]
-        acks.clear()
+        frames = [_frame(_METHOD, channel, _ACK.pack(60, 80, max(below), 1))] if below else []
+        frames += [_frame(_METHOD, channel, _ACK.pack(60, 80, tag, 0)) for tag in above]
         return frames
 
     async def _write_publishes(self, frames: list[bytes]) -> None:

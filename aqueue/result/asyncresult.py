@@ -102,6 +102,8 @@ class AsyncResult(Generic[R]):
         finally:
             if not waiting.done():
                 waiting.cancel()
+            elif not waiting.cancelled():
+                waiting.exception()  # read, so a failure that lost the race is not logged as unretrieved
 
     async def refresh(self) -> str:
         """Fetch the task's state from the backend; returns it."""

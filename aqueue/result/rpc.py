@@ -48,8 +48,8 @@ __all__ = ["RPCBackend"]
 
 _BATCH = "aqueue.rpc.batch"
 """The AMQP ``type`` of a reply message carrying a list of states (for several tasks) instead of one."""
-_Reply = tuple[dict[str, Any], "asyncio.Future[None]", int]
-"""A state to send, who waits for its confirm, and how many sends the connection dropped under."""
+_Reply = tuple[dict[str, Any], bytes, "asyncio.Future[None]", int]
+"""A state to send, encoded, who waits for its confirm, and how many sends the connection dropped under."""
 
 log = logging.getLogger(__name__)
 
@@ -155,10 +155,12 @@ class RPCBackend(ResultBackend):
             return
         if meta.date_done is None and meta.ready:
             meta.date_done = now_iso()
+        state = meta.to_dict()
+        body = self.serializer.dumps(state)  # a result that cannot be encoded raises here, for this task only
         if self._channel is None:
             await self.connect()
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._outgoing.setdefault(request.reply_to, []).append((meta.to_dict(), waiter, 0))
+        self._outgoing.setdefault(request.reply_to, []).append((state, body, waiter, 0))
         self._send_soon()
         with self._errors("send a result to"):
             await waiter
@@ -191,7 +193,7 @@ class RPCBackend(ResultBackend):
                     self._outbox = outbox
                 except Exception as exc:
                     for replies in outgoing.values():
-                        _settle([waiter for _, waiter, _ in replies], exc)
+                        _settle([waiter for *_, waiter, _ in replies], exc)
                     continue
                 self._publish(outbox, outgoing)
         finally:
@@ -206,7 +208,7 @@ class RPCBackend(ResultBackend):
                 self._again(reply_to, replies, exc)
                 continue
             if confirmed is None:
-                _settle([waiter for _, waiter, _ in replies], None)
+                _settle([waiter for *_, waiter, _ in replies], None)
             else:
                 confirmed.add_done_callback(functools.partial(self._confirmed, reply_to, replies))
 
@@ -214,7 +216,7 @@ class RPCBackend(ResultBackend):
         """One reply message: a single state as Celery's rpc backend sends it, or several in a batch."""
         content_type, expiration = self.serializer.content_type, self._expiration
         if len(replies) == 1:
-            state = replies[0][0]
+            state, body, _, _ = replies[0]
             # Not persistent (delivery mode 1): the reply queue is not durable either.
             properties = encode_properties(
                 content_type=content_type,
@@ -222,24 +224,26 @@ class RPCBackend(ResultBackend):
                 correlation_id=state["task_id"],
                 expiration=expiration,
             )
-            return properties, self.serializer.dumps(state)
+            return properties, body
         properties = encode_properties(
             content_type=content_type, delivery_mode=1, expiration=expiration, message_type=_BATCH
         )
-        return properties, self.serializer.dumps([state for state, _, _ in replies])
+        if content_type == "application/json":
+            return properties, b"[" + b",".join(body for _, body, _, _ in replies) + b"]"
+        return properties, self.serializer.dumps([state for state, _, _, _ in replies])
 
     def _confirmed(self, reply_to: str, replies: list[_Reply], confirmed: asyncio.Future[Any]) -> None:
         exc = None if confirmed.cancelled() else confirmed.exception()
         if isinstance(exc, _RECONNECTING):
             self._again(reply_to, replies, exc)
         else:
-            _settle([waiter for _, waiter, _ in replies], exc)
+            _settle([waiter for *_, waiter, _ in replies], exc)
 
     def _again(self, reply_to: str, replies: list[_Reply], exc: BaseException) -> None:
         """Send once more after a reconnect the replies whose send the connection dropped under."""
-        failed = [waiter for _, waiter, attempts in replies if attempts]
+        failed = [waiter for *_, waiter, attempts in replies if attempts]
         _settle(failed, exc)
-        retry = [(state, waiter, 1) for state, waiter, attempts in replies if not attempts]
+        retry = [(state, body, waiter, 1) for state, body, waiter, attempts in replies if not attempts]
         if retry:
             self._outgoing.setdefault(reply_to, []).extend(retry)
             self._send_soon()

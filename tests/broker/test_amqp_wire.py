@@ -79,6 +79,8 @@ async def test_acks_of_one_turn_go_as_one_multiple_ack_and_singles(broker: AMQPB
         assert [(f.delivery_tag, f.multiple) for f in writes[0]] == [(3, True)] + [
             (t, False) for t in range(5, 11)
         ]
+        # And only the one still open is kept in the outbox's books
+        assert list(consumer._outbox._unsettled) == [4]
         # And acknowledging the fourth then is a multiple ack of the fourth alone (the rest are settled)
         await held[3].ack()
         await consumer._outbox.flush()

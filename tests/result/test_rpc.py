@@ -185,6 +185,25 @@ async def test_states_stored_in_one_loop_turn_travel_as_one_message_per_client(
         assert delivered == [1, 1]
 
 
+async def test_a_state_that_cannot_be_encoded_fails_its_store_alone(
+    client: RPCBackend, worker: RPCBackend
+) -> None:
+    # Given two tasks of one client, one of whose results cannot be encoded
+    good, bad = sent_by(client), sent_by(client)
+    # When the worker stores both in the same loop turn
+    stores = await asyncio.wait_for(
+        asyncio.gather(
+            worker.store(TaskMeta(good.id, states.SUCCESS, 8), good),
+            worker.store(TaskMeta(bad.id, states.SUCCESS, object()), bad),
+            return_exceptions=True,
+        ),
+        5,
+    )
+    # Then the bad one's store raises, and the good one's result still reaches the client
+    assert stores[0] is None and isinstance(stores[1], Exception)
+    assert (await client.wait(good.id, timeout=5)).result == 8
+
+
 def _counting(receive: Any, counts: list[int]) -> Any:
     async def counted(message: Any) -> None:
         counts.append(1)
