@@ -351,6 +351,7 @@ class AMQPBroker(Broker):
             futures.append(
                 outbox.publish(exchange, key, _properties(envelope), envelope.body, mandatory, envelope.id)
             )
+        outbox.write_now()  # the batch is complete: no need to wait for the next loop turn
         unroutable = []
         for envelope, future in zip(envelopes, futures, strict=True):
             if future is None:

@@ -35,13 +35,13 @@ def written(outbox: Outbox) -> list[list[Any]]:
     """The frames of each write ``outbox``'s channel puts on the connection from now on."""
     writes: list[list[Any]] = []
     write_queue = outbox.channel.write_queue
-    put = write_queue.put
+    put_nowait = write_queue.put_nowait  # what Queue.put calls too
 
-    async def recorded(frame: Any) -> None:
+    def recorded(frame: Any) -> None:
         writes.append(frames_in(frame.payload))
-        await put(frame)
+        put_nowait(frame)
 
-    write_queue.put = recorded  # type: ignore[method-assign,assignment]
+    write_queue.put_nowait = recorded  # type: ignore[method-assign,assignment]
     return writes
 
 
@@ -225,3 +225,24 @@ async def test_published_frames_are_what_pamqp_marshals(broker: AMQPBroker, queu
     assert [len(f.value) for f in frames[2:]] == [step, step, 100]
     assert b"".join(f.value for f in frames[2:]) == body
     assert await ready_count(broker, queue) == 2
+
+
+async def test_write_now_writes_a_gathered_batch_in_the_same_loop_turn(
+    broker: AMQPBroker, queue: str
+) -> None:
+    # Given the broker's outbox, recording its writes
+    await broker.publish(envelopes(queue, 1))
+    outbox = await broker._outbox()
+    writes = written(outbox)
+    # When two publishes are queued and write_now() is called, without yielding to the loop
+    confirms = [outbox.publish(queue, queue, encode_properties(message_id=f"n{i}"), b"x") for i in range(2)]
+    outbox.write_now()
+    # Then both went out in one write already, and both are confirmed in order
+    assert [len(frames) for frames in writes] == [6]
+    for confirmed in confirms:
+        assert confirmed is not None
+        await asyncio.wait_for(confirmed, 5)
+    # And the flush task that the publishes scheduled finds nothing left to write
+    await outbox.flush()
+    assert len(writes) == 1
+    assert await ready_count(broker, queue) == 3
