@@ -69,6 +69,20 @@ def _frame(kind: int, channel: int, payload: bytes) -> bytes:
     return _FRAME.pack(kind, channel, len(payload)) + payload + _FRAME_END
 
 
+_PROPERTY_CODES: tuple[tuple[int, Callable[[Any], bytes]], ...] = (
+    (0x8000, _short),  # content-type
+    (0x2000, field_table),  # headers
+    (0x1000, _OCTET.pack),  # delivery-mode
+    (0x0800, _OCTET.pack),  # priority
+    (0x0400, _short),  # correlation-id
+    (0x0200, _short),  # reply-to
+    (0x0100, _short),  # expiration
+    (0x0080, _short),  # message-id
+    (0x0020, _short),  # type
+)
+"""Flag bit and encoder of each property encode_properties() takes, in AMQP's order (the others unused)."""
+
+
 def encode_properties(
     *,
     content_type: str | None = None,
@@ -82,34 +96,22 @@ def encode_properties(
     message_type: str | None = None,
 ) -> bytes:
     """The property flags and property list of a basic content header, as AMQP 0-9-1 lays them out."""
+    values = (
+        content_type,
+        headers,
+        delivery_mode,
+        priority,
+        correlation_id,
+        reply_to,
+        expiration,
+        message_id,
+        message_type,
+    )
     flags, parts = 0, []
-    if content_type is not None:
-        flags |= 0x8000
-        parts.append(_short(content_type))
-    if headers is not None:
-        flags |= 0x2000
-        parts.append(field_table(headers))
-    if delivery_mode is not None:
-        flags |= 0x1000
-        parts.append(_OCTET.pack(delivery_mode))
-    if priority is not None:
-        flags |= 0x0800
-        parts.append(_OCTET.pack(priority))
-    if correlation_id is not None:
-        flags |= 0x0400
-        parts.append(_short(correlation_id))
-    if reply_to is not None:
-        flags |= 0x0200
-        parts.append(_short(reply_to))
-    if expiration is not None:
-        flags |= 0x0100
-        parts.append(_short(expiration))
-    if message_id is not None:
-        flags |= 0x0080
-        parts.append(_short(message_id))
-    if message_type is not None:
-        flags |= 0x0020
-        parts.append(_short(message_type))
+    for value, (flag, encode) in zip(values, _PROPERTY_CODES, strict=True):
+        if value is not None:
+            flags |= flag
+            parts.append(encode(value))
     return _FLAGS.pack(flags) + b"".join(parts)
 
 
