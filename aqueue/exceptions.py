@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import builtins
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 __all__ = [
     "AqueueError",
@@ -108,10 +109,21 @@ class MissingExtra(ImproperlyConfigured, ImportError):
             f"Install it with: pip install 'aqueue[{extra}]'"
         )
 
-    @staticmethod
-    def caused_by(exc: ModuleNotFoundError, package: str) -> bool:
-        """Whether ``exc`` is the optional ``package`` (or a module of it) being absent."""
-        return (exc.name or "").partition(".")[0] in (package, "aiormq" if package == "aio_pika" else package)
+    @classmethod
+    @contextmanager
+    def guard(cls, scheme: str, extra: str) -> Iterator[None]:
+        """Turn the absence of ``extra``'s package, met while importing a transport, into this error."""
+        package, shown = _EXTRA_PACKAGES[extra]
+        try:
+            yield
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").partition(".")[0] not in package:
+                raise
+            raise cls(scheme, extra, shown) from exc
+
+
+_EXTRA_PACKAGES = {"redis": (("redis",), "redis"), "amqp": (("aio_pika", "aiormq"), "aio-pika")}
+"""The top-level packages each extra installs (any one missing means the extra is), and its pip name."""
 
 
 class NoResultBackend(ImproperlyConfigured):

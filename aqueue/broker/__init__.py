@@ -30,18 +30,10 @@ def from_url(url: str, options: Mapping[str, Any] | None = None) -> Broker:
 
             return SQLiteBroker(url, **options)
         case "redis" | "rediss" as scheme:
-            try:
+            with MissingExtra.guard(scheme, "redis"):
                 from aqueue.broker.redis import RedisBroker
-            except ModuleNotFoundError as exc:
-                if not MissingExtra.caused_by(exc, "redis"):
-                    raise
-                raise MissingExtra(scheme, "redis", "redis") from exc
             return RedisBroker(url, **options)
         case scheme:
-            try:
+            with MissingExtra.guard(scheme, "amqp"):
                 from aqueue.broker.amqp import AMQPBroker
-            except ModuleNotFoundError as exc:
-                if not MissingExtra.caused_by(exc, "aio_pika"):
-                    raise
-                raise MissingExtra(scheme, "amqp", "aio-pika") from exc
             return AMQPBroker(url, **options)

@@ -45,21 +45,13 @@ def from_url(
 
             return SQLiteBackend(url, serializer, expires)
         case "redis" | "rediss" as scheme:
-            try:
+            with MissingExtra.guard(scheme, "redis"):
                 from aqueue.result.redis import RedisBackend
-            except ModuleNotFoundError as exc:
-                if not MissingExtra.caused_by(exc, "redis"):
-                    raise
-                raise MissingExtra(scheme, "redis", "redis") from exc
             known = ("global_keyprefix", "client_name", "socket_timeout")
             return RedisBackend(url, serializer, expires, **_checked(options, known))
         case _:
-            try:
+            with MissingExtra.guard("rpc", "amqp"):
                 from aqueue.result.rpc import RPCBackend
-            except ModuleNotFoundError as exc:
-                if not MissingExtra.caused_by(exc, "aio_pika"):
-                    raise
-                raise MissingExtra("rpc", "amqp", "aio-pika") from exc
             return RPCBackend(url, serializer, expires, broker_url=broker_url)
 
 
