@@ -26,6 +26,7 @@ from urllib.parse import quote
 
 import pytest
 
+import aqueue
 from aqueue.app import App
 from tests.conftest import REDIS_URL, require_server
 
@@ -84,8 +85,12 @@ class CliResult:
 
 
 def subprocess_env() -> dict[str, str]:
-    """The environment for aqueue subprocesses: no inherited broker settings, no stray import paths."""
+    """The environment for aqueue subprocesses: no inherited broker settings, no stray import paths.
+
+    Subprocesses import the same aqueue as the tests (this checkout, whatever is installed).
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("AQUEUE_") and k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(Path(aqueue.__file__).resolve().parent.parent)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
