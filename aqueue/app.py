@@ -7,7 +7,6 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -25,13 +24,21 @@ from aqueue.broker import Broker
 from aqueue.broker import from_url as broker_from_url
 from aqueue.config import DEFAULT_BROKER_URL, Settings
 from aqueue.exceptions import NotRegistered
-from aqueue.message import Envelope, Message, encode_message
+from aqueue.message import Envelope, Message
+from aqueue.options import (
+    ResolvedOptions,
+    SendOptions,
+    TaskOptionArgs,
+    TaskOptions,
+    apply_call_options,
+    resolve,
+)
 from aqueue.publish import Publisher, RetryPolicy
 from aqueue.result import AsyncResult, ResultBackend
 from aqueue.result import from_url as backend_from_url
 from aqueue.routing import Router
 from aqueue.serialization import Serializer, get_serializer
-from aqueue.task import Task, TaskOptionArgs, TaskOptions
+from aqueue.task import Task, _request
 
 if TYPE_CHECKING:
     from aqueue.control import Control
@@ -64,6 +71,7 @@ class _SendSpec:
     serializer: Serializer
     ignore_result: bool
     priority: int | None
+    expires: float | None
     convert: Callable[[Any], Any] | None
 
 
@@ -104,6 +112,7 @@ class App(AsyncResource):
         self._connected = False
         self._connecting: asyncio.Lock | None = None
         self._specs: dict[str, _SendSpec] = {}
+        self._options: dict[str, ResolvedOptions] = {}
         self._router: Router | None = None
         self._eager = self.conf.task_always_eager
         self.conf.on_change(self._settings_changed)
@@ -173,24 +182,21 @@ class App(AsyncResource):
     ) -> Any:
         """Register a function as a task: ``@app.task`` or ``@app.task(name=..., bind=True, ...)``.
 
-        Options: ignore_result, rate_limit, acks_late, queue, serializer, max_retries,
-        default_retry_delay, time_limit, soft_time_limit, track_started, priority, autoretry_for.
+        Options (:class:`~aqueue.options.TaskOptions`): ignore_result, rate_limit, global_rate_limit,
+        acks_late, acks_on_failure_or_timeout, queue, serializer, max_retries, default_retry_delay,
+        time_limit, soft_time_limit, track_started, priority, expires, autoretry_for, retry_kwargs,
+        retry_backoff, retry_backoff_max, retry_jitter.
+
+        Raises:
+            ImproperlyConfigured: an unknown option (the known ones are listed) or a bad rate limit.
         """
-        try:
-            task_options = TaskOptions(**options)
-        except TypeError:
-            from aqueue.exceptions import ImproperlyConfigured
-
-            known = ", ".join(TaskOptions.__dataclass_fields__)
-            raise ImproperlyConfigured(f"Unknown task option in {sorted(options)}: use {known}") from None
-        from aqueue.rates import parse_rate
-
-        parse_rate(task_options.rate_limit)
-        parse_rate(task_options.global_rate_limit)
+        task_options = TaskOptions.of(options)
 
         def register(fn: Callable[..., Any]) -> Task[Any, Any]:
             task: Task[Any, Any] = Task(self, fn, name or self.gen_task_name(fn), bind, task_options)
             self.tasks[task.name] = task
+            self._options.pop(task.name, None)  # resolved before the task existed: resolve again
+            self._specs.pop(task.name, None)
             return task
 
         return register(fn) if fn is not None else register
@@ -239,60 +245,80 @@ class App(AsyncResource):
         kwargs: dict[str, Any] | None = None,
         *,
         task: Task[Any, Any] | None = None,
-        task_id: str | None = None,
-        queue: str | None = None,
-        countdown: float | None = None,
-        eta: datetime | float | None = None,
-        expires: datetime | float | None = None,
-        headers: dict[str, Any] | None = None,
-        ignore_result: bool | None = None,
-        serializer: str | None = None,
-        priority: int | None = None,
+        **options: Unpack[SendOptions],
     ) -> AsyncResult[Any]:
         """Send a task by name (it need not be registered here); returns its :class:`AsyncResult` at once.
 
+        ``options`` are those of ``apply_async`` (:class:`~aqueue.options.SendOptions`); an option not
+        given falls back to the task's own, then its ``task_annotations`` entry, then the setting. Sent
+        from inside a running task, the new task gets that task as its parent and shares its root.
+
         Raises:
             EncodeError: an argument cannot be serialized (it is named).
+            ImproperlyConfigured: an unknown option (the closest is named) or a bad value.
         """
         spec = self._spec(name, task)
         if self._eager:
             from aqueue.eager import apply_eager
 
+            task_id = options.get("task_id")
             return apply_eager(self, self.tasks.get(name) or _unregistered(name), args, kwargs, task_id)
-        ignored = spec.ignore_result if ignore_result is None else ignore_result
-        eta_ts = _when(eta, countdown, self.conf)
         message = Message(
-            task_id or str(uuid.uuid4()),
-            name,
-            args or (),
-            kwargs or {},
-            0,
-            eta_ts,
-            _expiry(expires, self.conf),
-            ignored,
-            None,
-            headers,
+            id=options.get("task_id") or str(uuid.uuid4()),
+            task=name,
+            args=args or (),
+            kwargs=kwargs or {},
+            ignore_result=spec.ignore_result,
+            priority=spec.priority,
         )
-        backend = self.backend
-        backend.prepare(message)
-        codec = spec.serializer if serializer is None else get_serializer(serializer)
-        target = queue or spec.queue or self._route(name, task, args, kwargs)
-        envelope = Envelope(
-            message.id,
-            target,
-            encode_message(message, codec),
-            codec.content_type,
-            eta_ts,
-            spec.priority if priority is None else priority,
-        )
-        sent = self.publisher.submit(envelope)
+        request = _request.get(None)
+        if request is not None and request.id is not None and not request.called_directly:
+            message.root_id, message.parent_id = request.root_id or request.id, request.id
+        serializer, queue = spec.serializer, spec.queue
+        if options:
+            chosen, queue = apply_call_options(message, options, self.conf)
+            serializer = spec.serializer if chosen is None else get_serializer(chosen)
+            queue = queue or spec.queue
+        if message.expires is None and spec.expires is not None:
+            message.expires = time.time() + spec.expires
+        self.backend.prepare(message)
+        sent = self.send_message(message, queue or self._route(name, task, args, kwargs), serializer)
         return AsyncResult(
-            message.id, backend, sent=sent, ignored=ignored, task_name=name, convert=spec.convert
+            message.id,
+            self.backend,
+            sent=sent,
+            ignored=message.ignore_result,
+            task_name=name,
+            convert=spec.convert,
         )
+
+    def send_message(self, message: Message, queue: str, serializer: Serializer) -> asyncio.Future[None]:
+        """Publish ``message`` to ``queue``: the one place a message becomes an envelope.
+
+        Every send goes through here: ``send_task``, the worker's retries and give-backs, workflow steps.
+        Returns the future the broker's acceptance completes.
+
+        Raises:
+            EncodeError: an argument cannot be serialized (it is named).
+        """
+        body, headers = self.broker.codec.encode(message, serializer)
+        envelope = Envelope(
+            message.id, queue, body, serializer.content_type, message.eta, message.priority, headers
+        )
+        return self.publisher.submit(envelope)
 
     def AsyncResult(self, task_id: str) -> AsyncResult[Any]:
         """A result handle for any task id."""
         return AsyncResult(task_id, self.backend)
+
+    def options_for(self, name: str) -> ResolvedOptions:
+        """The options of task ``name`` (registered or not) after resolution: task > annotation > setting."""
+        found = self._options.get(name)
+        if found is None:
+            task = self.tasks.get(name)
+            own = task.options if task is not None else TaskOptions()
+            found = self._options[name] = resolve(own, self.annotation(name), self.conf)
+        return found
 
     @property
     def publisher(self) -> Publisher:
@@ -313,24 +339,21 @@ class App(AsyncResource):
         return spec
 
     def _settings_changed(self) -> None:
-        """What sending works out once per task name is worked out again after a settings change."""
+        """What is worked out once per task name is worked out again after a settings change."""
         self._specs.clear()
+        self._options.clear()
         self._router = None
         self._eager = self.conf.task_always_eager
 
     def _make_spec(self, name: str, task: Task[Any, Any] | None) -> _SendSpec:
-        conf, options = self.conf, task.options if task else TaskOptions()
-        annotated = self.annotation(name)
+        resolved = self.options_for(name)
         router = self.router
-        static_queue = None if router.dynamic else router.queue_for(name, options.queue)
-        ignore = options.ignore_result
-        if ignore is None:  # the worker reads task_annotations too: agree with it on what is stored
-            ignore = bool(annotated.get("ignore_result", conf.task_ignore_result))
         return _SendSpec(
-            static_queue,
-            get_serializer(options.serializer or annotated.get("serializer") or conf.task_serializer),
-            ignore,
-            options.priority if options.priority is not None else conf.task_default_priority,
+            None if router.dynamic else router.queue_for(name, resolved.queue),
+            get_serializer(resolved.serializer),
+            resolved.ignore_result,
+            resolved.priority,
+            resolved.expires,
             task.result_type if task is not None else None,
         )
 
@@ -341,7 +364,7 @@ class App(AsyncResource):
         return self._router
 
     def _route(self, name: str, task: Task[Any, Any] | None, args: Any, kwargs: Any) -> str:
-        return self.router.queue_for(name, task.options.queue if task else None, args, kwargs)
+        return self.router.queue_for(name, self.options_for(name).queue, args, kwargs)
 
     # Connections --------------------------------------------------------------------------------
 
@@ -377,24 +400,3 @@ Celery = App
 
 def _unregistered(name: str) -> Task[Any, Any]:
     raise NotRegistered(name)
-
-
-def _timestamp(when: datetime, conf: Settings) -> float:
-    """Unix time of ``when``; a naive datetime is read in the app's zone (UTC unless enable_utc is off)."""
-    return (when if when.tzinfo is not None else when.replace(tzinfo=conf.zone())).timestamp()
-
-
-def _when(eta: datetime | float | None, countdown: float | None, conf: Settings) -> float | None:
-    if eta is not None:
-        return _timestamp(eta, conf) if isinstance(eta, datetime) else float(eta)
-    if countdown:
-        return time.time() + countdown
-    return None
-
-
-def _expiry(expires: datetime | float | None, conf: Settings) -> float | None:
-    if expires is None:
-        return None
-    if isinstance(expires, datetime):
-        return _timestamp(expires, conf)
-    return time.time() + float(expires)

@@ -37,7 +37,12 @@ def apply_eager(
     """Run ``task`` here and return its result handle."""
     task_id = task_id or str(uuid.uuid4())
     context = Context(
-        task_id, task.name, tuple(args or ()), dict(kwargs or {}), is_eager=True, called_directly=False
+        id=task_id,
+        task=task.name,
+        args=tuple(args or ()),
+        kwargs=dict(kwargs or {}),
+        is_eager=True,
+        called_directly=False,
     )
     propagate = app.conf.task_eager_propagates
     loop = asyncio.get_running_loop()

@@ -9,12 +9,13 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, TypedDict, TypeVar, Unpack
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, TypeVar, Unpack
 
 import pydantic
 
 from aqueue._compat import is_async_callable
 from aqueue.exceptions import MaxRetriesExceededError, Retry
+from aqueue.options import ResolvedOptions, SendOptions, TaskOptionArgs, TaskOptions
 
 if TYPE_CHECKING:
     from aqueue.app import App
@@ -26,64 +27,9 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-@dataclass(frozen=True, slots=True)
-class TaskOptions:
-    """Options set on the task; ``None`` means: fall back to the app's settings."""
-
-    ignore_result: bool | None = None
-    rate_limit: str | float | None = None
-    global_rate_limit: str | float | None = None
-    acks_late: bool | None = None
-    queue: str | None = None
-    serializer: str | None = None
-    max_retries: int | None = 3
-    default_retry_delay: float | None = None
-    time_limit: float | None = None
-    soft_time_limit: float | None = None
-    track_started: bool | None = None
-    priority: int | None = None
-    autoretry_for: tuple[type[BaseException], ...] = ()
-
-
-class SendOptions(TypedDict, total=False):
-    """The options of ``apply_async`` and ``send_task``."""
-
-    task_id: str | None
-    queue: str | None
-    """Overrides task_routes and the task's own queue."""
-    countdown: float | None
-    """Seconds from now before the task may start."""
-    eta: datetime | float | None
-    """When the task may start: a datetime (naive: in the app's zone) or a unix time."""
-    expires: datetime | float | None
-    """Seconds from now, or a datetime, after which the task is revoked instead of run."""
-    headers: dict[str, Any] | None
-    ignore_result: bool | None
-    serializer: str | None
-    priority: int | None
-
-
-class TaskOptionArgs(TypedDict, total=False):
-    """The keyword options ``@app.task(...)`` takes (see :class:`TaskOptions`)."""
-
-    ignore_result: bool
-    rate_limit: str | float | None
-    global_rate_limit: str | float | None
-    acks_late: bool
-    queue: str
-    serializer: str
-    max_retries: int | None
-    default_retry_delay: float
-    time_limit: float | None
-    soft_time_limit: float | None
-    track_started: bool
-    priority: int | None
-    autoretry_for: tuple[type[BaseException], ...]
-
-
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class Context:
-    """What a bound task sees as ``self.request`` while it runs."""
+    """What a bound task sees as ``self.request`` while it runs (Celery's names)."""
 
     id: str | None = None
     task: str | None = None
@@ -95,6 +41,14 @@ class Context:
     hostname: str | None = None
     delivery_info: dict[str, Any] = field(default_factory=dict)
     headers: dict[str, Any] | None = None
+    root_id: str | None = None
+    parent_id: str | None = None
+    group: str | None = None
+    group_index: int | None = None
+    callbacks: list[dict[str, Any]] | None = None
+    errbacks: list[dict[str, Any]] | None = None
+    chain: list[dict[str, Any]] | None = None
+    chord: dict[str, Any] | None = None
     is_eager: bool = False
     called_directly: bool = True
 
@@ -163,6 +117,11 @@ class Task(Generic[P, R]):
         return pydantic.TypeAdapter(hint).validate_python
 
     @property
+    def resolved(self) -> ResolvedOptions:
+        """This task's options after resolution (the call aside): task > annotation > setting."""
+        return self.app.options_for(self.name)
+
+    @property
     def request(self) -> Context:
         """The request being run, inside a worker; an empty context for a direct call."""
         return _request.get(_DIRECT)
@@ -180,8 +139,8 @@ class Task(Generic[P, R]):
             Retry: always, unless the retry limit is reached.
             MaxRetriesExceededError: past ``max_retries`` (or ``exc`` itself, when given).
         """
-        request = self.request
-        limit = self.options.max_retries if max_retries is None else max_retries
+        request, resolved = self.request, self.resolved
+        limit = resolved.max_retries if max_retries is None else max_retries
         if limit is not None and request.retries >= limit:
             if exc is not None:
                 raise exc
@@ -193,8 +152,7 @@ class Task(Generic[P, R]):
         elif countdown is not None:
             when = countdown
         else:
-            delay = self.options.default_retry_delay
-            when = self.app.conf.task_default_retry_delay if delay is None else delay
+            when = resolved.default_retry_delay
         raise Retry(exc=exc, when=max(0.0, when))
 
     def __repr__(self) -> str:

@@ -60,7 +60,7 @@ async def running_worker(app: App, **worker_options: Any) -> AsyncIterator[Worke
 
 def _all_queues(app: App) -> list[str]:
     queues = {app.conf.task_default_queue}
-    queues.update(t.options.queue for t in app.tasks.values() if t.options.queue)
+    queues.update(q for name in app.tasks if (q := app.options_for(name).queue))
     queues.update(app.router.queue_for(name) for name in app.tasks)
     return sorted(queues)
 

@@ -25,7 +25,27 @@ def test_to_dict_leaves_out_empty_optional_fields() -> None:
 def test_encode_then_decode_gives_the_same_message(serializer: str) -> None:
     # Given a message with every field set
     message = Message(
-        "id-2", "tasks.add", [1, 2], {"z": 3}, 2, 1700000000.5, 1700000100.0, True, "reply-q", {"h": "v"}
+        "id-2",
+        "tasks.add",
+        [1, 2],
+        {"z": 3},
+        retries=2,
+        eta=1700000000.5,
+        expires=1700000100.0,
+        ignore_result=True,
+        reply_to="reply-q",
+        headers={"h": "v"},
+        priority=3,
+        time_limit=10.0,
+        soft_time_limit=None,
+        root_id="root",
+        parent_id="parent",
+        group="g",
+        group_index=0,
+        callbacks=[{"task": "tasks.cb", "args": [], "kwargs": {}, "options": {}}],
+        errbacks=[{"task": "tasks.err", "args": [], "kwargs": {}, "options": {}}],
+        chain=[{"task": "tasks.next", "args": [], "kwargs": {}, "options": {}}],
+        chord={"task": "tasks.body", "args": [], "kwargs": {}, "options": {}, "chord_size": 2},
     )
     codec = get_serializer(serializer)
     # When it is encoded and decoded
@@ -36,7 +56,8 @@ def test_encode_then_decode_gives_the_same_message(serializer: str) -> None:
 
 def test_decoded_defaults() -> None:
     decoded = decode_message(b'{"id": "a", "task": "t"}', JSON.content_type, ACCEPT)
-    assert decoded == Message("a", "t", (), {}, 0, None, None, False, None, None)
+    assert decoded == Message("a", "t", (), {})
+    assert decoded.root == "a" and decoded.parent_id is None
 
 
 @pytest.mark.parametrize(

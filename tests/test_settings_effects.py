@@ -36,9 +36,9 @@ def test_naive_eta_is_utc_by_default_and_in_timezone_when_enable_utc_is_off(make
     app.conf.enable_utc = False
     assert app.conf.zone() == ZoneInfo("Asia/Tokyo")
     expected = naive.replace(tzinfo=ZoneInfo("Asia/Tokyo")).timestamp()
-    from aqueue.app import _when
+    from aqueue.options import _moment
 
-    assert _when(naive, None, app.conf) == pytest.approx(expected)
+    assert _moment(naive, app.conf, "eta", relative=False) == pytest.approx(expected)
     assert abs(expected - (time.time() + 3600)) > 3600  # Tokyo is not UTC: the zone did change the time
 
 

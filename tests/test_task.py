@@ -11,7 +11,8 @@ import pytest
 
 from aqueue import App, Task
 from aqueue.exceptions import MaxRetriesExceededError, Retry
-from aqueue.task import Context, TaskOptions, _request
+from aqueue.options import NOT_GIVEN, TaskOptions
+from aqueue.task import Context, _request
 
 MakeApp = Callable[..., App]
 
@@ -177,14 +178,11 @@ def test_max_retries_none_retries_for_ever(make_app: MakeApp, in_request: Callab
         job.retry(countdown=0)
 
 
-def test_default_options() -> None:
+def test_options_not_given_on_the_task_are_not_given() -> None:
+    # "Not given" is NOT_GIVEN, never a value: max_retries=None (retry for ever) is a value
     options = TaskOptions()
-    assert (options.max_retries, options.acks_late, options.ignore_result, options.rate_limit) == (
-        3,
-        None,
-        None,
-        None,
-    )
+    assert all(getattr(options, name) is NOT_GIVEN for name in TaskOptions.__dataclass_fields__)
+    assert TaskOptions.of({"max_retries": None}).max_retries is None
 
 
 def test_retry_eta_timing_is_relative_to_now(make_app: MakeApp, in_request: Callable[..., None]) -> None:

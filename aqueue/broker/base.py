@@ -16,7 +16,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, Self
 
 from aqueue._compat import AsyncResource
-from aqueue.message import Envelope
+from aqueue.message import NATIVE, Codec, Envelope
 from aqueue.rates import Rate
 
 __all__ = ["Broker", "Consumer", "Delivery"]
@@ -25,7 +25,9 @@ __all__ = ["Broker", "Consumer", "Delivery"]
 class Delivery:
     """One message handed to a consumer, to be settled once."""
 
-    __slots__ = ("_consumer", "body", "content_type", "id", "queue", "redelivered", "settled", "tag")
+    __slots__ = (
+        "_consumer", "body", "content_type", "headers", "id", "queue", "redelivered", "settled", "tag",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -36,10 +38,13 @@ class Delivery:
         content_type: str,
         redelivered: bool = False,
         tag: Any = None,
+        headers: dict[str, Any] | None = None,
     ) -> None:
         self._consumer = consumer
         self.id, self.queue, self.body, self.content_type = id, queue, body, content_type
         self.redelivered, self.tag, self.settled = redelivered, tag, False
+        self.headers = headers
+        """The headers carried beside the body, for the broker's codec (``None`` on native layouts)."""
 
     async def ack(self) -> None:
         """The message is done with: remove it from the broker.
@@ -151,6 +156,8 @@ class Broker(AsyncResource, ABC):
     """A message transport. Use it as ``async with broker:`` or call ``connect()``/``aclose()``."""
 
     url: str
+    codec: Codec = NATIVE
+    """How messages are laid out on this broker's wire."""
 
     @abstractmethod
     async def publish(self, envelopes: Sequence[Envelope]) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 from aqueue import states
 from aqueue.broker.base import Consumer, Delivery
 from aqueue.exceptions import ContentDisallowed, DecodeError, NotRegistered
-from aqueue.message import Message, decode_message
+from aqueue.message import Codec, Message
 from aqueue.result.base import ResultBackend, TaskMeta
 from aqueue.result.failure import exception_to_result
 from aqueue.worker.execution import Executor, TaskRuntime
@@ -28,18 +28,24 @@ class ConsumerLoop:
         executor: Executor,
         backend: ResultBackend,
         accepted: frozenset[str],
+        codec: Codec,
     ) -> None:
         self.consumer, self.runtimes, self.executor = consumer, runtimes, executor
-        self.backend, self.accepted = backend, accepted
+        self.backend, self.accepted, self.codec = backend, accepted, codec
         self.running = executor.running
 
     async def run(self) -> None:
         """Consume until cancelled."""
         log_info = logger.isEnabledFor(logging.INFO)
-        runtimes, accepted, submit = self.runtimes, self.accepted, self.executor.submit
+        runtimes, accepted, submit, decode = (
+            self.runtimes,
+            self.accepted,
+            self.executor.submit,
+            self.codec.decode,
+        )
         async for delivery in self.consumer:
             try:
-                message = decode_message(delivery.body, delivery.content_type, accepted)
+                message = decode(delivery.body, delivery.content_type, delivery.headers, accepted)
             except (ContentDisallowed, DecodeError) as exc:
                 await self._bad(delivery, exc)
                 continue

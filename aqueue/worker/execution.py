@@ -18,6 +18,7 @@ import asyncio
 import functools
 import logging
 import os
+import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
@@ -37,9 +38,10 @@ from aqueue.exceptions import (
     Retry,
     TimeLimitExceeded,
 )
-from aqueue.message import Envelope, Message, encode_message
+from aqueue.message import Message
+from aqueue.options import ResolvedOptions
 from aqueue.rates import parse_rate
-from aqueue.result.base import ResultBackend, TaskMeta
+from aqueue.result.base import TaskMeta
 from aqueue.result.failure import exception_to_result, format_traceback
 from aqueue.serialization import get_serializer
 from aqueue.task import Context, Task, _request
@@ -48,19 +50,19 @@ from aqueue.worker.state import WorkerState
 
 if TYPE_CHECKING:
     from aqueue.app import App
-    from aqueue.publish import Publisher
 
 __all__ = ["Executor", "TaskRuntime"]
 
 logger = logging.getLogger("aqueue.worker")
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class TaskRuntime:
-    """A task's settings as the worker applies them, worked out once at start-up."""
+    """A task's options as the worker applies them, worked out once at start-up."""
 
     task: Task[Any, Any]
     fn: Callable[..., Any]
+    options: ResolvedOptions
     acks_late: bool
     ignore_result: bool
     track_started: bool
@@ -73,48 +75,36 @@ class TaskRuntime:
 
     @classmethod
     def build(cls, app: App, task: Task[Any, Any]) -> TaskRuntime:
-        conf, options, annotated = app.conf, task.options, app.annotation(task.name)
-
-        def pick(name: str, setting: Any) -> Any:
-            own = getattr(options, name)
-            return own if own is not None else annotated.get(name, setting)
-
-        rate = pick("rate_limit", conf.task_default_rate_limit)
+        options = app.options_for(task.name)
         if options.soft_time_limit is not None:
             logger.warning(
                 "Task %s: soft_time_limit has no effect (a coroutine cannot be interrupted softly); "
                 "use time_limit.",
                 task.name,
             )
-        if not task.is_async and pick("time_limit", conf.task_time_limit) is not None:
+        if not task.is_async and options.time_limit is not None:
             logger.warning(
                 "Task %s: time_limit applies to async def tasks only; a thread cannot be stopped.", task.name
             )
         return cls(
-            task,
-            task.checked_fn,
-            bool(pick("acks_late", conf.task_acks_late)),
-            bool(pick("ignore_result", conf.task_ignore_result)),
-            bool(pick("track_started", conf.task_track_started)),
-            pick("time_limit", conf.task_time_limit),
-            TokenBucket(parse_rate(rate)),
-            conf.task_acks_on_failure_or_timeout,
-            _shared_bucket(app, task, pick("global_rate_limit", conf.task_default_global_rate_limit)),
+            task=task,
+            fn=task.checked_fn,
+            options=options,
+            acks_late=options.acks_late,
+            ignore_result=options.ignore_result,
+            track_started=options.track_started,
+            time_limit=options.time_limit,
+            bucket=TokenBucket(parse_rate(options.rate_limit)),
+            ack_failures=options.acks_on_failure_or_timeout,
+            shared=_shared_bucket(app, task, options.global_rate_limit),
         )
 
 
 class Executor:
     """Runs deliveries within the concurrency limit and each task's rate limit."""
 
-    def __init__(
-        self,
-        backend: ResultBackend,
-        publisher: Publisher,
-        state: WorkerState,
-        slots: ConcurrencyLimit,
-        hostname: str,
-    ) -> None:
-        self.backend, self.publisher, self.state, self.slots = backend, publisher, state, slots
+    def __init__(self, app: App, state: WorkerState, slots: ConcurrencyLimit, hostname: str) -> None:
+        self.app, self.backend, self.state, self.slots = app, app.backend, state, slots
         self.hostname = hostname
         self.log_info = logger.isEnabledFor(logging.INFO)
         self.closing = False
@@ -205,9 +195,7 @@ class Executor:
             await delivery.requeue()
         else:
             # Acknowledged when it started, cut short by shutdown: send it again so it is not lost.
-            await self.publisher.submit(
-                Envelope(message.id, delivery.queue, delivery.body, delivery.content_type)
-            )
+            await self.app.send_message(message, delivery.queue, get_serializer(delivery.content_type))
             logger.warning(
                 "Task %s[%s] was cut short by shutdown and returned to the queue", message.task, message.id
             )
@@ -234,22 +222,7 @@ class Executor:
                 TaskMeta(task_id, states.STARTED, {"pid": os.getpid(), "hostname": self.hostname}, name=name),
                 message,
             )
-        token = _request.set(
-            Context(
-                task_id,
-                name,
-                message.args,
-                message.kwargs,
-                message.retries,
-                message.eta,
-                message.expires,
-                self.hostname,
-                {"routing_key": delivery.queue},
-                message.headers,
-                False,
-                False,
-            )
-        )
+        token = _request.set(_context(message, self.hostname, delivery.queue))
         began = time.perf_counter()
         try:
             result = await self._call(runtime, message)
@@ -338,16 +311,7 @@ class Executor:
     async def _retry(self, delivery: Delivery, message: Message, runtime: TaskRuntime, retry: Retry) -> None:
         when = retry.when or 0.0
         again = replace(message, retries=message.retries + 1, eta=time.time() + when if when else None)
-        serializer = get_serializer(delivery.content_type)
-        await self.publisher.submit(
-            Envelope(
-                again.id,
-                delivery.queue,
-                encode_message(again, serializer),
-                serializer.content_type,
-                again.eta,
-            )
-        )
+        await self.app.send_message(again, delivery.queue, get_serializer(delivery.content_type))
         logger.info(
             "Task %s[%s] retry: Retry in %ss%s",
             message.task,
@@ -405,13 +369,48 @@ def _shared_bucket(app: App, task: Task[Any, Any], rate: str | float | None) -> 
 
 
 def _autoretry(runtime: TaskRuntime, exc: Exception) -> Retry | None:
-    """The Retry that ``autoretry_for`` asks for, or None (also when the retry limit is reached)."""
-    if not (runtime.task.options.autoretry_for and isinstance(exc, runtime.task.options.autoretry_for)):
+    """The Retry that ``autoretry_for`` asks for, or None (also when the retry limit is reached).
+
+    ``retry_kwargs`` are passed to ``retry()``; ``retry_backoff`` sets the countdown to Celery's
+    exponential backoff (``factor * 2**retries`` seconds, at most ``retry_backoff_max``, drawn at random
+    below that with ``retry_jitter``).
+    """
+    options = runtime.options
+    if not (options.autoretry_for and isinstance(exc, options.autoretry_for)):
         return None
+    kwargs = dict(options.retry_kwargs)
+    if options.retry_backoff:
+        factor = max(1, int(options.retry_backoff))
+        countdown = min(options.retry_backoff_max, factor * 2**runtime.task.request.retries)
+        kwargs["countdown"] = random.uniform(0, countdown) if options.retry_jitter else countdown
     try:
-        runtime.task.retry(exc=exc)
+        runtime.task.retry(exc=exc, **kwargs)
     except Retry as retry:
         return retry
     except Exception:
         return None
     return None
+
+
+def _context(message: Message, hostname: str, queue: str) -> Context:
+    return Context(
+        id=message.id,
+        task=message.task,
+        args=message.args,
+        kwargs=message.kwargs,
+        retries=message.retries,
+        eta=message.eta,
+        expires=message.expires,
+        hostname=hostname,
+        delivery_info={"routing_key": queue, "priority": message.priority},
+        headers=message.headers,
+        root_id=message.root,
+        parent_id=message.parent_id,
+        group=message.group,
+        group_index=message.group_index,
+        callbacks=message.callbacks,
+        errbacks=message.errbacks,
+        chain=message.chain,
+        chord=message.chord,
+        called_directly=False,
+    )

@@ -111,8 +111,8 @@ class Worker:
         consumer = await stack.enter_async_context(app.broker.consume(self.queues, self.prefetch))
         control = ControlServer(self, f"{app.conf.control_exchange}.control")
         inbox = await stack.enter_async_context(app.broker.subscribe(control.channel))
-        executor = Executor(app.backend, app.publisher, self.state, self.slots, self.hostname)
-        self._loop = ConsumerLoop(consumer, self.runtimes, executor, app.backend, accepted)
+        executor = Executor(app, self.state, self.slots, self.hostname)
+        self._loop = ConsumerLoop(consumer, self.runtimes, executor, app.backend, accepted, app.broker.codec)
         self._parts = [asyncio.create_task(self._loop.run()), asyncio.create_task(control.serve(inbox))]
         for part in self._parts:
             part.add_done_callback(self._part_done)
