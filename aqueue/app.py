@@ -23,7 +23,7 @@ from aqueue._compat import AsyncResource
 from aqueue.broker import Broker
 from aqueue.broker import from_url as broker_from_url
 from aqueue.config import DEFAULT_BROKER_URL, Settings
-from aqueue.exceptions import NotRegistered
+from aqueue.exceptions import AqueueError, NotRegistered
 from aqueue.message import Envelope, Message
 from aqueue.options import (
     ResolvedOptions,
@@ -43,7 +43,24 @@ from aqueue.task import Task, _request
 if TYPE_CHECKING:
     from aqueue.control import Control
 
-__all__ = ["App", "Celery"]
+__all__ = ["App", "Celery", "current_app"]
+
+_current: App | None = None
+
+
+def current_app() -> App:
+    """The app created last in this process (Celery's ``current_app``), for signatures made by name.
+
+    Raises:
+        AqueueError: no app was created yet.
+    """
+    if _current is None:
+        raise AqueueError(
+            "No aqueue app exists yet: create one with App(...) before sending signatures by task name, "
+            "or pass app=... to signature()."
+        )
+    return _current
+
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -106,6 +123,8 @@ class App(AsyncResource):
         if backend is not None:
             self.conf.result_backend = backend
         self.tasks: dict[str, Task[Any, Any]] = {}
+        self.builtins: dict[str, Task[Any, Any]] = {}
+        """Tasks every worker runs besides the app's own: ``celery.map``, ``celery.starmap``, ``celery.chunks``."""
         self._broker: Broker | None = None
         self._backend: ResultBackend | None = None
         self._publisher: Publisher | None = None
@@ -116,6 +135,11 @@ class App(AsyncResource):
         self._router: Router | None = None
         self._eager = self.conf.task_always_eager
         self.conf.on_change(self._settings_changed)
+        global _current
+        _current = self
+        from aqueue.canvas import register_builtins
+
+        register_builtins(self)
 
     # Configuration ------------------------------------------------------------------------------
 

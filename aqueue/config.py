@@ -31,7 +31,6 @@ INERT = {
     "result_accept_content": "results are decoded with result_serializer",
     "result_extended": "stored results hold the task name, not its arguments",
     "task_reject_on_worker_lost": "a worker is one process; with acks_late a lost worker's tasks are always redelivered",
-    "task_soft_time_limit": "a coroutine cannot be interrupted softly; use task_time_limit",
     "task_create_missing_queues": "queues are always created when first used",
     "worker_hijack_root_logger": "the worker command always sets up the root logger",
     "worker_send_task_events": "task events are not supported",

@@ -20,6 +20,7 @@
     ├── TimeoutError                  get(timeout=...) ran out (also a builtin TimeoutError)
     ├── TaskError                     a task failed with an exception that cannot be rebuilt here
     ├── TaskRevokedError              get() on a task that was revoked or expired
+    ├── ChordError                    a chord's header task failed, so its callback did not run
     └── TaskPredicate                 raised inside a task to steer the worker
         ├── Retry                     run the task again later
         ├── Ignore                    store nothing, ack the message
@@ -38,6 +39,7 @@ from contextlib import contextmanager
 
 __all__ = [
     "AqueueError",
+    "ChordError",
     "ContentDisallowed",
     "DecodeError",
     "DeliveryLost",
@@ -205,6 +207,10 @@ class TaskError(AqueueError):
 
 class TaskRevokedError(AqueueError):
     """The task was revoked (or expired) instead of run."""
+
+
+class ChordError(AqueueError):
+    """A task of a chord's header failed, so the chord's callback did not run (its stored state)."""
 
 
 class TaskPredicate(AqueueError):

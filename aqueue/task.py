@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, TypeVar, Un
 import pydantic
 
 from aqueue._compat import is_async_callable
+from aqueue.canvas import Signature, chunks, xmap, xstarmap
 from aqueue.exceptions import MaxRetriesExceededError, Retry
 from aqueue.options import ResolvedOptions, SendOptions, TaskOptionArgs, TaskOptions
 
@@ -94,6 +95,37 @@ class Task(Generic[P, R]):
             EncodeError: an argument cannot be serialized (it is named).
         """
         return self.app.send_task(self.name, args, kwargs, task=self, **options)
+
+    # Signatures (Celery's canvas) ---------------------------------------------------------------
+
+    def s(self, *args: Any, **kwargs: Any) -> Signature[R]:
+        """A signature of this task with these (partial) arguments: ``add.s(2)``."""
+        return Signature(self, args, kwargs)
+
+    def si(self, *args: Any, **kwargs: Any) -> Signature[R]:
+        """An immutable signature: a chain or callback does not add its result to these arguments."""
+        return Signature(self, args, kwargs, immutable=True)
+
+    def signature(
+        self, args: Sequence[Any] | None = None, kwargs: dict[str, Any] | None = None, **options: Any
+    ) -> Signature[R]:
+        """A signature with ``apply_async`` options: ``add.signature((2, 2), countdown=10)``."""
+        immutable = bool(options.pop("immutable", False))
+        return Signature(self, args, kwargs, options, immutable=immutable)
+
+    subtask = signature
+
+    def map(self, it: Iterable[Any]) -> xmap:
+        """One task that calls this one on each item, in the worker: ``add.map([1, 2])``."""
+        return xmap(self.s(), it)
+
+    def starmap(self, it: Iterable[Sequence[Any]]) -> xstarmap:
+        """One task that calls ``this(*item)`` for each item, in the worker."""
+        return xstarmap(self.s(), it)
+
+    def chunks(self, it: Iterable[Sequence[Any]], n: int) -> chunks:
+        """The items in tasks of ``n`` calls each; ``.delay()`` gives a GroupResult of lists."""
+        return chunks(self.s(), it, n)
 
     @cached_property
     def checked_fn(self) -> Callable[..., Any]:

@@ -22,7 +22,18 @@ def public_modules() -> list[str]:
 
 
 def test_the_package_exports_exactly_these_names() -> None:
-    assert sorted(aqueue.__all__) == ["App", "AsyncResult", "Celery", "Task", "__version__", "states"]
+    assert sorted(aqueue.__all__) == [
+        "App",
+        "AsyncResult",
+        "Celery",
+        "Task",
+        "__version__",
+        "chain",
+        "chord",
+        "group",
+        "signature",
+        "states",
+    ]
     assert aqueue.Celery is aqueue.App
     assert isinstance(aqueue.__version__, str) and aqueue.__version__.count(".") >= 2
 

@@ -13,6 +13,7 @@ from aqueue.result.failure import exception_from_result
 
 if TYPE_CHECKING:
     from aqueue.result.base import ResultBackend, TaskMeta
+    from aqueue.result.groupresult import GroupResult
 
 __all__ = ["AsyncResult"]
 
@@ -28,7 +29,7 @@ class AsyncResult(Generic[R]):
     confirm is returned at once.
     """
 
-    __slots__ = ("_convert", "_meta", "_sent", "backend", "id", "ignored", "task_name")
+    __slots__ = ("_convert", "_meta", "_sent", "backend", "id", "ignored", "parent", "task_name")
 
     def __init__(
         self,
@@ -45,6 +46,8 @@ class AsyncResult(Generic[R]):
         self.ignored = ignored
         self._sent = sent
         self._meta: TaskMeta | None = None
+        self.parent: AsyncResult[Any] | GroupResult | None = None
+        """The result this one follows in a workflow: a chain's step before, a chord's header."""
 
     def __await__(self) -> Generator[Any, None, AsyncResult[R]]:
         sent = self._sent
@@ -82,10 +85,32 @@ class AsyncResult(Generic[R]):
             self._meta = await self._wait_while_sending(sent, timeout)
         if self._meta.status == states.SUCCESS:
             return self._value(self._meta.result)
-        exc = self._exception()
+        exc = self._exception() if self.parent is None else await self._first_failure()
         if propagate:
             raise exc
         return exc
+
+    async def _first_failure(self) -> BaseException:
+        """The exception of the earliest failed result this one follows (as Celery's ``get()``), else its own.
+
+        A chain's last result re-raises the failed step's exception; a chord's, its failed header task's.
+        """
+        from aqueue.result.groupresult import GroupResult
+
+        parents: list[AsyncResult[Any] | GroupResult] = []
+        node = self.parent
+        while node is not None:
+            parents.append(node)
+            node = node.parent
+        for parent in reversed(parents):
+            if isinstance(parent, GroupResult):
+                failure = await parent.first_failure()
+                if failure is not None:
+                    return failure
+            elif await parent.refresh() in (states.FAILURE, states.REVOKED):
+                own: BaseException = parent._exception()
+                return own
+        return self._exception()
 
     async def _wait_while_sending(self, sent: asyncio.Future[None], timeout: float | None) -> TaskMeta:
         """Wait for the result while the broker's confirm of the message is still on its way.

@@ -21,7 +21,7 @@ from aqueue.exceptions import DecodeError, TimeoutError
 from aqueue.message import Message
 from aqueue.serialization import Serializer, get_serializer
 
-__all__ = ["ResultBackend", "TaskMeta"]
+__all__ = ["ChordJoin", "ResultBackend", "TaskMeta"]
 
 
 @dataclass(slots=True)
@@ -62,6 +62,22 @@ class TaskMeta:
             )
         except (KeyError, TypeError) as exc:
             raise DecodeError(f"Not a stored task result: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class ChordJoin:
+    """What a chord's header task learns when it reports its final state (:meth:`ResultBackend.chord_join`)."""
+
+    parts: list[TaskMeta] | None
+    """Every header task's state, in header order, once all have reported; else ``None``."""
+    first: bool
+    """This report completed the chord: its task sends the callback."""
+    sent: bool
+    """The callback was sent already (:meth:`ResultBackend.chord_sent`)."""
+
+
+CHORD_TTL = 86400.0
+"""Seconds a chord's join is kept when results do not expire."""
 
 
 def now_iso() -> str:
@@ -118,6 +134,40 @@ class ResultBackend(AsyncResource, ABC):
     async def forget(self, task_id: str) -> None:
         """Remove what is stored for ``task_id``."""
         await self._delete(task_id)
+
+    @property
+    def supports_chords(self) -> bool:
+        """Whether this backend keeps chord joins (it implements ``_chord_join``)."""
+        return type(self)._chord_join is not ResultBackend._chord_join
+
+    async def chord_join(self, group_id: str, index: int, size: int, meta: TaskMeta) -> ChordJoin:
+        """Record the final state of the header task at ``index`` of the ``size`` of chord ``group_id``.
+
+        A part reported twice counts once. The report that makes the count complete is told it is
+        ``first``, and only that one; every report after completion gets the parts too.
+        """
+        if meta.date_done is None:
+            meta.date_done = now_iso()
+        ttl = self.expires if self.expires and self.expires > 0 else CHORD_TTL
+        first, sent, parts = await self._chord_join(
+            group_id, index, size, self.serializer.dumps(meta.to_dict()), ttl
+        )
+        decoded = None if parts is None else [TaskMeta.from_dict(self.serializer.decode(p)) for p in parts]
+        return ChordJoin(decoded, first, sent)
+
+    async def chord_sent(self, group_id: str) -> None:
+        """Record that chord ``group_id``'s callback was sent (or failed in its stead)."""
+        await self._chord_sent(group_id)
+
+    async def _chord_join(
+        self, group_id: str, index: int, size: int, data: bytes, ttl: float
+    ) -> tuple[bool, bool, list[bytes] | None]:
+        """Atomically: keep ``data`` as part ``index`` unless it is there; once ``size`` parts are there,
+        return (whether this call completed them, whether sent, the parts in order); else (False, False, None)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no chord joins")
+
+    async def _chord_sent(self, group_id: str) -> None:
+        raise NotImplementedError(f"{type(self).__name__} keeps no chord joins")
 
     @abstractmethod
     async def _set(self, task_id: str, data: bytes, meta: TaskMeta) -> None: ...

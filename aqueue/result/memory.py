@@ -13,10 +13,17 @@ from aqueue.result.base import ResultBackend, TaskMeta
 __all__ = ["MemoryBackend"]
 
 
+class _Chord:
+    def __init__(self) -> None:
+        self.parts: dict[int, bytes] = {}
+        self.fired = False
+
+
 class _Store:
     def __init__(self) -> None:
         self.results: dict[str, bytes] = {}
         self.waiters: defaultdict[str, set[asyncio.Future[None]]] = defaultdict(set)
+        self.chords: dict[str, _Chord] = {}
 
 
 _STORES: defaultdict[str, _Store] = defaultdict(_Store)
@@ -43,6 +50,21 @@ class MemoryBackend(ResultBackend):
 
     async def _delete(self, task_id: str) -> None:
         self._shared.results.pop(task_id, None)
+
+    async def _chord_join(
+        self, group_id: str, index: int, size: int, data: bytes, ttl: float
+    ) -> tuple[bool, bool, list[bytes] | None]:
+        # One event loop, no await in between: atomic. A sent chord is dropped (a late copy of a part then
+        # starts a join that never completes, which is harmless).
+        chord = self._shared.chords.setdefault(group_id, _Chord())
+        chord.parts.setdefault(index, data)
+        if len(chord.parts) < size:
+            return False, False, None
+        first, chord.fired = not chord.fired, True
+        return first, False, [chord.parts[i] for i in sorted(chord.parts)]
+
+    async def _chord_sent(self, group_id: str) -> None:
+        self._shared.chords.pop(group_id, None)
 
     async def wait(self, task_id: str, timeout: float | None = None) -> TaskMeta:
         meta = await self.get(task_id)

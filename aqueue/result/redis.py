@@ -29,6 +29,7 @@ import builtins
 import contextlib
 import functools
 import logging
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -52,6 +53,7 @@ logger = logging.getLogger("aqueue.result.redis")
 _LOST = (RedisConnectionError, RedisTimeoutError, OSError)
 _MAX_BATCH = 2000
 _STORE = (Path(__file__).parent / "redis_store.lua").read_text()
+_CHORD = (Path(__file__).parent / "redis_chord.lua").read_text()
 Command = tuple[Any, ...]
 _Inbox = asyncio.Queue[bytes | OperationalError | None]
 
@@ -109,6 +111,20 @@ class RedisBackend(ResultBackend):
     async def _delete(self, task_id: str) -> None:
         await self._run("forget", self._batcher.delete(self.key(task_id)))
 
+    async def _chord_join(
+        self, group_id: str, index: int, size: int, data: bytes, ttl: float
+    ) -> tuple[bool, bool, list[bytes] | None]:
+        keys = (f"{self.prefix}chord-parts-{group_id}", f"{self.prefix}chord-{group_id}")
+        command = ("EVAL", _CHORD, 2, *keys, index, data, size, max(1, int(ttl * 1000)), uuid.uuid4().hex)
+        reply = await self._run("join a chord", self._batcher.call(command))
+        if not reply[0]:
+            return False, False, None
+        return bool(reply[1]), bool(reply[2]), list(reply[3:])
+
+    async def _chord_sent(self, group_id: str) -> None:
+        command = ("HSET", f"{self.prefix}chord-{group_id}", "sent", "1")
+        await self._run("mark a chord sent", self._batcher.call(command))
+
     async def wait(self, task_id: str, timeout: float | None = None) -> TaskMeta:
         """Wait until ``task_id`` is ready, woken by its channel; returns its state.
 
@@ -164,6 +180,7 @@ class _Batcher:
         self._deletes: list[tuple[str, asyncio.Future[Any]]] = []
         self._gets: list[tuple[str, asyncio.Future[Any]]] = []
         self._pings: list[asyncio.Future[Any]] = []
+        self._calls: list[tuple[Command, asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
     def store(self, key: str, data: bytes, publish: bool) -> asyncio.Future[Any]:
@@ -186,6 +203,12 @@ class _Batcher:
         self._pings.append(future)
         return future
 
+    def call(self, command: Command) -> asyncio.Future[Any]:
+        """Any other command, in the next round trip; the future gets its reply."""
+        future = self._future()
+        self._calls.append((command, future))
+        return future
+
     async def aclose(self) -> None:
         if self._flusher is not None:
             await asyncio.wait([self._flusher], timeout=30)
@@ -198,8 +221,10 @@ class _Batcher:
 
     async def _flush(self) -> None:
         try:
-            while self._stores or self._deletes or self._gets or self._pings:
+            while self._stores or self._deletes or self._gets or self._pings or self._calls:
                 batch = [self._take_stores(), self._take_deletes(), self._take_gets(), self._take_pings()]
+                calls, self._calls = self._calls, []
+                batch += [(command, functools.partial(_settle_one, future)) for command, future in calls]
                 batch = [(command, settle) for command, settle in batch if command]
                 await self._send(batch)
         finally:
@@ -244,6 +269,13 @@ def _settle(futures: list[asyncio.Future[Any]], result: Any, reply: Any) -> None
     exc = reply if isinstance(reply, BaseException) else None
     for future in futures:
         _resolve(future, result, exc)
+
+
+def _settle_one(future: asyncio.Future[Any], reply: Any) -> None:
+    if isinstance(reply, BaseException):
+        _resolve(future, exc=reply)
+    else:
+        _resolve(future, reply)
 
 
 def _settle_each(futures: list[asyncio.Future[Any]], reply: Any) -> None:

@@ -142,8 +142,10 @@ class RPCBackend(ResultBackend):
         await self.broker.aclose()
 
     def prepare(self, message: Message) -> None:
-        """Ask for ``message``'s states to be sent to this client's reply queue."""
-        message.reply_to = self.reply_to
+        """Ask for ``message``'s states to be sent to this client's reply queue (unless it names one:
+        a workflow step sent by a worker replies to the client that sent the workflow)."""
+        if not message.reply_to:
+            message.reply_to = self.reply_to
         if message.id not in self._sent:
             self._sent[message.id] = None
             while len(self._sent) > self.max_tasks:

@@ -12,7 +12,7 @@ import sqlite3
 import time
 from functools import partial
 
-from aqueue._sqlite import SQLiteConnection
+from aqueue._sqlite import SQLiteConnection, transaction
 from aqueue.result.base import ResultBackend, TaskMeta
 from aqueue.urls import sqlite_path
 
@@ -21,7 +21,12 @@ __all__ = ["SQLiteBackend"]
 _PRUNE_EVERY = 60.0
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS aqueue_results "
-    "(task_id TEXT PRIMARY KEY, data BLOB NOT NULL, expires_at REAL)"
+    "(task_id TEXT PRIMARY KEY, data BLOB NOT NULL, expires_at REAL);"
+    "CREATE TABLE IF NOT EXISTS aqueue_chord_parts "
+    "(group_id TEXT NOT NULL, idx INTEGER NOT NULL, data BLOB NOT NULL, expires_at REAL NOT NULL, "
+    "PRIMARY KEY (group_id, idx));"
+    "CREATE TABLE IF NOT EXISTS aqueue_chords "
+    "(group_id TEXT PRIMARY KEY, fired INTEGER NOT NULL, sent INTEGER NOT NULL, expires_at REAL NOT NULL)"
 )
 
 
@@ -57,6 +62,14 @@ class SQLiteBackend(ResultBackend):
     async def _delete(self, task_id: str) -> None:
         await self._db.run(partial(_remove, task_id))
 
+    async def _chord_join(
+        self, group_id: str, index: int, size: int, data: bytes, ttl: float
+    ) -> tuple[bool, bool, list[bytes] | None]:
+        return await self._db.run(partial(_chord_join, group_id, index, size, data, time.time() + ttl))
+
+    async def _chord_sent(self, group_id: str) -> None:
+        await self._db.run(partial(_chord_sent, group_id))
+
 
 def _upsert(task_id: str, data: bytes, expires_at: float | None, db: sqlite3.Connection) -> None:
     db.execute(
@@ -79,4 +92,34 @@ def _remove(task_id: str, db: sqlite3.Connection) -> None:
 
 
 def _prune(db: sqlite3.Connection) -> None:
-    db.execute("DELETE FROM aqueue_results WHERE expires_at <= ?", (time.time(),))
+    now = time.time()
+    db.execute("DELETE FROM aqueue_results WHERE expires_at <= ?", (now,))
+    db.execute("DELETE FROM aqueue_chord_parts WHERE expires_at <= ?", (now,))
+    db.execute("DELETE FROM aqueue_chords WHERE expires_at <= ?", (now,))
+
+
+def _chord_join(
+    group_id: str, index: int, size: int, data: bytes, expires_at: float, db: sqlite3.Connection
+) -> tuple[bool, bool, list[bytes] | None]:
+    """One transaction: the part (unless there), then, once complete, the claim of the callback."""
+    with transaction(db):
+        db.execute(
+            "INSERT OR IGNORE INTO aqueue_chord_parts (group_id, idx, data, expires_at) VALUES (?, ?, ?, ?)",
+            (group_id, index, data, expires_at),
+        )
+        rows = db.execute(
+            "SELECT data FROM aqueue_chord_parts WHERE group_id = ? ORDER BY idx", (group_id,)
+        ).fetchall()
+        if len(rows) < size:
+            return False, False, None
+        db.execute(
+            "INSERT OR IGNORE INTO aqueue_chords (group_id, fired, sent, expires_at) VALUES (?, 0, 0, ?)",
+            (group_id, expires_at),
+        )
+        first = db.execute("UPDATE aqueue_chords SET fired = 1 WHERE group_id = ? AND fired = 0", (group_id,))
+        (sent,) = db.execute("SELECT sent FROM aqueue_chords WHERE group_id = ?", (group_id,)).fetchone()
+        return first.rowcount == 1, bool(sent), [bytes(row[0]) for row in rows]
+
+
+def _chord_sent(group_id: str, db: sqlite3.Connection) -> None:
+    db.execute("UPDATE aqueue_chords SET sent = 1 WHERE group_id = ?", (group_id,))

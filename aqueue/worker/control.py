@@ -35,7 +35,7 @@ async def _ping(worker: Worker, arguments: dict[str, Any]) -> dict[str, Any]:
 
 @command
 async def _registered(worker: Worker, arguments: dict[str, Any]) -> dict[str, Any]:
-    return {"ok": sorted(worker.runtimes)}
+    return {"ok": sorted(name for name in worker.runtimes if name not in worker.app.builtins)}
 
 
 @command

@@ -47,6 +47,8 @@ from aqueue.serialization import get_serializer
 from aqueue.task import Context, Task, _request
 from aqueue.worker.limits import ConcurrencyLimit, SharedBucket, TokenBucket
 from aqueue.worker.state import WorkerState
+from aqueue.worker.timelimits import run_limited
+from aqueue.worker.workflow import Workflow
 
 if TYPE_CHECKING:
     from aqueue.app import App
@@ -67,6 +69,7 @@ class TaskRuntime:
     ignore_result: bool
     track_started: bool
     time_limit: float | None
+    soft_time_limit: float | None
     bucket: TokenBucket
     ack_failures: bool
     """task_acks_on_failure_or_timeout: with late acks, a failed task is acknowledged (else dead-lettered)."""
@@ -76,15 +79,11 @@ class TaskRuntime:
     @classmethod
     def build(cls, app: App, task: Task[Any, Any]) -> TaskRuntime:
         options = app.options_for(task.name)
-        if options.soft_time_limit is not None:
+        if not task.is_async and (options.time_limit is not None or options.soft_time_limit is not None):
             logger.warning(
-                "Task %s: soft_time_limit has no effect (a coroutine cannot be interrupted softly); "
-                "use time_limit.",
+                "Task %s: a plain def task runs in a thread, which time limits cannot interrupt; one that "
+                "returns past its time_limit fails with TimeLimitExceeded (make it async def to interrupt it).",
                 task.name,
-            )
-        if not task.is_async and options.time_limit is not None:
-            logger.warning(
-                "Task %s: time_limit applies to async def tasks only; a thread cannot be stopped.", task.name
             )
         return cls(
             task=task,
@@ -94,6 +93,7 @@ class TaskRuntime:
             ignore_result=options.ignore_result,
             track_started=options.track_started,
             time_limit=options.time_limit,
+            soft_time_limit=options.soft_time_limit,
             bucket=TokenBucket(parse_rate(options.rate_limit)),
             ack_failures=options.acks_on_failure_or_timeout,
             shared=_shared_bucket(app, task, options.global_rate_limit),
@@ -105,6 +105,7 @@ class Executor:
 
     def __init__(self, app: App, state: WorkerState, slots: ConcurrencyLimit, hostname: str) -> None:
         self.app, self.backend, self.state, self.slots = app, app.backend, state, slots
+        self.workflow = Workflow(app)
         self.hostname = hostname
         self.log_info = logger.isEnabledFor(logging.INFO)
         self.closing = False
@@ -237,7 +238,9 @@ class Executor:
             if again is not None:
                 await self._retry(delivery, message, runtime, again)
             else:
-                await self._fail(message, exc)
+                trace = await self._fail(message, exc)
+                if message.errbacks or message.chain or message.chord:
+                    await self._follow(self.workflow.failed(message, exc, trace), message)
                 if runtime.acks_late and not runtime.ack_failures:
                     await delivery.reject()  # task_acks_on_failure_or_timeout=False: dead-letter it
         else:
@@ -247,6 +250,8 @@ class Executor:
                 )
             if not runtime.ignore_result and not message.ignore_result:
                 await self._store(TaskMeta(task_id, states.SUCCESS, result, name=name), message)
+            if message.callbacks or message.chain or message.chord:
+                await self._follow(self.workflow.succeeded(message, result), message)
         finally:
             _request.reset(token)
             self.state.active.pop(task_id, None)
@@ -277,14 +282,32 @@ class Executor:
             logger.info(
                 "Task %s[%s] already finished: redelivered copy acknowledged", message.task, message.id
             )
+            if message.chord is not None:  # its worker may have died before the chord's callback was sent
+                await self._follow(self.workflow.recover(message), message)
             await self._acked(delivery, message)
             return True
         if why is None:
             return False
         logger.info("Discarding %s task %s[%s]", why, message.task, message.id)
         await self._acked(delivery, message)
-        await self.backend.store(TaskMeta(message.id, states.REVOKED, why, name=message.task), message)
+        revoked = TaskMeta(message.id, states.REVOKED, why, name=message.task)
+        await self.backend.store(revoked, message)
+        if message.chord is not None:
+            await self._follow(self.workflow.chord_part(message, revoked), message)
         return True
+
+    async def _follow(self, step: Awaitable[None], message: Message) -> None:
+        """Run what a workflow does after ``message``'s task; a failure there is logged, not raised."""
+        try:
+            await step
+        except Exception as exc:
+            logger.error(
+                "Task %s[%s]: could not carry its workflow on: %s",
+                message.task,
+                message.id,
+                exc,
+                exc_info=True,
+            )
 
     async def _finished(self, task_id: str) -> bool:
         try:
@@ -295,18 +318,21 @@ class Executor:
     async def _call(self, runtime: TaskRuntime, message: Message) -> Any:
         task, fn = runtime.task, runtime.fn
         args = (task, *message.args) if task.bind else message.args
+        hard = runtime.time_limit if message.time_limit is None else message.time_limit
+        soft = runtime.soft_time_limit if message.soft_time_limit is None else message.soft_time_limit
         if not task.is_async:
-            call = functools.partial(fn, *args, **message.kwargs)
-            return await anyio.to_thread.run_sync(call)
-        if runtime.time_limit is None:
+            began = time.monotonic()
+            result = await anyio.to_thread.run_sync(functools.partial(fn, *args, **message.kwargs))
+            if (
+                hard is not None and time.monotonic() - began > hard
+            ):  # a thread cannot be stopped: fail it late
+                raise TimeLimitExceeded(
+                    f"Task {task.name}[{message.id}] returned past its time limit of {hard}s"
+                )
+            return result
+        if hard is None and soft is None:
             return await fn(*args, **message.kwargs)
-        try:
-            async with asyncio.timeout(runtime.time_limit):
-                return await fn(*args, **message.kwargs)
-        except TimeoutError as exc:
-            raise TimeLimitExceeded(
-                f"Task {task.name}[{message.id}] exceeded its time limit of {runtime.time_limit}s"
-            ) from exc
+        return await run_limited(fn(*args, **message.kwargs), soft, hard, f"Task {task.name}[{message.id}]")
 
     async def _retry(self, delivery: Delivery, message: Message, runtime: TaskRuntime, retry: Retry) -> None:
         when = retry.when or 0.0
@@ -329,11 +355,12 @@ class Executor:
             )
             await self._store(meta, message)
 
-    async def _fail(self, message: Message, exc: Exception) -> None:
+    async def _fail(self, message: Message, exc: Exception) -> str:
         trace = format_traceback(exc)
         logger.error("Task %s[%s] raised unexpected: %r\n%s", message.task, message.id, exc, trace.rstrip())
         meta = TaskMeta(message.id, states.FAILURE, exception_to_result(exc), trace, name=message.task)
         await self._store(meta, message)
+        return trace
 
     async def _store(self, meta: TaskMeta, message: Message) -> None:
         try:

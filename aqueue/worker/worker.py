@@ -105,7 +105,8 @@ class Worker:
         app = self.app
         app.import_modules()
         await self._connect()
-        self.runtimes = {name: TaskRuntime.build(app, task) for name, task in app.tasks.items()}
+        tasks = {**app.builtins, **app.tasks}
+        self.runtimes = {name: TaskRuntime.build(app, task) for name, task in tasks.items()}
         accepted = accepted_content_types(app.conf.accept_content)
         stack = self._stack = AsyncExitStack()
         consumer = await stack.enter_async_context(app.broker.consume(self.queues, self.prefetch))

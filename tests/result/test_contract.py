@@ -115,3 +115,26 @@ async def test_a_later_state_replaces_the_earlier_one(backend: ResultBackend) ->
     # Then the latest state is what is read
     meta = await backend.get(tid)
     assert (meta.status, meta.result) == (states.SUCCESS, "done")
+
+
+async def test_a_chord_join_completes_once_with_parts_in_order(backend: ResultBackend) -> None:
+    # Given a chord of three header tasks reporting out of order, one of them twice
+    group_id = task_id()
+    metas = [TaskMeta(f"t{i}", states.SUCCESS, i * 10) for i in range(3)]
+    assert backend.supports_chords
+    first = await backend.chord_join(group_id, 2, 3, metas[2])
+    again = await backend.chord_join(group_id, 2, 3, TaskMeta("t2", states.SUCCESS, "a second copy"))
+    assert (first.parts, first.first, again.parts, again.first) == (None, False, None, False)
+    # When the last missing part comes
+    done = await backend.chord_join(group_id, 0, 3, metas[0])
+    assert done.parts is None
+    done = await backend.chord_join(group_id, 1, 3, metas[1])
+    # Then that report alone is first, and the parts are in header order, each counted once
+    assert done.first and not done.sent and done.parts is not None
+    assert [(p.task_id, p.result) for p in done.parts] == [("t0", 0), ("t1", 10), ("t2", 20)]
+    late = await backend.chord_join(group_id, 1, 3, metas[1])
+    assert not late.first
+    # And once its callback is sent, a late copy of a part fires nothing
+    await backend.chord_sent(group_id)
+    after = await backend.chord_join(group_id, 0, 3, metas[0])
+    assert not after.first and (after.parts is None or after.sent)

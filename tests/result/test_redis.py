@@ -221,3 +221,14 @@ async def test_a_server_that_never_answers_raises_after_socket_timeout(silent_ur
             await asyncio.wait_for(backend.wait("x"), 5)
     finally:
         await backend.aclose()
+
+
+async def test_a_chords_join_keys_expire(make_backend: Factory, raw: aioredis.Redis, prefix: str) -> None:
+    # Given a backend whose results expire after a minute, and a chord part reported to it
+    backend = await make_backend(expires=60)
+    group_id = uuid.uuid4().hex
+    await backend.chord_join(group_id, 0, 1, TaskMeta("t0", states.SUCCESS, 1))
+    await backend.chord_sent(group_id)
+    # Then both of the join's keys carry that time to live
+    for key in (f"{prefix}chord-parts-{group_id}", f"{prefix}chord-{group_id}"):
+        assert 0 < await raw.pttl(key) <= 60_000, key
