@@ -34,6 +34,11 @@ pending for it in the group until settled:
 A worker that stalls past the timeout (a blocked event loop) may see another claim its entries:
 delivery is at least once, as with every broker.
 
+Unreadable entries. Any field of an entry may be garbage (written by hand, or by another program). An
+entry without a ``body`` or a ``content_type``, or whose ``id`` or ``content_type`` is not UTF-8,
+becomes no delivery: the consumer moves it to the dead-letter stream as it is and logs it once, by its
+stream id. This is checked on the slow path only: the fast path decodes inside a ``try``.
+
 ETA. ``publish`` puts an envelope whose ``eta`` is ahead in the sorted set; consumers move due
 ones to the stream (Lua, atomic) at least every 0.5 s while fetching, and their blocking reads
 end by then. A due message thus waits at most about 0.5 s once a consumer of its queue has room.
@@ -90,6 +95,7 @@ GROUP = "aqueue"
 _BLOCK = 1.0
 _ETA_POLL = 0.5
 _CHUNK = 500
+_CACHED_CONTENT_TYPES = 64
 _LOST = (RedisConnectionError, RedisTimeoutError, OSError)
 _SCRIPTS = ("reclaim", "settle", "move_due", "purge", "leave", "take_token")
 _LUA = {name: (Path(__file__).parent / f"redis_{name}.lua").read_text() for name in _SCRIPTS}
@@ -255,6 +261,8 @@ class _RedisConsumer(Consumer):
         self._queue_of = dict(zip(self.keys, self.queues, strict=True))
         self._key_of = dict(zip(self.queues, self.keys, strict=True))
         self._owned: dict[bytes, set[bytes]] = {key: set() for key in self.keys}
+        self._unreadable: list[tuple[bytes, bytes, str]] = []
+        """Entries read whose fields cannot be used (stream key, entry id, why), to be dead-lettered."""
         self._overflow: list[Delivery] = []
         self._content_types: dict[bytes, str] = {}
         self._conn = broker._connection(self.name)
@@ -288,6 +296,8 @@ class _RedisConsumer(Consumer):
         except RedisError as exc:
             raise self._error("fetch", exc) from exc
         self._backoff.ok()
+        if self._unreadable:
+            await self._reject_unreadable()
         return self._take(n, out)
 
     def _take(self, n: int, fetched: list[Delivery]) -> list[Delivery]:
@@ -310,6 +320,7 @@ class _RedisConsumer(Consumer):
     async def _poll(self, n: int) -> list[Delivery]:
         now = time.monotonic()
         self._stranded = True  # until the replies are in: entries claimed by a lost reply are ours
+        self._unreadable.clear()  # any left by a failed poll are given back by the recovery
         out: list[Delivery] = []
         if now >= self._next_reclaim:
             self._next_reclaim = now + self._reclaim_every
@@ -342,17 +353,43 @@ class _RedisConsumer(Consumer):
         for entry_id, f in entries:
             if not f:
                 continue  # deleted while pending
-            if len(f) == 8 and f[0] == b"body" and f[4] == b"id":
-                body, ctype, task_id, again = f[1], f[3], f[5], redelivered
-            else:
-                d = dict(zip(f[::2], f[1::2], strict=False))
-                body, ctype = d.get(b"body", b""), d.get(b"content_type", b"")
-                task_id = d.get(b"id", entry_id)
-                again = redelivered or b"redelivered" in d
-            content_type = content_types.get(ctype) or content_types.setdefault(ctype, ctype.decode())
-            out.append(Delivery(self, task_id.decode(), queue, body, content_type, again, entry_id))
+            try:
+                if len(f) == 8 and f[0] == b"body" and f[4] == b"id":
+                    body, ctype, task_id, again = f[1], f[3], f[5], redelivered
+                else:
+                    body, ctype, task_id, again = _fields(entry_id, f, redelivered)
+                content_type = content_types.get(ctype) or self._content_type(ctype)
+                out.append(Delivery(self, task_id.decode(), queue, body, content_type, again, entry_id))
+            except (UnicodeDecodeError, LookupError):
+                self._unreadable.append((key, entry_id, _unreadable(f)))
+                continue
             owned.add(entry_id)
         return out
+
+    def _content_type(self, raw: bytes) -> str:
+        decoded = raw.decode()
+        if len(self._content_types) < _CACHED_CONTENT_TYPES:  # garbage must not grow the cache
+            self._content_types[raw] = decoded
+        return decoded
+
+    async def _reject_unreadable(self) -> None:
+        """Dead-letter the entries that cannot become deliveries; they are logged once, by stream id."""
+        unreadable, self._unreadable = self._unreadable, []
+        try:
+            for key, entry_id, why in unreadable:
+                queue = self._queue_of[key]
+                async with asyncio.timeout(self.broker.command_timeout):
+                    await self.scripts["settle"](
+                        keys=[key, self.broker.dead_key(queue)], args=[GROUP, "", entry_id]
+                    )
+                logger.error(
+                    "Rejecting unreadable entry %s of queue %r: %s. It was not run and has been dead-lettered.",
+                    entry_id.decode(), queue, why,
+                )  # fmt: skip
+        except (RedisError, TimeoutError) as exc:
+            # Still pending here and not owned: the recovery gives them back, and they are read again.
+            self._stranded = True
+            logger.debug("Dead-lettering unreadable entries failed: %s", exc)
 
     async def _reclaim(self, n: int) -> list[Delivery]:
         broker, out = self.broker, list[Delivery]()
@@ -552,14 +589,15 @@ def _pack(*values: bytes | str | int) -> bytes:
 
 
 def _envelope(queue: str, fields: Mapping[Any, Any]) -> Envelope:
-    priority = fields.get(b"priority")
+    """The envelope of a dead letter; it may be an unreadable entry, so nothing here raises."""
+    priority = fields.get(b"priority", b"")
     return Envelope(
-        fields.get(b"id", b"").decode(),
+        fields.get(b"id", b"").decode(errors="backslashreplace"),
         queue,
         fields.get(b"body", b""),
-        fields.get(b"content_type", b"").decode(),
+        fields.get(b"content_type", b"").decode(errors="backslashreplace"),
         None,
-        int(priority) if priority else None,
+        int(priority) if priority.isdigit() else None,
     )
 
 
@@ -571,3 +609,28 @@ def _gone(exc: ResponseError) -> bool:
 def _retrieved(future: asyncio.Future[None]) -> None:
     if not future.cancelled():
         future.exception()
+
+
+def _fields(entry_id: bytes, f: list[bytes], redelivered: bool) -> tuple[bytes, bytes, bytes, bool]:
+    """Body, content type, id and redelivered flag of an entry in another field order (or incomplete).
+
+    Raises:
+        LookupError: the entry has no body or no content type.
+    """
+    d = dict(zip(f[::2], f[1::2], strict=False))
+    return d[b"body"], d[b"content_type"], d.get(b"id", entry_id), redelivered or b"redelivered" in d
+
+
+def _unreadable(f: list[bytes]) -> str:
+    """Why an entry's fields cannot make a delivery, for the log."""
+    d = dict(zip(f[::2], f[1::2], strict=False))
+    for name in (b"body", b"content_type"):
+        if name not in d:
+            return f"it has no {name.decode()} field"
+    for name in (b"id", b"content_type"):
+        value = d.get(name, b"")
+        try:
+            value.decode()
+        except UnicodeDecodeError:
+            return f"its {name.decode()} field is not UTF-8 text ({value[:40]!r})"
+    return "its fields cannot be read"

@@ -149,6 +149,8 @@ class Executor:
         except asyncio.CancelledError:
             await asyncio.shield(self._give_back(delivery, message))
             raise
+        except Exception as exc:
+            await self._broken(delivery, message, exc)
         finally:
             self.slots.release()
 
@@ -162,6 +164,9 @@ class Executor:
         except asyncio.CancelledError:
             await asyncio.shield(delivery.requeue())
             raise
+        except Exception as exc:  # the broker keeping a global_rate_limit bucket failed
+            await self._broken(delivery, message, exc)
+            return
         if self.closing:
             await delivery.requeue()
         elif self.slots.try_acquire():
@@ -345,6 +350,30 @@ class Executor:
                 return
             logger.error(
                 "Cannot store the %s state of task %s[%s]: %s", meta.status, message.task, message.id, exc
+            )
+
+    async def _broken(self, delivery: Delivery, message: Message, exc: Exception) -> None:
+        """A run failed outside the task's code: log it and settle the message, so it holds no prefetch slot.
+
+        A broker or backend error gives it back to the queue; anything else dead-letters it.
+        """
+        outage = isinstance(exc, OperationalError)
+        fate = "it goes back to the queue" if outage else "it has been dead-lettered"
+        if delivery.settled:
+            fate = "it was acknowledged already"
+        logger.error(
+            "Task %s[%s]: the worker failed while handling it: %r; %s",
+            message.task,
+            message.id,
+            exc,
+            fate,
+            exc_info=None if outage else exc,
+        )
+        try:
+            await (delivery.requeue() if outage else delivery.reject())
+        except Exception as again:
+            logger.warning(
+                "Task %s[%s]: settling the message failed too: %s", message.task, message.id, again
             )
 
 
