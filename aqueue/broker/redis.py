@@ -20,6 +20,9 @@ pending for it in the group until settled:
   pipeline, and acks arriving while it is in flight go in the next one;
 - reject copies the entry to the dead-letter stream, requeue re-adds it to its stream marked
   ``redelivered``; either way the original is acknowledged and deleted, in one Lua script;
+- a settle that fails (an outage) keeps the entry held and marked: the consumer keeps renewing it,
+  and once Redis answers again gives it back to its stream marked ``redelivered``, so the worker
+  checks whether its task already finished (an ack lost that way never makes a task run twice);
 - every ``visibility_timeout / 3`` a live consumer resets the idle time of everything it holds
   (``XCLAIM ... JUSTID``, which leaves the delivery count alone), so a long task is never
   reclaimed while its worker lives;
@@ -261,6 +264,8 @@ class _RedisConsumer(Consumer):
         self._queue_of = dict(zip(self.keys, self.queues, strict=True))
         self._key_of = dict(zip(self.queues, self.keys, strict=True))
         self._owned: dict[bytes, set[bytes]] = {key: set() for key in self.keys}
+        self._marked: dict[bytes, set[bytes]] = {key: set() for key in self.keys}
+        """Owned entries whose settle failed: kept (and renewed) until recovery gives them back redelivered."""
         self._unreadable: list[tuple[bytes, bytes, str]] = []
         """Entries read whose fields cannot be used (stream key, entry id, why), to be dead-lettered."""
         self._overflow: list[Delivery] = []
@@ -282,7 +287,7 @@ class _RedisConsumer(Consumer):
             async with asyncio.timeout(self.broker.command_timeout + _BLOCK):
                 if not self._started:
                     await self._start()
-                if self._stranded:
+                if self._stranded or any(self._marked.values()):
                     await self._recover()
                 out = await self._poll(n)
         except _LOST as exc:  # TimeoutError included
@@ -415,8 +420,15 @@ class _RedisConsumer(Consumer):
                 self._next_eta = min(self._next_eta, now + max(0.0, float(next_due) - time.time()))
 
     async def _recover(self) -> None:
-        """Give back to their streams the entries pending for this consumer that it does not own."""
+        """Give back to their streams the entries pending for this consumer that it does not own, and
+        those whose settle failed (marked redelivered: the worker checks whether they already ran)."""
         for key, owned in self._owned.items():
+            marked = list(self._marked[key])
+            for i in range(0, len(marked), _CHUNK):
+                chunk = marked[i : i + _CHUNK]
+                await self.scripts["settle"](keys=[key, key], args=[GROUP, "1", *chunk])
+                owned.difference_update(chunk)
+                self._marked[key].difference_update(chunk)
             try:
                 pending = await self.client.xpending_range(key, GROUP, "-", "+", 10_000, self.name)
             except ResponseError as exc:
@@ -463,23 +475,23 @@ class _RedisConsumer(Consumer):
                     async with asyncio.timeout(self.broker.command_timeout):
                         await self._send_acks(ids)
                 except (RedisError, TimeoutError) as exc:
+                    for key, entry_ids in ids.items():
+                        self._marked[key].update(entry_ids)
                     done.set_exception(self._error("ack", exc))
                     done.add_done_callback(_retrieved)
                 else:
+                    for key, entry_ids in ids.items():
+                        self._owned[key].difference_update(entry_ids)
                     done.set_result(None)
         finally:
             self._flusher = None
 
     async def _send_acks(self, ids: dict[bytes, list[bytes]]) -> None:
-        try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for key, entry_ids in ids.items():
-                    pipe.execute_command("XACK", key, GROUP, *entry_ids)
-                    pipe.execute_command("XDEL", key, *entry_ids)
-                await pipe.execute()
-        finally:
+        async with self.client.pipeline(transaction=False) as pipe:
             for key, entry_ids in ids.items():
-                self._owned[key].difference_update(entry_ids)
+                pipe.execute_command("XACK", key, GROUP, *entry_ids)
+                pipe.execute_command("XDEL", key, *entry_ids)
+            await pipe.execute()
 
     async def _reject(self, delivery: Delivery) -> None:
         await self._settle(delivery, self.broker.dead_key(delivery.queue), "")
@@ -493,9 +505,9 @@ class _RedisConsumer(Consumer):
             async with asyncio.timeout(self.broker.command_timeout):
                 await self.scripts["settle"](keys=[key, target], args=[GROUP, mark, delivery.tag])
         except (RedisError, TimeoutError) as exc:
+            self._marked[key].add(delivery.tag)
             raise self._error("settle", exc) from exc
-        finally:
-            self._owned[key].discard(delivery.tag)
+        self._owned[key].discard(delivery.tag)
 
     async def aclose(self) -> None:
         """Stop consuming: give back what was fetched and not handed out, leave the group if idle."""
@@ -527,7 +539,7 @@ class _RedisConsumer(Consumer):
 
     def _error(self, action: str, exc: BaseException) -> OperationalError:
         url = mask_password(self.broker.url)
-        return OperationalError(f"Redis broker {url}: {action} failed for consumer {self.name}: {exc}")
+        return OperationalError(f"Redis broker {url}: {action} failed for consumer {self.name}: {_text(exc)}")
 
 
 class _Backoff:
@@ -542,7 +554,7 @@ class _Backoff:
             self.down = True
             logger.warning(
                 "Redis %s: the connection of %s was lost (%s); reconnecting",
-                mask_password(self.url), self.what, exc,
+                mask_password(self.url), self.what, _text(exc),
             )  # fmt: skip
         await asyncio.sleep(self.pause)
         self.pause = min(self.pause * 2, 1.0)
@@ -604,6 +616,10 @@ def _envelope(queue: str, fields: Mapping[Any, Any]) -> Envelope:
 def _gone(exc: ResponseError) -> bool:
     """Whether ``exc`` says the stream or its group was deleted (or the database flushed)."""
     return "NOGROUP" in str(exc) or "UNBLOCKED" in str(exc)
+
+
+def _text(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__  # a timeout says nothing by itself
 
 
 def _retrieved(future: asyncio.Future[None]) -> None:

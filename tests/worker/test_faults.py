@@ -1,10 +1,13 @@
-"""Faults and bad input on real servers: entries and messages no worker can use must not crash it or
-stall it.
+"""Faults and bad input on real servers: poison entries, fields of the wrong type, acks lost in an outage,
+result backend outages. No crash, no stall, no second run, no lost result.
+
+Tests that stop or pause Redis do it to a private ``redis-server``, so the shared one is never touched.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -18,7 +21,7 @@ from aqueue.broker.redis import RedisBroker
 from aqueue.message import Envelope, Message, encode_message
 from aqueue.serialization import get_serializer
 from aqueue.worker import Worker
-from tests.conftest import REDIS_TEST_DB, REDIS_URL, Transport, require_server, transport_for
+from tests.conftest import REDIS_TEST_DB, REDIS_URL, RedisServer, Transport, require_server, transport_for
 
 MakeApp = Callable[..., App]
 JSON = get_serializer("json")
@@ -164,3 +167,154 @@ def _task(task_id: str, field: str, value: Any) -> dict[str, Any]:
 
 async def _dead_count(app: App, queue: str, expected: int) -> bool:
     return len(await app.broker.dead_letters(queue)) == expected
+
+
+# 3. Acks lost in an outage; copies of tasks running here --------------------------------------------
+
+
+async def test_a_task_whose_ack_failed_in_an_outage_does_not_run_again(
+    private_redis: RedisServer, make_app: MakeApp, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a worker (acks_late) on a private Redis, its results in the shared one, and a task that
+    # pauses the broker's writes as it returns, so that its acknowledgement times out
+    require_server("redis")
+    caplog.set_level(logging.INFO)
+    app = make_app(
+        broker=f"{private_redis.url}/0",
+        backend=f"{REDIS_URL}/{REDIS_TEST_DB}",
+        broker_transport_options={"socket_timeout": 0.5},
+        result_backend_transport_options={"global_keyprefix": f"t{unique}:"},
+        task_acks_late=True,
+    )
+    pauser = aioredis.Redis.from_url(private_redis.url)
+    runs: list[int] = []
+
+    @app.task(name="tasks.once")
+    async def once() -> str:
+        runs.append(1)
+        if len(runs) == 1:
+            await pauser.client_pause(2500, all=False)  # writes only
+        return "done"
+
+    try:
+        async with app:
+            result = await once.delay()
+            async with Worker(app):
+                # When it runs and its ack fails, then the result is there
+                assert await result.get(timeout=10) == "done"
+                # And once Redis takes writes again, the message is delivered again and acknowledged
+                # without running: the stream ends empty, and the task ran once
+                await until(lambda: _equals(pauser.xlen(stream_of(app)), 0), timeout=20)
+                await asyncio.sleep(0.3)
+    finally:
+        await pauser.aclose()
+    assert runs == [1]
+    assert "could not be acknowledged" in caplog.text
+    assert f"Task tasks.once[{result.id}] already finished: redelivered copy acknowledged" in caplog.text
+
+
+async def test_a_redelivered_copy_of_a_task_running_here_is_acknowledged_when_the_run_ends(
+    redis_transport: Transport, make_app: MakeApp, raw: aioredis.Redis
+) -> None:
+    # Given a task running (acks_late) in a worker
+    app = make_app(redis_transport, task_acks_late=True)
+    runs: list[int] = []
+    started, release = asyncio.Event(), asyncio.Event()
+
+    @app.task(name="tasks.slow")
+    async def slow() -> str:
+        runs.append(1)
+        started.set()
+        await release.wait()
+        return "done"
+
+    fields = entry(b"dup-1", encode_message(Message("dup-1", "tasks.slow"), JSON))
+    async with app, Worker(app, concurrency=4):
+        stream = stream_of(app)
+        await xadd(raw, stream, fields)
+        await asyncio.wait_for(started.wait(), 5)
+        # When a redelivered copy of it arrives
+        await xadd(raw, stream, [*fields, b"redelivered", b"1"])
+        await until(lambda: _equals(_pending(raw, stream), 2))
+        await asyncio.sleep(0.2)
+        # Then it does not run, and is held until the run has ended, then acknowledged
+        assert runs == [1]
+        assert await _pending(raw, stream) == 2
+        release.set()
+        assert await app.AsyncResult("dup-1").get(timeout=5) == "done"
+        await until(lambda: _equals(raw.xlen(stream), 0))
+    assert runs == [1]
+
+
+async def _pending(raw: aioredis.Redis, stream: str) -> int:
+    return int((await raw.xpending(stream, "aqueue"))["pending"])
+
+
+# 4. Result backend outages ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["redis", "amqp"])
+async def test_results_of_tasks_done_while_the_backend_restarts_are_not_lost(
+    kind: str,
+    private_redis: RedisServer,
+    tmp_path: Path,
+    unique: str,
+    make_app: MakeApp,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with transport_for(kind, tmp_path, unique) as transport:
+        # Given a worker (acks_late) whose result backend is a private Redis
+        app = make_app(
+            transport,
+            backend=f"{private_redis.url}/0",
+            result_backend_transport_options={"socket_timeout": 1.0},
+            task_acks_late=True,
+        )
+
+        @app.task(name="tasks.add")
+        async def add(x: int, y: int) -> int:
+            return x + y
+
+        async with app, Worker(app, concurrency=4):
+            assert await add.delay(1, 1).get(timeout=10) == 2
+            # When the backend goes down while tasks finish, and comes back 1.5 s later
+            await private_redis.stop()
+            results = [await add.delay(i, i) for i in range(10)]
+            await until(lambda: "Cannot store the SUCCESS state" in caplog.text)
+            await asyncio.sleep(1.5)
+            await private_redis.start()
+            # Then every result is there
+            assert [await r.get(timeout=20) for r in results] == [2 * i for i in range(10)]
+    assert "retrying for up to 20s" in caplog.text
+    assert "the result backend is back" in caplog.text
+
+
+async def test_an_acks_late_message_whose_result_cannot_be_stored_is_not_acknowledged(
+    private_redis: RedisServer,
+    redis_transport: Transport,
+    make_app: MakeApp,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given a worker (acks_late) that tries to store a result for 0.3 s, and its result backend down
+    app = make_app(redis_transport, backend=f"{private_redis.url}/0", task_acks_late=True)
+    runs: list[int] = []
+
+    @app.task(name="tasks.add")
+    async def add(x: int, y: int) -> int:
+        runs.append(x)
+        return x + y
+
+    async with app, Worker(app, concurrency=1) as worker:
+        assert worker._loop is not None
+        worker._loop.executor.store_retry_for = 0.3
+        await private_redis.stop()
+        # When a task runs and its result cannot be stored
+        result = await add.delay(2, 2)
+        await until(lambda: "Cannot store the SUCCESS state" in caplog.text)
+        await asyncio.sleep(1.0)
+        # Then the message came back: once the backend is back, the task runs again and its result is stored
+        await private_redis.start()
+        assert await result.get(timeout=20) == 4
+    assert len(runs) >= 2
+    assert "the message is not acknowledged: it goes back to the queue" in caplog.text
