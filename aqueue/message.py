@@ -102,6 +102,10 @@ class Envelope:
     priority: int | None = None
     headers: dict[str, Any] | None = None
     """Headers carried beside the body, for a codec whose wire has them; ``None`` for the native one."""
+    resent: bool = False
+    """Published again by a retry that cannot know whether the failed attempt stored it. Redis and
+    RabbitMQ deliver it as a redelivery, so a worker runs it only if the task is neither running nor
+    finished (a failed publish on SQLite or memory:// stored nothing)."""
 
 
 class Codec:

@@ -41,7 +41,7 @@ from aqueue.message import Envelope
 if TYPE_CHECKING:
     from aqueue.broker.amqp import AMQPBroker
 
-__all__ = ["ETA_HEADER", "UNREADABLE_HEADERS", "AMQPConsumer", "eta_of"]
+__all__ = ["ETA_HEADER", "RESENT_HEADER", "UNREADABLE_HEADERS", "AMQPConsumer", "eta_of"]
 
 log = logging.getLogger("aqueue.broker.amqp")
 
@@ -50,6 +50,10 @@ _FLUSH_TIMEOUT = 5.0
 
 ETA_HEADER = "x-aqueue-eta"
 """Header with a delayed message's due time, in integer milliseconds since the epoch."""
+
+RESENT_HEADER = "x-aqueue-resent"
+"""Header of a message published again by a retry that could not know whether the first attempt
+landed: the consumer hands it out as a redelivery, so the worker checks it did not run already."""
 
 
 UNREADABLE_HEADERS = "x-aqueue-unreadable-headers"
@@ -165,8 +169,13 @@ class AMQPConsumer(Consumer):
                     await self._hop(queue, outbox, tag, message, eta)
                     continue
                 message_id = properties.message_id or str((headers or {}).get("id", ""))
-                if headers is not None and UNREADABLE_HEADERS in headers:
-                    raise ValueError(f"its headers are not UTF-8 text: {headers[UNREADABLE_HEADERS]!r:.80}")
+                again = bool(message.redelivered)
+                if headers is not None:
+                    if UNREADABLE_HEADERS in headers:
+                        raise ValueError(
+                            f"its headers are not UTF-8 text: {headers[UNREADABLE_HEADERS]!r:.80}"
+                        )
+                    again = again or RESENT_HEADER in headers
                 out.append(
                     Delivery(
                         self,
@@ -174,7 +183,7 @@ class AMQPConsumer(Consumer):
                         queue,
                         message.body,
                         properties.content_type or "",
-                        bool(message.redelivered),
+                        again,
                         (outbox, tag),
                     )
                 )

@@ -4,13 +4,14 @@ Keys, with ``P`` the ``global_keyprefix`` option:
 
 - ``P<queue>``: the queue's stream. An entry holds ``body``, ``content_type``, ``id`` and
   ``priority`` (carried, not used for ordering: a stream is first in, first out), plus
-  ``redelivered`` once requeued. Its consumer group, ``aqueue``, is created at id 0 by the first
-  consumer, so entries published before any worker started are delivered.
+  ``redelivered`` once requeued or re-sent. Its consumer group, ``aqueue``, is created at id 0 by
+  the first consumer, so entries published before any worker started are delivered.
 - ``P<queue>.delayed``: a sorted set of the envelopes whose ``eta`` is still ahead (score = eta).
 - ``P<queue>.dead``: the dead-letter stream: rejected entries, and entries delivered
   ``max_deliveries`` times without being settled. It is not trimmed. (So a queue must not be
   named like another queue's dead-letter stream.)
 - ``P<channel>``: the pub/sub channel of ``broadcast``/``subscribe``.
+- ``Paqueue.published.<broker id>.<n>``: the marker of a publish (see Publishing), short-lived.
 
 Delivery. Each consumer has a unique name in the group and reads with ``XREADGROUP ... BLOCK`` on
 a connection of its own, so the blocking read never holds a pooled connection. What it reads is
@@ -42,6 +43,15 @@ entry without a ``body`` or a ``content_type``, or whose ``id`` or ``content_typ
 becomes no delivery: the consumer moves it to the dead-letter stream as it is and logs it once, by its
 stream id. This is checked on the slow path only: the fast path decodes inside a ``try``.
 
+Publishing. A publish is one pipeline of ``XADD`` (``ZADD`` for a delayed envelope), which ends by
+setting a marker key of its own (expiring a few seconds later). redis-py's silent retries are off
+for this broker's connections: a command whose reply was lost may have been applied, and sending it
+again would store a batch twice. When the reply of a publish is lost, the marker says whether the
+batch was applied (Redis runs one connection's commands in order): if it is set, the publish has
+succeeded; if not, it fails, and a retry by the publisher marks the envelopes ``resent``. A resent
+entry carries ``redelivered``, so the worker runs it only when its task is neither running nor
+finished. (A delayed envelope goes to the sorted set unmarked: the same member twice is one member.)
+
 ETA. ``publish`` puts an envelope whose ``eta`` is ahead in the sorted set; consumers move due
 ones to the stream (Lua, atomic) at least every 0.5 s while fetching, and their blocking reads
 end by then. A due message thus waits at most about 0.5 s once a consumer of its queue has room.
@@ -66,6 +76,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import difflib
+import itertools
 import logging
 import os
 import re
@@ -79,6 +90,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -98,6 +111,8 @@ GROUP = "aqueue"
 _BLOCK = 1.0
 _ETA_POLL = 0.5
 _CHUNK = 500
+_RESENT = (b"redelivered", b"1")
+"""Marks an entry that is a redelivery, or a re-sent copy that may already have been stored."""
 _CACHED_CONTENT_TYPES = 64
 _LOST = (RedisConnectionError, RedisTimeoutError, OSError)
 _SCRIPTS = ("reclaim", "settle", "move_due", "purge", "leave", "take_token")
@@ -148,6 +163,8 @@ class RedisBroker(Broker):
         self._client = aioredis.Redis.from_pool(self._pool)
         self._scripts = {name: self._client.register_script(source) for name, source in _LUA.items()}
         self._consumers: set[_RedisConsumer] = set()
+        self._marker = f"{global_keyprefix}aqueue.published.{uuid.uuid4().hex}."
+        self._batches = itertools.count()
 
     def stream_key(self, queue: str) -> str:
         """The key of ``queue``'s stream."""
@@ -174,16 +191,37 @@ class RedisBroker(Broker):
         if not envelopes:
             return
         now = time.time()
+        marker = f"{self._marker}{next(self._batches)}"
         async with self._client.pipeline(transaction=False) as pipe:
             for e in envelopes:
                 fields = (b"body", e.body, b"content_type", e.content_type, b"id", e.id, b"priority")
                 priority = b"" if e.priority is None else e.priority
                 if e.eta is not None and e.eta > now:
+                    # The same member again if this is a retry: a sorted set keeps one.
                     pipe.execute_command("ZADD", self.delayed_key(e.queue), e.eta, _pack(*fields, priority))
+                elif e.resent:
+                    pipe.execute_command("XADD", self.stream_key(e.queue), "*", *fields, priority, *_RESENT)
                 else:
                     pipe.execute_command("XADD", self.stream_key(e.queue), "*", *fields, priority)
+            pipe.execute_command("SET", marker, b"", "PX", int((self.command_timeout + 5) * 1000))
             async with self._errors("publish"):
-                await pipe.execute()
+                try:
+                    await pipe.execute()
+                except _LOST as exc:
+                    if not await self._landed(marker):
+                        raise
+                    logger.warning(
+                        "Redis broker %s: the reply to a publish of %d message(s) was lost (%s), but they "
+                        "were stored: not sending them again",
+                        mask_password(self.url), len(envelopes), exc,
+                    )  # fmt: skip
+
+    async def _landed(self, marker: str) -> bool:
+        """Whether the batch whose last command set ``marker`` was applied (its reply was lost)."""
+        try:
+            return bool(await self._client.exists(marker))
+        except _LOST:
+            return False
 
     def consume(self, queues: Sequence[str], prefetch: int) -> Consumer:
         return _RedisConsumer(self, queues, prefetch)
@@ -571,7 +609,9 @@ async def _subscribe(conn: AbstractConnection, channel: bytes) -> None:
 
 
 def _pool(url: str, max_connections: int, options: dict[str, Any]) -> BlockingConnectionPool:
-    kwargs = connection_kwargs(url, **options)
+    # No silent retries: a command whose reply was lost may have been applied (a publish would be
+    # stored twice, a claim lost); every caller handles the failure itself.
+    kwargs = connection_kwargs(url, **options, retry=Retry(NoBackoff(), 0))
     return BlockingConnectionPool(max_connections=max_connections, timeout=20, **kwargs)
 
 

@@ -1,7 +1,9 @@
 """Faults and bad input on real servers: poison entries, fields of the wrong type, acks lost in an outage,
-result backend outages. No crash, no stall, no second run, no lost result.
+result backend outages, publishes whose reply or confirm was lost. No crash, no stall, no second run, no
+lost result.
 
-Tests that stop or pause Redis do it to a private ``redis-server``, so the shared one is never touched.
+Tests that stop or pause Redis do it to a private ``redis-server``; the ones that cut connections do it in a
+loopback proxy of their own, so the shared servers are never touched.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -67,6 +70,66 @@ async def xadd(raw: aioredis.Redis, stream: str, fields: list[bytes]) -> bytes:
 def stream_of(app: App) -> str:
     assert isinstance(app.broker, RedisBroker)
     return app.broker.stream_key(app.conf.task_default_queue)
+
+
+class Proxy:
+    """A loopback TCP proxy to ``127.0.0.1:port`` that can lose the next reply or cut the next request."""
+
+    def __init__(self, port: int) -> None:
+        self.target, self.port = port, 0
+        self._server: asyncio.Server | None = None
+        self._lose_reply = self._cut_request = False
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def __aenter__(self) -> Proxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        await self._server.wait_closed()
+
+    def lose_next_reply(self) -> None:
+        """Drop the next bytes the server sends, and close both connections."""
+        self._lose_reply = True
+
+    def cut_next_request(self) -> None:
+        """Forward the next bytes the client sends but for their last three, and close both connections."""
+        self._cut_request = True
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            upstream_reader, upstream = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            writer.close()
+            return
+        self._writers |= {writer, upstream}
+        pumps = [
+            asyncio.create_task(self._pump(reader, upstream, request=True)),
+            asyncio.create_task(self._pump(upstream_reader, writer, request=False)),
+        ]
+        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        for side in (writer, upstream):
+            side.close()
+            self._writers.discard(side)
+        await asyncio.gather(*pumps, return_exceptions=True)
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bool) -> None:
+        while data := await reader.read(65536):
+            if request and self._cut_request:
+                self._cut_request = False
+                writer.write(data[:-3])
+                await writer.drain()
+                return
+            if not request and self._lose_reply:
+                self._lose_reply = False
+                return
+            writer.write(data)
+            await writer.drain()
 
 
 # 1. Redis entries whose fields cannot be read ----------------------------------------------------------
@@ -318,3 +381,88 @@ async def test_an_acks_late_message_whose_result_cannot_be_stored_is_not_acknowl
         assert await result.get(timeout=20) == 4
     assert len(runs) >= 2
     assert "the message is not acknowledged: it goes back to the queue" in caplog.text
+
+
+# 5. Publishes whose reply or confirm was lost ---------------------------------------------------------
+
+
+async def test_a_redis_publish_whose_reply_was_lost_is_stored_once(
+    redis_transport: Transport, raw: aioredis.Redis
+) -> None:
+    async with Proxy(6379) as proxy:
+        broker = RedisBroker(
+            f"redis://127.0.0.1:{proxy.port}/{REDIS_TEST_DB}", global_keyprefix=redis_transport.prefix
+        )
+        try:
+            await broker.connect()
+            # When the reply to a publish is lost after Redis stored it
+            proxy.lose_next_reply()
+            sent = [Envelope(f"m{i}", redis_transport.queue, b"{}", JSON.content_type) for i in range(3)]
+            await broker.publish(sent)
+            # Then the messages are in the stream once
+            assert await raw.xlen(broker.stream_key(redis_transport.queue)) == 3
+        finally:
+            await broker.aclose()
+
+
+def worker_and_client(
+    make_app: MakeApp, transport: Transport, client_broker: str
+) -> tuple[App, App, Counter[int]]:
+    """A worker's app and a client's app on ``client_broker``, and how often ``tasks.record(n)`` ran for each n."""
+    worker_app, client = make_app(transport), make_app(transport, broker=client_broker)
+    runs: Counter[int] = Counter()
+
+    @worker_app.task(name="tasks.record")
+    async def record(n: int) -> int:
+        runs[n] += 1
+        return n
+
+    return worker_app, client, runs
+
+
+async def test_tasks_whose_redis_publish_was_cut_short_run_once(
+    redis_transport: Transport, make_app: MakeApp, raw: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with Proxy(6379) as proxy:
+        # Given a client publishing through a proxy, and a worker on the same queue
+        proxied = f"redis://127.0.0.1:{proxy.port}/{REDIS_TEST_DB}"
+        worker_app, client, runs = worker_and_client(make_app, redis_transport, proxied)
+        async with client, worker_app:
+            # When the connection is cut as a batch is written, so that some of it may have been stored
+            proxy.cut_next_request()
+            sent = [client.send_task("tasks.record", args=[n]) for n in range(5)]
+            await asyncio.gather(*sent)
+            async with Worker(worker_app):
+                # Then every task runs once
+                assert [await worker_app.AsyncResult(r.id).get(timeout=10) for r in sent] == list(range(5))
+                await until(lambda: _equals(raw.xlen(stream_of(worker_app)), 0))
+                await asyncio.sleep(0.3)
+    assert runs == dict.fromkeys(range(5), 1)
+    assert "Publish failed" in caplog.text
+    assert "redelivered copy" in caplog.text
+
+
+async def test_a_task_whose_amqp_publish_confirm_was_lost_runs_once(
+    tmp_path: Path, unique: str, make_app: MakeApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    require_server("redis")
+    caplog.set_level(logging.INFO)
+    async with Proxy(5672) as proxy, transport_for("amqp", tmp_path, unique) as transport:
+        # Given a client publishing through a proxy, a worker, and results in Redis
+        transport.backend_url = f"{REDIS_URL}/{transport.redis_db}"
+        transport.backend_options = {"global_keyprefix": transport.prefix}
+        proxied = f"amqp://guest:guest@127.0.0.1:{proxy.port}//"
+        worker_app, client, runs = worker_and_client(make_app, transport, proxied)
+        async with client, worker_app:
+            await client.send_task("tasks.record", args=[0])
+            # When RabbitMQ's confirm of a publish is lost with the connection
+            proxy.lose_next_reply()
+            result = await asyncio.wait_for(client.send_task("tasks.record", args=[1]), 20)
+            async with Worker(worker_app):
+                # Then the task runs once, though it was published twice
+                assert await worker_app.AsyncResult(result.id).get(timeout=10) == 1
+                await until(lambda: "redelivered copy" in caplog.text or runs[1] > 1)
+                await asyncio.sleep(0.3)
+    assert runs == {0: 1, 1: 1}
+    assert "Publish failed" in caplog.text

@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 
 from aqueue import App
 from aqueue.broker.amqp import AMQPBroker
-from aqueue.broker.amqp_consumer import ETA_HEADER
+from aqueue.broker.amqp_consumer import ETA_HEADER, RESENT_HEADER
 from aqueue.broker.amqp_wire import Outbox, encode_properties
 from aqueue.broker.redis import RedisBroker
 from aqueue.message import Envelope
@@ -215,6 +215,7 @@ class AMQPFuzz(Fuzz):
         }
         if kind == 2:  # our own headers, with values of the wrong type (an eta in the past at most)
             headers[ETA_HEADER] = rng.choice(["soon", 1.5, -1, True, rng.randrange(int(time.time() * 1000))])
+            headers[RESENT_HEADER] = rng.choice(["", 0, "yes"])
         message_id = str(random_json(rng, 3))[:60]
         return encode_properties(content_type=content_type, headers=headers, message_id=message_id)
 
