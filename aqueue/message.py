@@ -102,6 +102,10 @@ class Envelope:
     priority: int | None = None
     headers: dict[str, Any] | None = None
     """Headers carried beside the body, for a codec whose wire has them; ``None`` for the native one."""
+    resent: bool = False
+    """Published again by a retry that cannot know whether the failed attempt stored it. Redis and
+    RabbitMQ deliver it as a redelivery, so a worker runs it only if the task is neither running nor
+    finished (a failed publish on SQLite or memory:// stored nothing)."""
 
 
 class Codec:
@@ -202,7 +206,12 @@ def message_from(data: Mapping[str, Any]) -> Message:
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _count(value: Any) -> bool:

@@ -2,6 +2,11 @@
 
 ``delay()`` encodes the message at once (so a bad argument raises there) and hands the envelope to
 the app's :class:`Publisher`, which returns a future; the result's ``await`` waits on that future.
+
+A batch that fails is retried per ``task_publish_retry_policy``. A failure does not say whether the
+broker stored the batch (a connection cut before the reply, lost confirms), so retried envelopes are
+marked ``resent``: the broker delivers them as redeliveries, and a worker runs such a copy only when
+the task is neither running in it nor finished.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 
 from aqueue.exceptions import AqueueError, OperationalError
 from aqueue.message import Envelope
@@ -99,3 +105,6 @@ class Publisher:
                     raise
                 logger.warning("Publish failed (%s); retrying in %.1fs", exc, intervals[attempt])
                 await asyncio.sleep(intervals[attempt])
+                # The failed attempt may have stored some of them: mark the copies, so that a worker
+                # checks that the task is neither running nor finished before it runs one.
+                envelopes = [replace(e, resent=True) for e in envelopes]

@@ -78,6 +78,58 @@ def test_bodies_that_are_not_task_messages_raise_decode_error(body: bytes) -> No
         decode_message(body, JSON.content_type, ACCEPT)
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("retries", "1"),
+        ("retries", True),
+        ("retries", -1),
+        ("retries", 1.5),
+        ("eta", "soon"),
+        ("eta", [1]),
+        ("eta", False),
+        ("expires", "tomorrow"),
+        ("expires", {"at": 1}),
+        ("expires", float("nan")),
+        ("expires", float("inf")),
+        ("expires", 10**400),
+        ("timelimit", "10"),
+        ("timelimit", [1, 2, 3]),
+        ("timelimit", ["a", None]),
+        ("ignore_result", "no"),
+        ("reply_to", 7),
+        ("headers", [1, 2]),
+        ("headers", "h"),
+    ],
+)
+def test_an_optional_field_of_the_wrong_type_raises_decode_error_naming_it(field: str, value: object) -> None:
+    # Given a task message whose field has a type the worker cannot use
+    body = JSON.dumps({"id": "x", "task": "t", field: value})
+    # When it is decoded, then the error names the field
+    with pytest.raises(DecodeError, match=f"Not a task message \\(x\\): bad '{field}' field"):
+        decode_message(body, JSON.content_type, ACCEPT)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("retries", 3),
+        ("eta", 1700000000),
+        ("eta", None),
+        ("expires", 1700000000.5),
+        ("timelimit", [None, 30]),
+        ("timelimit", [1.5, 2]),
+        ("ignore_result", False),
+        ("reply_to", None),
+        ("headers", {"a": 1}),
+        ("headers", None),
+    ],
+)
+def test_optional_fields_of_the_right_type_are_accepted(field: str, value: object) -> None:
+    body = JSON.dumps({"id": "x", "task": "t", field: value})
+    assert decode_message(body, JSON.content_type, ACCEPT).id == "x"
+
+
 def test_garbage_bytes_raise_decode_error() -> None:
     with pytest.raises(DecodeError):
         decode_message(b"\x00\xff\xfe", JSON.content_type, ACCEPT)

@@ -22,10 +22,12 @@ class FakeBroker:
 
     def __init__(self, failures: int = 0, error: Exception | None = None) -> None:
         self.calls: list[list[str]] = []
+        self.resent: list[list[bool]] = []
         self.failures, self.error = failures, error or OperationalError("down")
 
     async def publish(self, envelopes: Sequence[Envelope]) -> None:
         self.calls.append([e.id for e in envelopes])
+        self.resent.append([e.resent for e in envelopes])
         if len(self.calls) <= self.failures:
             raise self.error
 
@@ -48,6 +50,16 @@ async def test_operational_errors_are_retried_per_policy() -> None:
     with anyio.fail_after(1):
         await publisher.submit(envelope(0))
     assert len(broker.calls) == 3
+
+
+async def test_retried_envelopes_are_marked_resent() -> None:
+    # Given a publish that fails once: it may have stored the messages anyway
+    broker = FakeBroker(failures=1)
+    publisher = Publisher(broker.publish, RetryPolicy(max_retries=1, interval_start=0))
+    with anyio.fail_after(1):
+        await asyncio.gather(publisher.submit(envelope(0)), publisher.submit(envelope(1)))
+    # Then the retry sends them marked, so that a worker checks they did not run already
+    assert broker.resent == [[False, False], [True, True]]
 
 
 async def test_exhausted_retries_fail_every_send_of_the_batch(caplog: pytest.LogCaptureFixture) -> None:

@@ -72,7 +72,7 @@ from aio_pika.abc import (
 )
 from yarl import URL
 
-from aqueue.broker.amqp_consumer import ETA_HEADER, AMQPConsumer
+from aqueue.broker.amqp_consumer import ETA_HEADER, RESENT_HEADER, AMQPConsumer
 from aqueue.broker.amqp_wire import Outbox, encode_properties
 from aqueue.broker.base import Broker, Consumer
 from aqueue.exceptions import ImproperlyConfigured, InvalidURL, OperationalError
@@ -459,10 +459,15 @@ class AMQPBroker(Broker):
 
 
 def _properties(envelope: Envelope) -> bytes:
+    headers: dict[str, Any] | None = None
+    if envelope.eta is not None:
+        # Milliseconds as an integer: AMQP tables carry a Python float as a 32-bit float.
+        headers = {ETA_HEADER: math.ceil(envelope.eta * 1000)}
+    if envelope.resent:
+        headers = {**(headers or {}), RESENT_HEADER: 1}
     return encode_properties(
         content_type=envelope.content_type,
-        # Milliseconds as an integer: AMQP tables carry a Python float as a 32-bit float.
-        headers={ETA_HEADER: math.ceil(envelope.eta * 1000)} if envelope.eta is not None else None,
+        headers=headers,
         delivery_mode=2,  # persistent
         priority=envelope.priority,
         message_id=envelope.id,

@@ -6,6 +6,13 @@ nacks go out as one write (see :mod:`aqueue.broker.amqp_wire`). After a reconnec
 is re-opened with its QoS and queues, and this consumer starts consuming on it again; deliveries of
 the old channel cannot be settled any more (RabbitMQ has put them back and delivers them again, with
 ``redelivered`` set), so acknowledging one raises :class:`DeliveryLost`.
+
+A message no delivery can be made of is dead-lettered and logged, never fatal. That includes message
+properties or header names that are not UTF-8: pamqp refuses to decode them and aiormq then drops the
+whole connection, after which RabbitMQ delivers the same message again at once, so one such message
+would stall every consumer of its queue. At import this module makes pamqp's short strings fall back to
+backslash escapes (a content type like that is refused, so the message is dead-lettered) and a header
+table it cannot decode come out as ``{UNREADABLE_HEADERS: raw bytes}``, which the consumer rejects.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import aiormq
 import aiormq.abc
+import pamqp.decode
 from aio_pika.abc import AbstractRobustChannel
 from aiormq.exceptions import ChannelInvalidStateError
 from pamqp import commands as spec
@@ -33,7 +41,7 @@ from aqueue.message import Envelope
 if TYPE_CHECKING:
     from aqueue.broker.amqp import AMQPBroker
 
-__all__ = ["ETA_HEADER", "AMQPConsumer", "eta_of"]
+__all__ = ["ETA_HEADER", "RESENT_HEADER", "UNREADABLE_HEADERS", "AMQPConsumer", "eta_of"]
 
 log = logging.getLogger("aqueue.broker.amqp")
 
@@ -42,6 +50,40 @@ _FLUSH_TIMEOUT = 5.0
 
 ETA_HEADER = "x-aqueue-eta"
 """Header with a delayed message's due time, in integer milliseconds since the epoch."""
+
+RESENT_HEADER = "x-aqueue-resent"
+"""Header of a message published again by a retry that could not know whether the first attempt
+landed: the consumer hands it out as a redelivery, so the worker checks it did not run already."""
+
+
+UNREADABLE_HEADERS = "x-aqueue-unreadable-headers"
+"""The only header of a message whose header table is not UTF-8 text; its value is the raw table."""
+
+
+def _tolerate_non_utf8() -> None:
+    """Decode short strings and header tables that are not UTF-8 instead of failing the connection."""
+    methods: dict[str, Any] = getattr(pamqp.decode, "METHODS", {})
+    strict_short, strict_table = methods.get("shortstr"), methods.get("table")
+    if strict_short is None or strict_table is None:
+        return  # another pamqp layout: keep its behaviour
+
+    def short_str(value: bytes) -> tuple[int, Any]:
+        try:
+            return strict_short(value)  # type: ignore[no-any-return]
+        except UnicodeDecodeError:
+            return value[0] + 1, value[1 : value[0] + 1].decode(errors="backslashreplace")
+
+    def field_table(value: bytes) -> tuple[int, Any]:
+        try:
+            return strict_table(value)  # type: ignore[no-any-return]
+        except UnicodeDecodeError:
+            size = int.from_bytes(value[:4], "big")
+            return size + 4, {UNREADABLE_HEADERS: value[4 : size + 4]}
+
+    methods["shortstr"], methods["table"] = short_str, field_table
+
+
+_tolerate_non_utf8()
 
 
 def eta_of(headers: dict[str, Any] | None) -> float | None:
@@ -119,23 +161,36 @@ class AMQPConsumer(Consumer):
             queue, outbox, tag, message = self._inbox.popleft()
             if outbox.closed:
                 continue  # from before a reconnect: RabbitMQ delivers it again
-            properties = message.header.properties
-            eta = eta_of(properties.headers)
-            if eta is not None and eta > time.time():
-                await self._hop(queue, outbox, tag, message, eta)
-                continue
-            message_id = properties.message_id or str((properties.headers or {}).get("id", ""))
-            out.append(
-                Delivery(
-                    self,
-                    message_id,
-                    queue,
-                    message.body,
-                    properties.content_type or "",
-                    bool(message.redelivered),
-                    (outbox, tag),
+            try:
+                properties = message.header.properties
+                headers = properties.headers
+                eta = eta_of(headers)
+                if eta is not None and eta > time.time():
+                    await self._hop(queue, outbox, tag, message, eta)
+                    continue
+                message_id = properties.message_id or str((headers or {}).get("id", ""))
+                again = bool(message.redelivered)
+                if headers is not None:
+                    if UNREADABLE_HEADERS in headers:
+                        raise ValueError(
+                            f"its headers are not UTF-8 text: {headers[UNREADABLE_HEADERS]!r:.80}"
+                        )
+                    again = again or RESENT_HEADER in headers
+                out.append(
+                    Delivery(
+                        self,
+                        message_id,
+                        queue,
+                        message.body,
+                        properties.content_type or "",
+                        again,
+                        (outbox, tag),
+                    )
                 )
-            )
+            except Exception as exc:  # a message no delivery can be made of must not stop the consumer
+                log.error("Rejecting unreadable message (delivery tag %d) from queue %r: %r", tag, queue, exc)
+                with contextlib.suppress(ChannelInvalidStateError):
+                    outbox.nack(tag, False)
         return out
 
     async def _hop(

@@ -4,13 +4,14 @@ Keys, with ``P`` the ``global_keyprefix`` option:
 
 - ``P<queue>``: the queue's stream. An entry holds ``body``, ``content_type``, ``id`` and
   ``priority`` (carried, not used for ordering: a stream is first in, first out), plus
-  ``redelivered`` once requeued. Its consumer group, ``aqueue``, is created at id 0 by the first
-  consumer, so entries published before any worker started are delivered.
+  ``redelivered`` once requeued or re-sent. Its consumer group, ``aqueue``, is created at id 0 by
+  the first consumer, so entries published before any worker started are delivered.
 - ``P<queue>.delayed``: a sorted set of the envelopes whose ``eta`` is still ahead (score = eta).
 - ``P<queue>.dead``: the dead-letter stream: rejected entries, and entries delivered
   ``max_deliveries`` times without being settled. It is not trimmed. (So a queue must not be
   named like another queue's dead-letter stream.)
 - ``P<channel>``: the pub/sub channel of ``broadcast``/``subscribe``.
+- ``Paqueue.published.<broker id>.<n>``: the marker of a publish (see Publishing), short-lived.
 
 Delivery. Each consumer has a unique name in the group and reads with ``XREADGROUP ... BLOCK`` on
 a connection of its own, so the blocking read never holds a pooled connection. What it reads is
@@ -20,6 +21,9 @@ pending for it in the group until settled:
   pipeline, and acks arriving while it is in flight go in the next one;
 - reject copies the entry to the dead-letter stream, requeue re-adds it to its stream marked
   ``redelivered``; either way the original is acknowledged and deleted, in one Lua script;
+- a settle that fails (an outage) keeps the entry held and marked: the consumer keeps renewing it,
+  and once Redis answers again gives it back to its stream marked ``redelivered``, so the worker
+  checks whether its task already finished (an ack lost that way never makes a task run twice);
 - every ``visibility_timeout / 3`` a live consumer resets the idle time of everything it holds
   (``XCLAIM ... JUSTID``, which leaves the delivery count alone), so a long task is never
   reclaimed while its worker lives;
@@ -33,6 +37,20 @@ pending for it in the group until settled:
 
 A worker that stalls past the timeout (a blocked event loop) may see another claim its entries:
 delivery is at least once, as with every broker.
+
+Unreadable entries. Any field of an entry may be garbage (written by hand, or by another program). An
+entry without a ``body`` or a ``content_type``, or whose ``id`` or ``content_type`` is not UTF-8,
+becomes no delivery: the consumer moves it to the dead-letter stream as it is and logs it once, by its
+stream id. This is checked on the slow path only: the fast path decodes inside a ``try``.
+
+Publishing. A publish is one pipeline of ``XADD`` (``ZADD`` for a delayed envelope), which ends by
+setting a marker key of its own (expiring a few seconds later). redis-py's silent retries are off
+for this broker's connections: a command whose reply was lost may have been applied, and sending it
+again would store a batch twice. When the reply of a publish is lost, the marker says whether the
+batch was applied (Redis runs one connection's commands in order): if it is set, the publish has
+succeeded; if not, it fails, and a retry by the publisher marks the envelopes ``resent``. A resent
+entry carries ``redelivered``, so the worker runs it only when its task is neither running nor
+finished. (A delayed envelope goes to the sorted set unmarked: the same member twice is one member.)
 
 ETA. ``publish`` puts an envelope whose ``eta`` is ahead in the sorted set; consumers move due
 ones to the stream (Lua, atomic) at least every 0.5 s while fetching, and their blocking reads
@@ -58,6 +76,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import difflib
+import itertools
 import logging
 import os
 import re
@@ -71,6 +90,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -90,6 +111,9 @@ GROUP = "aqueue"
 _BLOCK = 1.0
 _ETA_POLL = 0.5
 _CHUNK = 500
+_RESENT = (b"redelivered", b"1")
+"""Marks an entry that is a redelivery, or a re-sent copy that may already have been stored."""
+_CACHED_CONTENT_TYPES = 64
 _LOST = (RedisConnectionError, RedisTimeoutError, OSError)
 _SCRIPTS = ("reclaim", "settle", "move_due", "purge", "leave", "take_token")
 _LUA = {name: (Path(__file__).parent / f"redis_{name}.lua").read_text() for name in _SCRIPTS}
@@ -139,6 +163,8 @@ class RedisBroker(Broker):
         self._client = aioredis.Redis.from_pool(self._pool)
         self._scripts = {name: self._client.register_script(source) for name, source in _LUA.items()}
         self._consumers: set[_RedisConsumer] = set()
+        self._marker = f"{global_keyprefix}aqueue.published.{uuid.uuid4().hex}."
+        self._batches = itertools.count()
 
     def stream_key(self, queue: str) -> str:
         """The key of ``queue``'s stream."""
@@ -165,16 +191,37 @@ class RedisBroker(Broker):
         if not envelopes:
             return
         now = time.time()
+        marker = f"{self._marker}{next(self._batches)}"
         async with self._client.pipeline(transaction=False) as pipe:
             for e in envelopes:
                 fields = (b"body", e.body, b"content_type", e.content_type, b"id", e.id, b"priority")
                 priority = b"" if e.priority is None else e.priority
                 if e.eta is not None and e.eta > now:
+                    # The same member again if this is a retry: a sorted set keeps one.
                     pipe.execute_command("ZADD", self.delayed_key(e.queue), e.eta, _pack(*fields, priority))
+                elif e.resent:
+                    pipe.execute_command("XADD", self.stream_key(e.queue), "*", *fields, priority, *_RESENT)
                 else:
                     pipe.execute_command("XADD", self.stream_key(e.queue), "*", *fields, priority)
+            pipe.execute_command("SET", marker, b"", "PX", int((self.command_timeout + 5) * 1000))
             async with self._errors("publish"):
-                await pipe.execute()
+                try:
+                    await pipe.execute()
+                except _LOST as exc:
+                    if not await self._landed(marker):
+                        raise
+                    logger.warning(
+                        "Redis broker %s: the reply to a publish of %d message(s) was lost (%s), but they "
+                        "were stored: not sending them again",
+                        mask_password(self.url), len(envelopes), exc,
+                    )  # fmt: skip
+
+    async def _landed(self, marker: str) -> bool:
+        """Whether the batch whose last command set ``marker`` was applied (its reply was lost)."""
+        try:
+            return bool(await self._client.exists(marker))
+        except _LOST:
+            return False
 
     def consume(self, queues: Sequence[str], prefetch: int) -> Consumer:
         return _RedisConsumer(self, queues, prefetch)
@@ -255,6 +302,10 @@ class _RedisConsumer(Consumer):
         self._queue_of = dict(zip(self.keys, self.queues, strict=True))
         self._key_of = dict(zip(self.queues, self.keys, strict=True))
         self._owned: dict[bytes, set[bytes]] = {key: set() for key in self.keys}
+        self._marked: dict[bytes, set[bytes]] = {key: set() for key in self.keys}
+        """Owned entries whose settle failed: kept (and renewed) until recovery gives them back redelivered."""
+        self._unreadable: list[tuple[bytes, bytes, str]] = []
+        """Entries read whose fields cannot be used (stream key, entry id, why), to be dead-lettered."""
         self._overflow: list[Delivery] = []
         self._content_types: dict[bytes, str] = {}
         self._conn = broker._connection(self.name)
@@ -274,7 +325,7 @@ class _RedisConsumer(Consumer):
             async with asyncio.timeout(self.broker.command_timeout + _BLOCK):
                 if not self._started:
                     await self._start()
-                if self._stranded:
+                if self._stranded or any(self._marked.values()):
                     await self._recover()
                 out = await self._poll(n)
         except _LOST as exc:  # TimeoutError included
@@ -288,6 +339,8 @@ class _RedisConsumer(Consumer):
         except RedisError as exc:
             raise self._error("fetch", exc) from exc
         self._backoff.ok()
+        if self._unreadable:
+            await self._reject_unreadable()
         return self._take(n, out)
 
     def _take(self, n: int, fetched: list[Delivery]) -> list[Delivery]:
@@ -310,6 +363,7 @@ class _RedisConsumer(Consumer):
     async def _poll(self, n: int) -> list[Delivery]:
         now = time.monotonic()
         self._stranded = True  # until the replies are in: entries claimed by a lost reply are ours
+        self._unreadable.clear()  # any left by a failed poll are given back by the recovery
         out: list[Delivery] = []
         if now >= self._next_reclaim:
             self._next_reclaim = now + self._reclaim_every
@@ -342,17 +396,43 @@ class _RedisConsumer(Consumer):
         for entry_id, f in entries:
             if not f:
                 continue  # deleted while pending
-            if len(f) == 8 and f[0] == b"body" and f[4] == b"id":
-                body, ctype, task_id, again = f[1], f[3], f[5], redelivered
-            else:
-                d = dict(zip(f[::2], f[1::2], strict=False))
-                body, ctype = d.get(b"body", b""), d.get(b"content_type", b"")
-                task_id = d.get(b"id", entry_id)
-                again = redelivered or b"redelivered" in d
-            content_type = content_types.get(ctype) or content_types.setdefault(ctype, ctype.decode())
-            out.append(Delivery(self, task_id.decode(), queue, body, content_type, again, entry_id))
+            try:
+                if len(f) == 8 and f[0] == b"body" and f[4] == b"id":
+                    body, ctype, task_id, again = f[1], f[3], f[5], redelivered
+                else:
+                    body, ctype, task_id, again = _fields(entry_id, f, redelivered)
+                content_type = content_types.get(ctype) or self._content_type(ctype)
+                out.append(Delivery(self, task_id.decode(), queue, body, content_type, again, entry_id))
+            except (UnicodeDecodeError, LookupError):
+                self._unreadable.append((key, entry_id, _unreadable(f)))
+                continue
             owned.add(entry_id)
         return out
+
+    def _content_type(self, raw: bytes) -> str:
+        decoded = raw.decode()
+        if len(self._content_types) < _CACHED_CONTENT_TYPES:  # garbage must not grow the cache
+            self._content_types[raw] = decoded
+        return decoded
+
+    async def _reject_unreadable(self) -> None:
+        """Dead-letter the entries that cannot become deliveries; they are logged once, by stream id."""
+        unreadable, self._unreadable = self._unreadable, []
+        try:
+            for key, entry_id, why in unreadable:
+                queue = self._queue_of[key]
+                async with asyncio.timeout(self.broker.command_timeout):
+                    await self.scripts["settle"](
+                        keys=[key, self.broker.dead_key(queue)], args=[GROUP, "", entry_id]
+                    )
+                logger.error(
+                    "Rejecting unreadable entry %s of queue %r: %s. It was not run and has been dead-lettered.",
+                    entry_id.decode(), queue, why,
+                )  # fmt: skip
+        except (RedisError, TimeoutError) as exc:
+            # Still pending here and not owned: the recovery gives them back, and they are read again.
+            self._stranded = True
+            logger.debug("Dead-lettering unreadable entries failed: %s", exc)
 
     async def _reclaim(self, n: int) -> list[Delivery]:
         broker, out = self.broker, list[Delivery]()
@@ -378,8 +458,15 @@ class _RedisConsumer(Consumer):
                 self._next_eta = min(self._next_eta, now + max(0.0, float(next_due) - time.time()))
 
     async def _recover(self) -> None:
-        """Give back to their streams the entries pending for this consumer that it does not own."""
+        """Give back to their streams the entries pending for this consumer that it does not own, and
+        those whose settle failed (marked redelivered: the worker checks whether they already ran)."""
         for key, owned in self._owned.items():
+            marked = list(self._marked[key])
+            for i in range(0, len(marked), _CHUNK):
+                chunk = marked[i : i + _CHUNK]
+                await self.scripts["settle"](keys=[key, key], args=[GROUP, "1", *chunk])
+                owned.difference_update(chunk)
+                self._marked[key].difference_update(chunk)
             try:
                 pending = await self.client.xpending_range(key, GROUP, "-", "+", 10_000, self.name)
             except ResponseError as exc:
@@ -426,23 +513,23 @@ class _RedisConsumer(Consumer):
                     async with asyncio.timeout(self.broker.command_timeout):
                         await self._send_acks(ids)
                 except (RedisError, TimeoutError) as exc:
+                    for key, entry_ids in ids.items():
+                        self._marked[key].update(entry_ids)
                     done.set_exception(self._error("ack", exc))
                     done.add_done_callback(_retrieved)
                 else:
+                    for key, entry_ids in ids.items():
+                        self._owned[key].difference_update(entry_ids)
                     done.set_result(None)
         finally:
             self._flusher = None
 
     async def _send_acks(self, ids: dict[bytes, list[bytes]]) -> None:
-        try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for key, entry_ids in ids.items():
-                    pipe.execute_command("XACK", key, GROUP, *entry_ids)
-                    pipe.execute_command("XDEL", key, *entry_ids)
-                await pipe.execute()
-        finally:
+        async with self.client.pipeline(transaction=False) as pipe:
             for key, entry_ids in ids.items():
-                self._owned[key].difference_update(entry_ids)
+                pipe.execute_command("XACK", key, GROUP, *entry_ids)
+                pipe.execute_command("XDEL", key, *entry_ids)
+            await pipe.execute()
 
     async def _reject(self, delivery: Delivery) -> None:
         await self._settle(delivery, self.broker.dead_key(delivery.queue), "")
@@ -456,9 +543,9 @@ class _RedisConsumer(Consumer):
             async with asyncio.timeout(self.broker.command_timeout):
                 await self.scripts["settle"](keys=[key, target], args=[GROUP, mark, delivery.tag])
         except (RedisError, TimeoutError) as exc:
+            self._marked[key].add(delivery.tag)
             raise self._error("settle", exc) from exc
-        finally:
-            self._owned[key].discard(delivery.tag)
+        self._owned[key].discard(delivery.tag)
 
     async def aclose(self) -> None:
         """Stop consuming: give back what was fetched and not handed out, leave the group if idle."""
@@ -490,7 +577,7 @@ class _RedisConsumer(Consumer):
 
     def _error(self, action: str, exc: BaseException) -> OperationalError:
         url = mask_password(self.broker.url)
-        return OperationalError(f"Redis broker {url}: {action} failed for consumer {self.name}: {exc}")
+        return OperationalError(f"Redis broker {url}: {action} failed for consumer {self.name}: {_text(exc)}")
 
 
 class _Backoff:
@@ -505,7 +592,7 @@ class _Backoff:
             self.down = True
             logger.warning(
                 "Redis %s: the connection of %s was lost (%s); reconnecting",
-                mask_password(self.url), self.what, exc,
+                mask_password(self.url), self.what, _text(exc),
             )  # fmt: skip
         await asyncio.sleep(self.pause)
         self.pause = min(self.pause * 2, 1.0)
@@ -522,7 +609,9 @@ async def _subscribe(conn: AbstractConnection, channel: bytes) -> None:
 
 
 def _pool(url: str, max_connections: int, options: dict[str, Any]) -> BlockingConnectionPool:
-    kwargs = connection_kwargs(url, **options)
+    # No silent retries: a command whose reply was lost may have been applied (a publish would be
+    # stored twice, a claim lost); every caller handles the failure itself.
+    kwargs = connection_kwargs(url, **options, retry=Retry(NoBackoff(), 0))
     return BlockingConnectionPool(max_connections=max_connections, timeout=20, **kwargs)
 
 
@@ -552,14 +641,15 @@ def _pack(*values: bytes | str | int) -> bytes:
 
 
 def _envelope(queue: str, fields: Mapping[Any, Any]) -> Envelope:
-    priority = fields.get(b"priority")
+    """The envelope of a dead letter; it may be an unreadable entry, so nothing here raises."""
+    priority = fields.get(b"priority", b"")
     return Envelope(
-        fields.get(b"id", b"").decode(),
+        fields.get(b"id", b"").decode(errors="backslashreplace"),
         queue,
         fields.get(b"body", b""),
-        fields.get(b"content_type", b"").decode(),
+        fields.get(b"content_type", b"").decode(errors="backslashreplace"),
         None,
-        int(priority) if priority else None,
+        int(priority) if priority.isdigit() else None,
     )
 
 
@@ -568,6 +658,35 @@ def _gone(exc: ResponseError) -> bool:
     return "NOGROUP" in str(exc) or "UNBLOCKED" in str(exc)
 
 
+def _text(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__  # a timeout says nothing by itself
+
+
 def _retrieved(future: asyncio.Future[None]) -> None:
     if not future.cancelled():
         future.exception()
+
+
+def _fields(entry_id: bytes, f: list[bytes], redelivered: bool) -> tuple[bytes, bytes, bytes, bool]:
+    """Body, content type, id and redelivered flag of an entry in another field order (or incomplete).
+
+    Raises:
+        LookupError: the entry has no body or no content type.
+    """
+    d = dict(zip(f[::2], f[1::2], strict=False))
+    return d[b"body"], d[b"content_type"], d.get(b"id", entry_id), redelivered or b"redelivered" in d
+
+
+def _unreadable(f: list[bytes]) -> str:
+    """Why an entry's fields cannot make a delivery, for the log."""
+    d = dict(zip(f[::2], f[1::2], strict=False))
+    for name in (b"body", b"content_type"):
+        if name not in d:
+            return f"it has no {name.decode()} field"
+    for name in (b"id", b"content_type"):
+        value = d.get(name, b"")
+        try:
+            value.decode()
+        except UnicodeDecodeError:
+            return f"its {name.decode()} field is not UTF-8 text ({value[:40]!r})"
+    return "its fields cannot be read"

@@ -45,17 +45,20 @@ class ConsumerLoop:
         )
         async for delivery in self.consumer:
             try:
-                message = decode(delivery.body, delivery.content_type, delivery.headers, accepted)
-            except (ContentDisallowed, DecodeError) as exc:
-                await self._bad(delivery, exc)
-                continue
-            runtime = runtimes.get(message.task)
-            if runtime is None:
-                await self._unregistered(delivery, message)
-                continue
-            if log_info:
-                logger.info("Task %s[%s] received", message.task, message.id)
-            submit(delivery, message, runtime)
+                try:
+                    message = decode(delivery.body, delivery.content_type, delivery.headers, accepted)
+                except (ContentDisallowed, DecodeError) as exc:
+                    await self._bad(delivery, exc)
+                    continue
+                runtime = runtimes.get(message.task)
+                if runtime is None:
+                    await self._unregistered(delivery, message)
+                    continue
+                if log_info:
+                    logger.info("Task %s[%s] received", message.task, message.id)
+                submit(delivery, message, runtime)
+            except Exception as exc:  # one message never stops the loop
+                await self._failed(delivery, exc)
 
     async def _bad(self, delivery: Delivery, exc: Exception) -> None:
         kind = "refused" if isinstance(exc, ContentDisallowed) else "undecodable"
@@ -67,6 +70,23 @@ class ConsumerLoop:
             exc,
         )
         await delivery.reject()
+
+    async def _failed(self, delivery: Delivery, exc: Exception) -> None:
+        """Handling ``delivery`` raised (its settle failed in an outage, or a bug): log it and go on."""
+        if not delivery.settled:
+            logger.error(
+                "Rejecting message %s from queue %r: handling it failed: %r. It was not run and is dead-lettered.",
+                delivery.id, delivery.queue, exc, exc_info=exc,
+            )  # fmt: skip
+            try:
+                await delivery.reject()
+                return
+            except Exception as again:
+                exc = again
+        logger.error(
+            "Message %s from queue %r could not be settled (%s); the broker delivers it again.",
+            delivery.id, delivery.queue, exc,
+        )  # fmt: skip
 
     async def _unregistered(self, delivery: Delivery, message: Message) -> None:
         logger.error(

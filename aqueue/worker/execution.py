@@ -57,6 +57,11 @@ __all__ = ["Executor", "TaskRuntime"]
 
 logger = logging.getLogger("aqueue.worker")
 
+STORE_RETRY_FOR = 20.0
+"""Seconds a worker keeps trying to store a task's final state while the result backend fails."""
+_STORE_PAUSES = (0.1, 2.0)
+"""The first pause between two tries to store a state, doubling up to the second."""
+
 
 @dataclass(slots=True, kw_only=True)
 class TaskRuntime:
@@ -113,6 +118,9 @@ class Executor:
         """Every task the executor started: runs, rate-limit waits, and the requeue of the line at close."""
         self._waiting: set[asyncio.Task[Any]] = set()
         self._spawn, self._forget = asyncio.get_running_loop().create_task, self.running.discard
+        self.store_retry_for = STORE_RETRY_FOR
+        self._copies: dict[str, list[Delivery]] = {}
+        """Redelivered copies of tasks running here, by task id: settled when that run ends."""
 
     def submit(self, delivery: Delivery, message: Message, runtime: TaskRuntime) -> None:
         """Start a run now if it may, else put it in line for a slot (or let it wait for its token first)."""
@@ -149,7 +157,11 @@ class Executor:
             await self._run(delivery, message, runtime)
         except asyncio.CancelledError:
             await asyncio.shield(self._give_back(delivery, message))
+            if self._copies:
+                await asyncio.shield(self._settle_copies(message, ran=False))
             raise
+        except Exception as exc:
+            await self._broken(delivery, message, exc)
         finally:
             self.slots.release()
 
@@ -163,6 +175,9 @@ class Executor:
         except asyncio.CancelledError:
             await asyncio.shield(delivery.requeue())
             raise
+        except Exception as exc:  # the broker keeping a global_rate_limit bucket failed
+            await self._broken(delivery, message, exc)
+            return
         if self.closing:
             await delivery.requeue()
         elif self.slots.try_acquire():
@@ -205,19 +220,12 @@ class Executor:
         task_id, name = message.id, message.task
         if await self._skip(delivery, message):
             return
-        if runtime.acks_late:
-            if delivery.lost:
-                logger.info(
-                    "Task %s[%s]: its delivery was lost with the connection before it started; the broker "
-                    "delivers it again",
-                    name,
-                    task_id,
-                )
-                delivery.drop()
-                return
-        elif not await self._acked(delivery, message):
+        self.state.active[task_id] = (message, time.time())  # already: a copy arriving meanwhile is held
+        if not (self._kept(delivery, message) if runtime.acks_late else await self._acked(delivery, message)):
+            self.state.active.pop(task_id, None)
+            if self._copies:
+                await self._settle_copies(message, ran=False)
             return
-        self.state.active[task_id] = (message, time.time())
         if runtime.track_started:
             await self._store(
                 TaskMeta(task_id, states.STARTED, {"pid": os.getpid(), "hostname": self.hostname}, name=name),
@@ -225,6 +233,7 @@ class Executor:
             )
         token = _request.set(_context(message, self.hostname, delivery.queue))
         began = time.perf_counter()
+        stored = True
         try:
             result = await self._call(runtime, message)
         except Retry as retry:
@@ -238,10 +247,11 @@ class Executor:
             if again is not None:
                 await self._retry(delivery, message, runtime, again)
             else:
-                trace = await self._fail(message, exc)
-                if message.errbacks or message.chain or message.chord:
+                trace = format_traceback(exc)
+                stored = await self._fail(message, exc, trace)
+                if stored and (message.errbacks or message.chain or message.chord):
                     await self._follow(self.workflow.failed(message, exc, trace), message)
-                if runtime.acks_late and not runtime.ack_failures:
+                if stored and runtime.acks_late and not runtime.ack_failures:
                     await delivery.reject()  # task_acks_on_failure_or_timeout=False: dead-letter it
         else:
             if self.log_info:
@@ -249,14 +259,32 @@ class Executor:
                     "Task %s[%s] succeeded in %.6fs: %r", name, task_id, time.perf_counter() - began, result
                 )
             if not runtime.ignore_result and not message.ignore_result:
-                await self._store(TaskMeta(task_id, states.SUCCESS, result, name=name), message)
-            if message.callbacks or message.chain or message.chord:
+                stored = await self._store(TaskMeta(task_id, states.SUCCESS, result, name=name), message)
+            if stored and (message.callbacks or message.chain or message.chord):
                 await self._follow(self.workflow.succeeded(message, result), message)
         finally:
             _request.reset(token)
             self.state.active.pop(task_id, None)
             self.state.total[name] += 1
-        await self._acked(delivery, message)  # lost: the copy that comes again finds the stored state
+        if stored:
+            await self._acked(delivery, message)  # lost: the copy that comes again finds the stored state
+        else:
+            await self._unstored(delivery, message, runtime)
+        if self._copies:
+            await self._settle_copies(message, ran=True)
+
+    def _kept(self, delivery: Delivery, message: Message) -> bool:
+        """Whether an acks-late delivery is still held; False when it was lost (it comes again: do not run it)."""
+        if delivery.lost:
+            logger.info(
+                "Task %s[%s]: its delivery was lost with the connection before it started; the broker "
+                "delivers it again",
+                message.task,
+                message.id,
+            )
+            delivery.drop()
+            return False
+        return True
 
     async def _acked(self, delivery: Delivery, message: Message) -> bool:
         """Acknowledge; False when the delivery was lost with its connection (it comes again: do not run it)."""
@@ -269,16 +297,46 @@ class Executor:
                 message.id,
             )
             return False
+        except OperationalError as exc:
+            logger.warning(
+                "Task %s[%s]: the message could not be acknowledged (%s); the broker delivers it again, "
+                "and a copy of a finished task is acknowledged without running",
+                message.task,
+                message.id,
+                exc,
+            )
+            return False
         return True
 
     async def _skip(self, delivery: Delivery, message: Message) -> bool:
-        """Revoked, expired, or already finished (a redelivered copy): ack without running."""
+        """Revoked, expired, or a redelivered copy of a task running or finished: settle without running."""
         why = None
         if message.id in self.state.revoked:
             why = "revoked"
         elif message.expires is not None and time.time() > message.expires:
             why = "expired"
-        elif delivery.redelivered and await self._finished(message.id):
+        elif delivery.redelivered:
+            return await self._copy(delivery, message)
+        if why is None:
+            return False
+        logger.info("Discarding %s task %s[%s]", why, message.task, message.id)
+        await self._acked(delivery, message)
+        revoked = TaskMeta(message.id, states.REVOKED, why, name=message.task)
+        if await self._store(revoked, message) and message.chord is not None:
+            await self._follow(self.workflow.chord_part(message, revoked), message)
+        return True
+
+    async def _copy(self, delivery: Delivery, message: Message) -> bool:
+        """A redelivered or re-sent copy: True when it must not run (its task is running here or finished)."""
+        if message.id in self.state.active:
+            logger.info(
+                "Task %s[%s] is running: its redelivered copy is acknowledged when that run ends",
+                message.task,
+                message.id,
+            )
+            self._copies.setdefault(message.id, []).append(delivery)
+            return True
+        if await self._finished(message):
             logger.info(
                 "Task %s[%s] already finished: redelivered copy acknowledged", message.task, message.id
             )
@@ -286,15 +344,7 @@ class Executor:
                 await self._follow(self.workflow.recover(message), message)
             await self._acked(delivery, message)
             return True
-        if why is None:
-            return False
-        logger.info("Discarding %s task %s[%s]", why, message.task, message.id)
-        await self._acked(delivery, message)
-        revoked = TaskMeta(message.id, states.REVOKED, why, name=message.task)
-        await self.backend.store(revoked, message)
-        if message.chord is not None:
-            await self._follow(self.workflow.chord_part(message, revoked), message)
-        return True
+        return False
 
     async def _follow(self, step: Awaitable[None], message: Message) -> None:
         """Run what a workflow does after ``message``'s task; a failure there is logged, not raised."""
@@ -309,11 +359,29 @@ class Executor:
                 exc_info=True,
             )
 
-    async def _finished(self, task_id: str) -> bool:
+    async def _settle_copies(self, message: Message, ran: bool) -> None:
+        """The run of ``message`` ended: acknowledge the copies held meanwhile, or give them back if it did not run."""
+        for copy in self._copies.pop(message.id, ()):
+            try:
+                await (copy.ack() if ran else copy.requeue())
+            except Exception as exc:
+                logger.warning(
+                    "Task %s[%s]: could not settle a redelivered copy: %s", message.task, message.id, exc
+                )
+
+    async def _finished(self, message: Message) -> bool:
         try:
-            return (await self.backend.get(task_id)).ready
+            return (await self.backend.get(message.id)).ready
+        except OperationalError as exc:
+            logger.warning(
+                "Task %s[%s]: cannot tell whether it already finished (%s); running the redelivered copy",
+                message.task,
+                message.id,
+                exc,
+            )
         except Exception:
-            return False
+            pass  # no result backend, or a state stored by something else: nothing says it finished
+        return False
 
     async def _call(self, runtime: TaskRuntime, message: Message) -> Any:
         task, fn = runtime.task, runtime.fn
@@ -355,23 +423,98 @@ class Executor:
             )
             await self._store(meta, message)
 
-    async def _fail(self, message: Message, exc: Exception) -> str:
-        trace = format_traceback(exc)
+    async def _fail(self, message: Message, exc: Exception, trace: str | None = None) -> bool:
+        trace = trace or format_traceback(exc)
         logger.error("Task %s[%s] raised unexpected: %r\n%s", message.task, message.id, exc, trace.rstrip())
         meta = TaskMeta(message.id, states.FAILURE, exception_to_result(exc), trace, name=message.task)
-        await self._store(meta, message)
-        return trace
+        return await self._store(meta, message)
 
-    async def _store(self, meta: TaskMeta, message: Message) -> None:
+    async def _store(self, meta: TaskMeta, message: Message) -> bool:
+        """Store ``meta``; False when it is a final state the result backend failed to take in time."""
         try:
             await self.backend.store(meta, message)
+        except OperationalError as exc:
+            return await self._store_again(meta, message, exc)
         except Exception as exc:
-            if meta.status == states.SUCCESS and not isinstance(exc, OperationalError):
+            if meta.status == states.SUCCESS:
                 # The return value cannot be encoded: fail the task, as Celery does, so get() does not hang.
-                await self._fail(message, _unencodable(message, meta, self.backend.serializer.name, exc))
-                return
+                return await self._fail(
+                    message, _unencodable(message, meta, self.backend.serializer.name, exc)
+                )
             logger.error(
                 "Cannot store the %s state of task %s[%s]: %s", meta.status, message.task, message.id, exc
+            )
+        return True
+
+    async def _store_again(self, meta: TaskMeta, message: Message, exc: OperationalError) -> bool:
+        """Retry storing a final state with backoff for ``store_retry_for`` seconds (other states: once only)."""
+        what = f"the {meta.status} state of task {message.task}[{message.id}]"
+        if not meta.ready:
+            logger.error("Cannot store %s: %s", what, exc)
+            return True
+        logger.warning("Cannot store %s (%s); retrying for up to %.0fs", what, exc, self.store_retry_for)
+        deadline, (pause, longest) = time.monotonic() + self.store_retry_for, _STORE_PAUSES
+        while time.monotonic() + pause < deadline:
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, longest)
+            try:
+                await self.backend.store(meta, message)
+            except OperationalError as again:
+                exc = again
+                continue
+            logger.info("Stored %s: the result backend is back", what)
+            return True
+        logger.error("Cannot store %s after %.0fs: %s", what, self.store_retry_for, exc)
+        return False
+
+    async def _unstored(self, delivery: Delivery, message: Message, runtime: TaskRuntime) -> None:
+        """A task whose final state could not be stored: an acks-late message is given back, not acknowledged."""
+        if not runtime.acks_late:
+            logger.error(
+                "Task %s[%s]: its result is lost: the message was acknowledged when the task started "
+                "(acks_late is off)",
+                message.task,
+                message.id,
+            )
+            return
+        logger.error(
+            "Task %s[%s]: its result could not be stored, so the message is not acknowledged: it goes back "
+            "to the queue and the task runs again",
+            message.task,
+            message.id,
+        )
+        try:
+            await delivery.requeue()
+        except OperationalError as exc:
+            logger.warning(
+                "Task %s[%s]: giving the message back failed too (%s); the broker delivers it again",
+                message.task,
+                message.id,
+                exc,
+            )
+
+    async def _broken(self, delivery: Delivery, message: Message, exc: Exception) -> None:
+        """A run failed outside the task's code: log it and settle the message, so it holds no prefetch slot.
+
+        A broker or backend error gives it back to the queue; anything else dead-letters it.
+        """
+        outage = isinstance(exc, OperationalError)
+        fate = "it goes back to the queue" if outage else "it has been dead-lettered"
+        if delivery.settled:
+            fate = "it was acknowledged already"
+        logger.error(
+            "Task %s[%s]: the worker failed while handling it: %r; %s",
+            message.task,
+            message.id,
+            exc,
+            fate,
+            exc_info=None if outage else exc,
+        )
+        try:
+            await (delivery.requeue() if outage else delivery.reject())
+        except Exception as again:
+            logger.warning(
+                "Task %s[%s]: settling the message failed too: %s", message.task, message.id, again
             )
 
 

@@ -211,6 +211,17 @@ async def test_requeue_redelivers(broker: AMQPBroker, queue: str) -> None:
         await again.ack()
 
 
+async def test_a_resent_envelope_comes_as_a_redelivery(broker: AMQPBroker, queue: str) -> None:
+    # Given an envelope sent again by a publish retry, after a plain one
+    await broker.publish([Envelope("m0", queue, b"x", JSON), Envelope("m1", queue, b"y", JSON, resent=True)])
+    # Then it is delivered as a redelivery (the worker checks it did not run already)
+    async with broker.consume([queue], prefetch=2) as consumer:
+        got = [await receive(consumer), await receive(consumer)]
+        assert [(d.id, d.redelivered) for d in got] == [("m0", False), ("m1", True)]
+        for delivery in got:
+            await delivery.ack()
+
+
 async def test_purge_counts(broker: AMQPBroker, queue: str) -> None:
     await broker.publish(envelopes(queue, 4))
     await broker.publish(envelopes(queue, 2, eta=time.time() + 60))

@@ -194,6 +194,24 @@ async def test_two_brokers_never_deliver_the_same_entry_twice(make_broker: Facto
     assert {n for n, _ in seen} == {1, 2}
 
 
+async def test_a_resent_envelope_comes_as_a_redelivery_and_a_resent_delayed_one_is_kept_once(
+    broker: RedisBroker, raw: aioredis.Redis
+) -> None:
+    # Given an envelope sent again by a publish retry, and a delayed one sent twice, the second time marked
+    await broker.publish([Envelope("m0", "q", b"x", JSON), Envelope("m1", "q", b"y", JSON, resent=True)])
+    delayed = Envelope("d0", "q", b"z", JSON, time.time() + 60)
+    await broker.publish([delayed])
+    await broker.publish([Envelope("d0", "q", b"z", JSON, delayed.eta, resent=True)])
+    # Then the resent one is delivered as a redelivery (the worker checks it did not run already)
+    async with broker.consume(["q"], prefetch=2) as consumer:
+        got = [await receive(consumer), await receive(consumer)]
+        assert [(d.id, d.redelivered) for d in got] == [("m0", False), ("m1", True)]
+        for delivery in got:
+            await delivery.ack()
+    # And the delayed one is waiting once: the same member of the sorted set
+    assert await raw.zcard(broker.delayed_key("q")) == 1
+
+
 async def test_requeue_adds_a_marked_entry_and_reject_dead_letters(
     broker: RedisBroker, raw: aioredis.Redis
 ) -> None:

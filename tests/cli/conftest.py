@@ -28,7 +28,7 @@ import pytest
 
 import aqueue
 from aqueue.app import App
-from tests.conftest import REDIS_URL, require_server
+from tests.conftest import REDIS_URL, reap, require_server
 
 __all__ = ["CliResult", "Project", "WorkerProcess", "reap"]
 
@@ -151,17 +151,6 @@ class WorkerProcess:
         """Make sure the process is gone: SIGTERM, then SIGKILL; always wait for it."""
         reap(self.proc)
         self._output.close()
-
-
-def reap(proc: subprocess.Popen[bytes]) -> None:
-    """Make sure ``proc`` is gone: SIGTERM, then SIGKILL; always wait for it."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 class Project:

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
 import signal
-import socket
-import subprocess
 import time
 import uuid
 from collections import Counter
@@ -26,9 +23,9 @@ import aqueue
 from aqueue.app import App
 from aqueue.message import Envelope
 from aqueue.result.asyncresult import AsyncResult
-from tests.conftest import CI, rabbitmqctl, require_server
+from tests.conftest import RedisServer, rabbitmqctl, require_server
 
-from .conftest import Project, WorkerProcess, reap
+from .conftest import Project, WorkerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -137,73 +134,6 @@ async def vhost_project(tmp_path: Path, vhost: str) -> AsyncIterator[Project]:
         yield project
     finally:
         await project.aclose()
-
-
-class RedisServer:
-    """A private ``redis-server`` on a spare loopback port, keeping nothing on disk."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
-
-    async def start(self, timeout: float = 10.0) -> None:
-        """Start the server and wait until it accepts connections."""
-        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.root)]
-        argv += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
-        with (self.root / "redis-server.log").open("ab") as log:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while not self._accepts():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"redis-server on port {self.port} did not start:\n{self._log()}")
-            await asyncio.sleep(0.05)
-
-    async def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM, and wait until the process has exited."""
-        assert self.proc is not None
-        self.proc.terminate()
-        deadline = time.monotonic() + timeout
-        while self.proc.poll() is None:
-            if time.monotonic() > deadline:
-                pytest.fail(f"redis-server on port {self.port} did not stop within {timeout}s")
-            await asyncio.sleep(0.05)
-
-    def reap(self) -> None:
-        if self.proc is not None:
-            reap(self.proc)
-
-    def _accepts(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
-                conn.sendall(b"PING\r\n")
-                return conn.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def _log(self) -> str:
-        return (self.root / "redis-server.log").read_text(errors="replace")
-
-
-@pytest.fixture
-async def private_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        message = "redis-server is not installed (apt-get install redis-server)"
-        if CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    server = RedisServer(tmp_path)
-    try:
-        await server.start()
-        yield server
-    finally:
-        server.reap()
 
 
 @pytest.fixture
