@@ -144,18 +144,24 @@ class Listener:
 
     @property
     def listening(self) -> bool:
-        return self._socket is not None and self._pid == os.getpid()
+        """Bound, in this process (not a fork's copy), and read by the running loop."""
+        return (
+            self._socket is not None and self._pid == os.getpid() and self._loop is asyncio.get_running_loop()
+        )
 
     def listen(self) -> bool:
         """Bind the socket (once) and read it from the running loop; False when wake-ups cannot work."""
         if self.listening or self._failed:
             return not self._failed
+        self.close()  # a socket bound before a fork, or read by a loop that has gone
         name = f"{self.kind}-{os.getpid()}-{secrets.token_hex(4)}.sock"
         try:
             self.wakeups.folder.mkdir(exist_ok=True)
             address = self.wakeups.address(name)
             if address is None:
                 raise OSError("the socket path is too long")
+            if not hasattr(socket, "AF_UNIX"):
+                raise OSError("this system has no Unix sockets")
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             sock.setblocking(False)
             sock.bind(address)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import logging
 import sqlite3
 import time
 from collections.abc import Collection
@@ -20,12 +21,13 @@ from functools import partial
 
 from aqueue._sqlite import Batch, SQLiteConnection, quick, transaction
 from aqueue._wakeups import Listener
-from aqueue.exceptions import TimeoutError
+from aqueue.exceptions import OperationalError, TimeoutError
 from aqueue.result.base import ResultBackend, TaskMeta
 from aqueue.urls import sqlite_path
 
 __all__ = ["SQLiteBackend"]
 
+logger = logging.getLogger(__name__)
 _Row = tuple[str, bytes, float | None, bool]
 """A store: task id, data, expiry and whether the state is final."""
 _PRUNE_EVERY = 60.0
@@ -105,7 +107,11 @@ class SQLiteBackend(ResultBackend):
             task.add_done_callback(self._checks.discard)
 
     async def _check(self, task_ids: list[str]) -> None:
-        rows = await self._db.run(partial(_select_many, task_ids), quick=quick(len(task_ids)))
+        try:
+            rows = await self._db.run(partial(_select_many, task_ids), quick=quick(len(task_ids)))
+        except OperationalError as exc:  # the waiters read again at their next poll
+            logger.debug("Reading %d woken results failed: %s", len(task_ids), exc)
+            return
         for task_id, data in rows:
             self._resolve(task_id, data)
 
