@@ -38,7 +38,8 @@ class _Store:
             self.queues[envelope.queue].appendleft((envelope, redelivered))
         else:
             self.queues[envelope.queue].append((envelope, redelivered))
-        self.wake()
+        if self.waiters:
+            self.wake()
 
     def wake(self) -> None:
         for waiter in self.waiters:
@@ -46,13 +47,33 @@ class _Store:
                 waiter.set_result(None)
         self.waiters.clear()
 
+    async def wait(self, timeout: float | None) -> None:
+        """Until something is put, or ``timeout`` seconds (None: no limit)."""
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        self.waiters.add(waiter)
+        timer = None if timeout is None else loop.call_later(timeout, _resolve, waiter)
+        try:
+            await waiter
+        finally:
+            self.waiters.discard(waiter)
+            if timer is not None:
+                timer.cancel()
+
     def move_due(self) -> float | None:
         """Move due delayed envelopes to their queues; returns seconds until the next one."""
+        if not self.delayed:
+            return None
         now = time.time()
         while self.delayed and self.delayed[0][0] <= now:
             envelope = heapq.heappop(self.delayed)[2]
             self.queues[envelope.queue].append((envelope, False))
         return self.delayed[0][0] - now if self.delayed else None
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 _STORES: defaultdict[str, _Store] = defaultdict(_Store)
@@ -122,28 +143,27 @@ class _MemoryConsumer(Consumer):
 
     async def _fetch(self, n: int) -> Sequence[Delivery]:
         store = self.store
-        next_due = store.move_due()
-        out: list[Delivery] = []
-        for queue in self.queues:
-            waiting = store.queues.get(queue)
-            while waiting and len(out) < n:
-                envelope, redelivered = waiting.popleft()
-                out.append(
-                    Delivery(
-                        self, envelope.id, queue, envelope.body, envelope.content_type, redelivered, envelope
+        while True:
+            next_due = store.move_due()
+            out: list[Delivery] = []
+            for queue in self.queues:
+                waiting = store.queues.get(queue)
+                while waiting and len(out) < n:
+                    envelope, redelivered = waiting.popleft()
+                    out.append(
+                        Delivery(
+                            self,
+                            envelope.id,
+                            queue,
+                            envelope.body,
+                            envelope.content_type,
+                            redelivered,
+                            envelope,
+                        )
                     )
-                )
-        if out:
-            return out
-        waiter = asyncio.get_running_loop().create_future()
-        store.waiters.add(waiter)
-        try:
-            await asyncio.wait_for(waiter, timeout=1.0 if next_due is None else min(next_due, 1.0))
-        except TimeoutError:
-            pass
-        finally:
-            store.waiters.discard(waiter)
-        return out
+            if out:
+                return out
+            await store.wait(next_due)
 
     async def _ack(self, delivery: Delivery) -> None:
         pass

@@ -12,10 +12,15 @@ is not redelivered; when its process dies the claims lapse and the rows are deli
 ``aqueue_dead_letters``. A settle applies only to the claim it came from (row id and delivery count): a
 consumer whose claim lapsed cannot delete a message that another consumer is now running.
 
-SQLite cannot notify other processes, so consumers poll: every ``polling_interval`` seconds at first,
-backing off to half a second while the queues stay empty; a publish in the same broker wakes its
-consumers at once. Broadcasts are rows that subscribers poll every 0.1 s; rows older than a minute are
-pruned. Priorities: a higher number is delivered first; among equals, the oldest message first.
+A consumer that finds nothing to claim sleeps until it is woken, the next row falls due (an ETA, a
+lapsed claim), or its poll: ``polling_interval`` seconds at first, backing off to half a second (or to
+``polling_interval``, when that is longer) while the queues stay empty. A publish, requeue or broadcast
+wakes the consumers and subscribers of this broker at once, and those of other processes through
+:mod:`aqueue._wakeups` (one datagram per waiting process, after the commit); the poll only makes up for
+a wake-up that was lost. Finding a queue empty reads the file without taking the write lock, so idle
+consumers never hold up a publisher; the acks of one loop turn are one transaction. Broadcasts are rows that subscribers read when woken, and poll
+every 0.1 s; rows older than a minute are pruned. Priorities: a higher number is delivered first; among
+equals, the oldest message first.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any, TypeVar
 
-from aqueue._sqlite import SQLiteConnection, transaction
+from aqueue._sqlite import QUICK_ROWS, Batch, SQLiteConnection, quick, transaction
+from aqueue._wakeups import Listener
 from aqueue.broker.base import Broker, Consumer, Delivery
 from aqueue.exceptions import ImproperlyConfigured, OperationalError
 from aqueue.message import Envelope
@@ -82,7 +88,9 @@ class SQLiteBroker(Broker):
         self.url, self.path = url, sqlite_path(url)
         self.visibility_timeout, self.polling_interval = float(visibility_timeout), float(polling_interval)
         self._db = SQLiteConnection(self.path, _SCHEMA, "SQLite broker")
-        self._waiters: set[asyncio.Future[None]] = set()
+        self._listener = Listener(self._db.wakeups, "b", self._notice)
+        self._waiters: dict[asyncio.Future[bool], frozenset[str]] = {}
+        self._notices = 0
         self._renewals: set[asyncio.Task[None]] = set()
 
     async def connect(self) -> None:
@@ -93,12 +101,15 @@ class SQLiteBroker(Broker):
         for task in self._renewals:
             task.cancel()
         await asyncio.gather(*self._renewals, return_exceptions=True)
+        self._listener.close()
         await self._db.aclose()
 
     async def publish(self, envelopes: Sequence[Envelope]) -> None:
         if envelopes:
-            await self._db.run(partial(_insert, list(envelopes)))
-            self._wake()
+            queues = {envelope.queue for envelope in envelopes}
+            fast = quick(len(envelopes), sum(len(envelope.body) for envelope in envelopes))
+            await self._db.run(partial(_insert, list(envelopes)), wake=("b", queues), quick=fast)
+            self._notice(queues)
 
     def consume(self, queues: Sequence[str], prefetch: int) -> Consumer:
         return _SQLiteConsumer(self, queues, prefetch)
@@ -108,7 +119,7 @@ class SQLiteBroker(Broker):
 
     async def take_token(self, key: str, rate: Rate) -> float:
         """One token of the bucket ``key`` that every process on this file shares (one transaction)."""
-        return await self._db.run(partial(_take_token, key, rate.per_second))
+        return await self._db.run(partial(_take_token, key, rate.per_second), quick=True)
 
     async def dead_letters(self, queue: str) -> list[Envelope]:
         """Envelopes rejected from ``queue``, oldest first."""
@@ -119,40 +130,45 @@ class SQLiteBroker(Broker):
         ]
 
     async def broadcast(self, channel: str, data: bytes) -> None:
-        await self._db.run(partial(_broadcast, channel, data))
-        self._wake()
+        await self._db.run(partial(_broadcast, channel, data), wake=("b", (channel,)), quick=True)
+        self._notice({channel})
 
     @asynccontextmanager
     async def subscribe(self, channel: str) -> AsyncIterator[AsyncIterator[bytes]]:
-        last = await self._db.run(partial(_last_broadcast, channel))
+        self._listener.listen()
+        last = await self._db.run(partial(_last_broadcast, channel), quick=True)
         yield self._listen(channel, last)
 
     async def _listen(self, channel: str, last: int) -> AsyncIterator[bytes]:
         while True:
-            rows = await self._db.run(partial(_broadcasts_after, channel, last))
+            notices = self._notices
+            rows = await self._db.run(partial(_broadcasts_after, channel, last), quick=True)
             for _, data in rows:
                 yield data
             if rows:
                 last = rows[-1][0]
-            else:
-                await self._nap(_BROADCAST_POLL)
+            elif notices == self._notices:
+                await self._nap(_BROADCAST_POLL, (channel,))
 
-    def _wake(self) -> None:
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._waiters.clear()
+    def _notice(self, names: set[str] | None) -> None:
+        """Queues or channels named ``names`` changed (None: any may have): wake who waits on them."""
+        self._notices += 1
+        for waiter, interest in list(self._waiters.items()):
+            if names is None or not interest.isdisjoint(names):
+                del self._waiters[waiter]
+                if not waiter.done():
+                    waiter.set_result(True)
 
-    async def _nap(self, timeout: float) -> None:
-        """Sleep ``timeout`` seconds, or less when this broker publishes."""
+    async def _nap(self, timeout: float, names: Sequence[str]) -> bool:
+        """Sleep ``timeout`` seconds, or less when woken about one of ``names``; whether it was woken."""
         waiter = asyncio.get_running_loop().create_future()
-        self._waiters.add(waiter)
+        self._waiters[waiter] = frozenset(names)
         try:
-            await asyncio.wait_for(waiter, timeout)
+            return await asyncio.wait_for(waiter, timeout)
         except TimeoutError:
-            pass
+            return False
         finally:
-            self._waiters.discard(waiter)
+            self._waiters.pop(waiter, None)
 
 
 def _unknown_option(name: str) -> ImproperlyConfigured:
@@ -166,45 +182,63 @@ class _SQLiteConsumer(Consumer):
         super().__init__(queues, prefetch)
         self._broker = broker
         self._pause = broker.polling_interval
+        self._longest_pause = max(_MAX_PAUSE, broker.polling_interval)
+        self._claimed = 0
+        self._acks = Batch(self._write_acks)
         self._renewal: asyncio.Task[None] | None = None
         self._closed = False
 
     async def _fetch(self, n: int) -> Sequence[Delivery]:
         self._start_renewal()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 1.0
-        while not (rows := await self._claim(n)):
-            left = deadline - loop.time()
-            if left <= 0:
-                return []
-            await self._broker._nap(min(self._pause, left))
-            self._pause = min(self._pause * 2, _MAX_PAUSE)
-        self._pause = self._broker.polling_interval
+        broker = self._broker
+        broker._listener.listen()
+        while True:
+            notices = broker._notices
+            rows, due = await self._claim(n)
+            if rows:
+                break
+            if notices != broker._notices:
+                continue  # woken while claiming: what woke it may be after the claim's read
+            pause = self._pause if due is None else max(0.001, min(self._pause, due - time.time()))
+            if not await broker._nap(pause, self.queues):
+                self._pause = min(self._pause * 2, self._longest_pause)
+        self._pause = broker.polling_interval
         rows.sort(key=lambda row: (-row[5], row[0]))
         return [
             Delivery(self, msg_id, queue, body, ctype, count > 1, (rowid, count))
             for rowid, msg_id, queue, body, ctype, _, count in rows
         ]
 
-    async def _claim(self, n: int) -> list[Any]:
-        claim = partial(_claim, self.queues, n, self._broker.visibility_timeout)
-        return await self._broker._db.run(claim, on_cancel=self._unclaim)
+    async def _claim(self, n: int) -> tuple[list[Any], float | None]:
+        # A few rows at a time, at once, while they come a few at a time; all there is room for, on the
+        # connection's thread, while the queue is full.
+        fast = self._claimed < QUICK_ROWS
+        timeout = self._broker.visibility_timeout
+        claim = partial(_claim, self.queues, min(n, QUICK_ROWS) if fast else n, timeout)
+        rows, due = await self._broker._db.run(claim, on_cancel=self._unclaim, quick=fast)
+        self._claimed = len(rows)
+        return rows, due
 
-    def _unclaim(self, future: asyncio.Future[list[Any]]) -> None:
+    def _unclaim(self, future: asyncio.Future[tuple[list[Any], float | None]]) -> None:
         """Cancelled while claiming: give the rows back now rather than after the visibility timeout."""
-        if not future.cancelled() and future.exception() is None and (rows := future.result()):
+        if not future.cancelled() and future.exception() is None and (rows := future.result()[0]):
             tags = [(row[0], row[6]) for row in rows]
-            self._broker._db.run_soon(partial(_settle, tags, "unclaim"))
+            self._broker._db.run_soon(partial(_settle, tags, "unclaim"), wake=("b", self.queues))
 
     async def _ack(self, delivery: Delivery) -> None:
-        await self._broker._db.run(partial(_settle, [delivery.tag], "ack"))
+        await self._acks.add(delivery.tag)
+
+    async def _write_acks(self, tags: list[Tag]) -> None:
+        await self._broker._db.run(partial(_settle, tags, "ack"), quick=quick(len(tags)))
 
     async def _reject(self, delivery: Delivery) -> None:
-        await self._broker._db.run(partial(_settle, [delivery.tag], "reject"))
+        await self._broker._db.run(partial(_settle, [delivery.tag], "reject"), quick=True)
 
     async def _requeue(self, delivery: Delivery) -> None:
-        await self._broker._db.run(partial(_settle, [delivery.tag], "requeue"))
-        self._broker._wake()
+        queues = (delivery.queue,)
+        requeue = partial(_settle, [delivery.tag], "requeue")
+        await self._broker._db.run(requeue, wake=("b", queues), quick=True)
+        self._broker._notice(set(queues))
 
     async def aclose(self) -> None:
         await super().aclose()
@@ -257,16 +291,26 @@ def _insert(envelopes: list[Envelope], db: sqlite3.Connection) -> None:
         )
 
 
-def _claim(queues: Sequence[str], n: int, timeout: float, db: sqlite3.Connection) -> list[Any]:
+def _claim(
+    queues: Sequence[str], n: int, timeout: float, db: sqlite3.Connection
+) -> tuple[list[Any], float | None]:
+    """Up to ``n`` visible rows, claimed; when there are none, the time the next row falls due."""
     now = time.time()
     marks = ", ".join("?" * len(queues))
-    return db.execute(
+    where = f"queue IN ({marks})"
+    # Read first: finding nothing must not take the write lock a publisher is waiting for.
+    probe = f"SELECT 1 FROM aqueue_messages WHERE {where} AND visible_at <= ? LIMIT 1"
+    if not db.execute(probe, (*queues, now)).fetchone():
+        due = f"SELECT min(visible_at) FROM aqueue_messages WHERE {where}"
+        return [], db.execute(due, queues).fetchone()[0]
+    rows = db.execute(
         "UPDATE aqueue_messages SET visible_at = ?, delivery_count = delivery_count + 1 WHERE id IN "
-        f"(SELECT id FROM aqueue_messages WHERE queue IN ({marks}) AND visible_at <= ? "
+        f"(SELECT id FROM aqueue_messages WHERE {where} AND visible_at <= ? "
         "ORDER BY priority DESC, id LIMIT ?) "
         "RETURNING id, msg_id, queue, body, content_type, priority, delivery_count",
         (now + timeout, *queues, now, n),
     ).fetchall()
+    return rows, None
 
 
 _SETTLE = {

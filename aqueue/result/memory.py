@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import builtins
 from collections import defaultdict
 from urllib.parse import urlsplit
 
@@ -22,7 +21,7 @@ class _Chord:
 class _Store:
     def __init__(self) -> None:
         self.results: dict[str, bytes] = {}
-        self.waiters: defaultdict[str, set[asyncio.Future[None]]] = defaultdict(set)
+        self.waiters: defaultdict[str, set[asyncio.Future[bytes]]] = defaultdict(set)
         self.chords: dict[str, _Chord] = {}
 
 
@@ -40,10 +39,10 @@ class MemoryBackend(ResultBackend):
 
     async def _set(self, task_id: str, data: bytes, meta: TaskMeta) -> None:
         self._shared.results[task_id] = data
-        if meta.ready:
-            for waiter in self._shared.waiters.pop(task_id, ()):
+        if meta.ready and (waiters := self._shared.waiters.pop(task_id, None)):
+            for waiter in waiters:
                 if not waiter.done():
-                    waiter.set_result(None)
+                    waiter.set_result(data)
 
     async def _get(self, task_id: str) -> bytes | None:
         return self._shared.results.get(task_id)
@@ -70,13 +69,22 @@ class MemoryBackend(ResultBackend):
         meta = await self.get(task_id)
         if meta.ready:
             return meta
-        waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bytes] = loop.create_future()
         waiters = self._shared.waiters[task_id]
         waiters.add(waiter)
+        timer = None if timeout is None else loop.call_later(timeout, _expire, waiter, task_id)
         try:
-            await asyncio.wait_for(waiter, timeout)
-        except builtins.TimeoutError:
-            raise TimeoutError(f"The operation timed out waiting for task {task_id}.") from None
+            data = await waiter
         finally:
             waiters.discard(waiter)
-        return await self.get(task_id)
+            if not waiters and self._shared.waiters.get(task_id) is waiters:
+                del self._shared.waiters[task_id]
+            if timer is not None:
+                timer.cancel()
+        return TaskMeta.from_dict(self.serializer.decode(data))
+
+
+def _expire(waiter: asyncio.Future[bytes], task_id: str) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError(f"The operation timed out waiting for task {task_id}."))

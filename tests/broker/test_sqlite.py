@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
 import time
 import uuid
+from contextlib import closing
 from pathlib import Path
 
 import anyio
@@ -166,14 +168,17 @@ async def test_purge_leaves_claimed_messages(url: str) -> None:
 
 
 async def test_cancelled_receive_gives_the_message_back_at_once(url: str) -> None:
-    # Given a receive cancelled while its claim is running
+    # Given a receive cancelled while its claim waits, on the connection's thread, for the file's lock
     async with SQLiteBroker(url, visibility_timeout=30) as broker:
         sent = envelope()
         await broker.publish([sent])
         consumer = broker.consume(["q"], prefetch=1)
-        task = asyncio.create_task(consumer.receive())
-        await asyncio.sleep(0)
-        task.cancel()
+        with closing(sqlite3.connect(broker.path, isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            task = asyncio.create_task(consumer.receive())
+            await asyncio.sleep(0.2)
+            task.cancel()
+            other.execute("COMMIT")
         with pytest.raises(asyncio.CancelledError):
             await task
         # When another consumer receives, then it gets the message well before the visibility timeout
@@ -282,3 +287,108 @@ def python_env() -> dict[str, str]:
 async def run_python(script: str, *args: str) -> None:
     with anyio.fail_after(20):
         await anyio.run_process(python_command(script, *args), env=python_env(), stderr=subprocess.STDOUT)
+
+
+async def napping(broker: SQLiteBroker) -> None:
+    """Wait until a consumer of ``broker`` found nothing and sleeps."""
+    with anyio.fail_after(10):
+        while not broker._waiters:
+            await asyncio.sleep(0.01)
+
+
+async def test_a_consumer_is_woken_by_a_publish_in_another_process(url: str) -> None:
+    # Given a consumer here that would poll only once an hour, asleep on an empty queue
+    script = """
+        import asyncio, sys
+        from aqueue.broker.sqlite import SQLiteBroker
+        from aqueue.message import Envelope
+
+        async def main():
+            async with SQLiteBroker(sys.argv[1]) as broker:
+                await broker.publish([Envelope("m1", "q", b"{}", "application/json")])
+
+        asyncio.run(main())
+    """
+    async with SQLiteBroker(url, polling_interval=3600) as broker, broker.consume(["q"], 1) as consumer:
+        task = asyncio.create_task(receive(consumer, timeout=20))
+        await napping(broker)
+        # When another process publishes
+        await run_python(script, url)
+        # Then the consumer wakes and receives the message (an hour before its next poll)
+        delivery = await task
+        assert delivery.id == "m1" and broker._listener.received >= 1
+        await delivery.ack()
+
+
+async def test_a_missed_wake_up_is_made_up_by_the_poll(url: str) -> None:
+    # Given a consumer asleep on an empty queue, polling every 0.2 s
+    async with SQLiteBroker(url, polling_interval=0.2) as broker, broker.consume(["q"], 1) as consumer:
+        task = asyncio.create_task(receive(consumer, timeout=20))
+        await napping(broker)
+        # When a row arrives with no wake-up (as from a publisher killed between commit and wake-up)
+        with closing(sqlite3.connect(broker.path, isolation_level=None)) as other:
+            other.execute(
+                "INSERT INTO aqueue_messages (msg_id, queue, body, content_type, priority, visible_at) "
+                "VALUES ('m1', 'q', x'7b7d', ?, 0, 0)",
+                (JSON,),
+            )
+        # Then the poll finds it, without a wake-up
+        delivery = await task
+        assert (delivery.id, broker._listener.received) == ("m1", 0)
+        await delivery.ack()
+
+
+async def test_an_eta_message_is_delivered_when_due_without_polling(url: str) -> None:
+    # Given a consumer that would poll only once an hour, asleep on an empty queue
+    async with (
+        SQLiteBroker(url, polling_interval=3600) as broker,
+        SQLiteBroker(url) as publisher,
+        broker.consume(["q"], 1) as consumer,
+    ):
+        task = asyncio.create_task(receive(consumer, timeout=20))
+        await napping(broker)
+        # When another holder of the file publishes a message due in 0.3 s
+        due = Envelope(uuid.uuid4().hex, "q", b"{}", JSON, eta=time.time() + 0.3)
+        await publisher.publish([due])
+        # Then the consumer receives it once it is due, not an hour later
+        delivery = await task
+        assert due.eta is not None and delivery.id == due.id and time.time() >= due.eta
+        await delivery.ack()
+
+
+async def test_a_killed_consumers_socket_does_not_get_in_the_way(url: str) -> None:
+    # Given a consumer process killed with SIGKILL while it waited, leaving its wake-up socket behind
+    script = """
+        import asyncio, sys
+        from aqueue.broker.sqlite import SQLiteBroker
+
+        async def main():
+            broker = SQLiteBroker(sys.argv[1])
+            consumer = broker.consume(["q"], prefetch=1)
+            task = asyncio.create_task(consumer.receive())
+            while not broker._waiters:
+                await asyncio.sleep(0.01)
+            print("waiting", flush=True)
+            await task
+
+        asyncio.run(main())
+    """
+    async with SQLiteBroker(url, polling_interval=3600) as broker, broker.consume(["q"], 1) as consumer:
+        async with await anyio.open_process(python_command(script, url), env=python_env()) as process:
+            assert process.stdout is not None
+            with anyio.fail_after(20):
+                assert (await process.stdout.receive()).strip() == b"waiting"
+            os.kill(process.pid, signal.SIGKILL)
+            await process.wait()
+        folder = broker.path.with_name(broker.path.name + "-wake")
+        assert len(os.listdir(folder)) == 1
+        task = asyncio.create_task(receive(consumer, timeout=20))
+        await napping(broker)
+        # When another holder of the file publishes
+        async with SQLiteBroker(url) as publisher:
+            await publisher.publish([sent := envelope()])
+            # Then the live consumer is woken all the same, and the dead socket is gone
+            delivery = await task
+            assert delivery.id == sent.id
+            assert os.listdir(folder) == [broker._listener._name]
+        await delivery.ack()
