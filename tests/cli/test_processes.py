@@ -223,9 +223,9 @@ async def test_max_memory_per_child_alone_runs_one_recycled_process(
 
 
 async def test_a_second_sigint_kills_every_process_at_once(sqlite_project: Project, folder: Path) -> None:
-    # Given: two processes, one running a long task
-    sqlite_project.write_tasks(WHERE)
-    parent = await start_processes(sqlite_project, "--processes", "2")
+    # Given: two processes (by the setting), one running a long task
+    sqlite_project.write_tasks(WHERE, worker_processes=2)
+    parent = await start_processes(sqlite_project)
     children = children_of(parent.pid)
     async with sqlite_project.app() as client:
         await client.send_task("tasks.where", ["t", 60, str(folder)])
