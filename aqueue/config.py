@@ -30,7 +30,7 @@ INERT = {
     "broker_pool_limit": "on Redis, use broker_transport_options={'max_connections': N}",
     "result_accept_content": "results are decoded with result_serializer",
     "result_extended": "stored results hold the task name, not its arguments",
-    "task_reject_on_worker_lost": "a worker is one process; with acks_late a lost worker's tasks are always redelivered",
+    "task_reject_on_worker_lost": "with acks_late, the tasks of a worker process that dies are always redelivered",
     "task_create_missing_queues": "queues are always created when first used",
     "worker_hijack_root_logger": "the worker command always sets up the root logger",
     "worker_send_task_events": "task events are not supported",
@@ -92,6 +92,11 @@ class Settings(BaseModel):
     worker_prefetch_multiplier: int = 4
     worker_shutdown_timeout: float = 10.0
     worker_state_db: str | None = None
+    worker_processes: int | None = None
+    """``worker --processes``: run this many supervised worker processes (None: one, unsupervised)."""
+    worker_max_tasks_per_child: int | None = None
+    worker_max_memory_per_child: int | None = None
+    """Resident memory, in KiB, past which a worker process is replaced (Celery's unit)."""
     worker_hijack_root_logger: bool = True
     worker_send_task_events: bool = False
     control_exchange: str = "celery"
@@ -161,6 +166,11 @@ class Settings(BaseModel):
         if value < 1:
             raise ValueError("must be at least 1")
         return value
+
+    @field_validator("worker_processes", "worker_max_tasks_per_child", "worker_max_memory_per_child")
+    @classmethod
+    def _positive_or_none(cls, value: int | None) -> int | None:
+        return value if value is None else cls._positive(value)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name.startswith("_"):

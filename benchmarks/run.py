@@ -97,6 +97,19 @@ def _aqueue(c: int) -> list[str]:
     return [_bin("python"), "-m", "aqueue", "-A", "aq_app", "worker", "-c", str(c), "--loglevel=warning"]
 
 
+def _aqueue_processes(n: int) -> Callable[[int], list[str]]:
+    return lambda c: [*_aqueue(c), "--processes", str(n)]
+
+
+def process_rows(broker: str, counts: list[int]) -> list[Lib]:
+    """With --processes: one aqueue row per process count (Redis results), after the table's own rows."""
+    first = {"redis": 10, "amqp": 9}[broker]  # the next database numbers after the table's own
+    return [
+        Lib(f"aqueue --processes {n}", "aqueue", _aqueue_processes(n), first + i, broker=broker)
+        for i, n in enumerate(counts)
+    ]
+
+
 def _celery(c: int) -> list[str]:
     return [
         _bin("celery"),
@@ -653,7 +666,7 @@ def targets(table: Table) -> list[str]:
 
     if table.broker == "redis":
         me, ceiling = "aqueue", "redis-py ceiling"
-        peers = [lib.name for lib in table.libs if lib.name not in (me, ceiling)]
+        peers = [lib.name for lib in table.libs if not lib.name.startswith("aqueue") and lib.name != ceiling]
         _ratio_target(table, line, me, peers, "w1_e2e", True, 3.4, "W1 end-to-end")
         cpu = table.median(me, "cpu_us")
         line(
@@ -874,6 +887,11 @@ def main() -> None:
     parser.add_argument(
         "--redis-url", help="use this Redis (e.g. redis://127.0.0.1:6379) instead of a private redis-server"
     )
+    parser.add_argument(
+        "--processes",
+        help="comma-separated process counts (at most 5, e.g. 1,2): adds an aqueue row per count, its "
+        "worker started with --processes N (on RabbitMQ with Redis results)",
+    )
     parser.add_argument("--markdown", type=Path, help="also write the report to this file")
     parser.add_argument(
         "--profile",
@@ -889,6 +907,9 @@ def main() -> None:
     sizes = QUICK if args.quick else FULL
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     chosen = {name.strip() for name in args.libs.split(",")} if args.libs else None
+    counts = [int(n) for n in args.processes.split(",") if n.strip()] if args.processes else []
+    if len(counts) > 5 or any(n < 1 for n in counts):
+        parser.error("--processes takes at most 5 counts, each at least 1")
     plan = []
     if args.broker in ("redis", "all"):
         plan.append(("redis", REDIS_LIBS))
@@ -903,6 +924,7 @@ def main() -> None:
         tables = []
         for broker, libs in plan:
             libs = [lib for lib in libs if chosen is None or lib.name in chosen]
+            libs += process_rows(broker, counts)
             if libs:
                 tables.append(
                     run_table(broker, libs, args.runs, sizes, redis_url, logdir, workloads, args.profile)

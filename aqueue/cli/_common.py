@@ -13,7 +13,7 @@ import click
 
 from aqueue.app import App
 
-__all__ = ["APP_HELP", "app_option", "get_app", "load_app", "run"]
+__all__ = ["APP_HELP", "app_option", "app_spec_of", "get_app", "load_app", "run"]
 
 T = TypeVar("T")
 
@@ -63,7 +63,12 @@ def app_option(fn: Any) -> Any:
 
 
 def get_app(ctx: click.Context, app_spec: str | None) -> App:
+    return load_app(app_spec_of(ctx, app_spec))
+
+
+def app_spec_of(ctx: click.Context, app_spec: str | None) -> str:
+    """The ``-A`` value, given after the command or before it."""
     spec = app_spec or (ctx.obj or {}).get("app_spec")
     if not spec:
         raise click.UsageError("Which app? Give it with -A/--app, e.g. python -m aqueue -A tasks worker")
-    return load_app(spec)
+    return str(spec)

@@ -1,13 +1,16 @@
-"""``aqueue worker``: run a worker in this process until SIGTERM/SIGINT."""
+"""``aqueue worker``: run a worker in this process, or ``--processes N`` under it, until SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import multiprocessing
 import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 try:
     import fcntl
@@ -17,9 +20,10 @@ except ImportError:  # not on Windows
 import click
 
 from aqueue.app import App
-from aqueue.cli._common import app_option, get_app, run
+from aqueue.cli._common import app_option, app_spec_of, get_app, run
 from aqueue.worker.banner import banner
 from aqueue.worker.shutdown import handle_signals
+from aqueue.worker.supervisor import ChildWorker, Command, Supervisor, shared_statedb
 from aqueue.worker.worker import Worker, default_hostname
 
 __all__ = ["worker"]
@@ -44,11 +48,16 @@ LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "FATAL")
     "--concurrency",
     type=click.IntRange(min=1),
     metavar="N",
-    help="Tasks run at once (default: worker_concurrency, 100).",
+    help="Tasks run at once by each worker process, as asyncio tasks (default: worker_concurrency, 100). "
+    "Not a process count as on Celery's prefork pool: that is --processes.",
 )
 @click.option("-Q", "--queues", metavar="Q1,Q2", help="Comma-separated queues to consume (default: celery).")
 @click.option(
-    "-n", "--hostname", metavar="NAME", help="The worker's name, used verbatim (default: aqueue@<host>)."
+    "-n",
+    "--hostname",
+    metavar="NAME",
+    help="The worker's name, used verbatim (default: aqueue@<host>). With --processes, process i is "
+    "NAME-i@HOST, and answers control for NAME@HOST too.",
 )
 @click.option(
     "--pidfile",
@@ -74,6 +83,28 @@ LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "FATAL")
     metavar="SECONDS",
     help="Grace period for running tasks on shutdown (default 10).",
 )
+@click.option(
+    "--processes",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Run N worker processes, each with its own event loop and -c slots, under one parent that "
+    "restarts any that dies (default: worker_processes; none: this one process).",
+)
+@click.option(
+    "--max-tasks-per-child",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Replace a worker process once it has taken N tasks; they all finish first "
+    "(default: worker_max_tasks_per_child). Without --processes, runs one supervised process.",
+)
+@click.option(
+    "--max-memory-per-child",
+    type=click.IntRange(min=1),
+    metavar="KIB",
+    help="Replace a worker process after a task once its resident memory exceeds KIB kibibytes "
+    "(default: worker_max_memory_per_child). Without --processes, runs one supervised process.",
+)
+@click.option("--supervised-child", type=(int, int), hidden=True, metavar="INDEX FD")
 @click.pass_context
 def worker(
     ctx: click.Context,
@@ -87,28 +118,74 @@ def worker(
     statedb: str | None,
     prefetch_multiplier: int | None,
     shutdown_timeout: float | None,
+    processes: int | None,
+    max_tasks_per_child: int | None,
+    max_memory_per_child: int | None,
+    supervised_child: tuple[int, int] | None,
 ) -> None:
     """Start a worker: consume tasks and run them until SIGTERM or SIGINT (Ctrl-C).
 
     \b
     python -m aqueue -A tasks worker --loglevel=info
     python -m aqueue -A tasks worker -Q low-priority -c 50 -n w1@example
+    python -m aqueue -A tasks worker --processes 4 -c 100 --max-tasks-per-child 10000
     """
     app = get_app(ctx, app_spec)
     _setup_logging(loglevel, logfile)
-    names = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
-    w = Worker(
-        app,
-        concurrency=concurrency,
-        queues=names,
-        hostname=hostname or default_hostname(),
-        prefetch_multiplier=prefetch_multiplier,
-        shutdown_timeout=shutdown_timeout,
-        statedb=statedb,
-    )
+    conf = app.conf
+    options: dict[str, Any] = {
+        "concurrency": concurrency,
+        "queues": [q.strip() for q in queues.split(",") if q.strip()] if queues else None,
+        "prefetch_multiplier": prefetch_multiplier,
+        "shutdown_timeout": shutdown_timeout,
+        "statedb": statedb,
+        "max_tasks": max_tasks_per_child or conf.worker_max_tasks_per_child,
+    }
+    max_memory = max_memory_per_child or conf.worker_max_memory_per_child
+    if supervised_child is not None:
+        index, fd = supervised_child
+        multiprocessing.current_process().name = f"Worker-{index}"
+        child = ChildWorker(app, index=index, fd=fd, max_memory_kib=max_memory, hostname=hostname, **options)
+        run(_serve(app, child))
+        return
+    processes = processes or conf.worker_processes
+    if processes is None and (options["max_tasks"] or max_memory):
+        processes = 1
+    w = Worker(app, hostname=hostname or default_hostname(), **options)
     with _pidfile(pidfile):
-        click.echo(banner(app, hostname=w.hostname, concurrency=w.concurrency, queues=w.queues), err=True)
-        run(_serve(app, w))
+        click.echo(
+            banner(app, hostname=w.hostname, concurrency=w.concurrency, queues=w.queues, processes=processes),
+            err=True,
+        )
+        if processes is None:
+            run(_serve(app, w))
+            return
+        with shared_statedb(statedb or conf.worker_state_db) as state:
+            supervisor = Supervisor(_child_command(ctx, w.hostname, state), processes, w.hostname)
+            code = asyncio.run(supervisor.run())
+    ctx.exit(code)
+
+
+_FORWARDED = (
+    "loglevel",
+    "concurrency",
+    "queues",
+    "logfile",
+    "prefetch_multiplier",
+    "shutdown_timeout",
+    "max_tasks_per_child",
+    "max_memory_per_child",
+)
+"""The options a parent passes on to its worker processes as given (they read the same settings)."""
+
+
+def _child_command(ctx: click.Context, hostname: str, statedb: str) -> Command:
+    spec = app_spec_of(ctx, ctx.params["app_spec"])
+    argv = [sys.executable, "-m", "aqueue", "-A", spec, "worker", "-n", hostname, "--statedb", statedb]
+    for name in _FORWARDED:
+        if ctx.params[name] is not None:
+            argv += [f"--{name.replace('_', '-')}", str(ctx.params[name])]
+    return lambda index, fd: [*argv, "--supervised-child", str(index), str(fd)]
 
 
 async def _serve(app: App, w: Worker) -> None:

@@ -16,7 +16,13 @@ __all__ = ["banner"]
 
 
 def banner(
-    app: App, *, hostname: str, concurrency: int, queues: Sequence[str], now: datetime | None = None
+    app: App,
+    *,
+    hostname: str,
+    concurrency: int,
+    queues: Sequence[str],
+    processes: int | None = None,
+    now: datetime | None = None,
 ) -> str:
     """The text printed when a worker starts: app, masked URLs, concurrency, queues, tasks."""
     from aqueue import __version__
@@ -33,7 +39,7 @@ def banner(
         f"- ** ---------- .> app:         {app.main or '__main__'}:{id(app):#x}",
         f"- ** ---------- .> transport:   {mask_password(app.broker_url)}",
         f"- ** ---------- .> results:     {mask_password(backend) if backend else 'disabled://'}",
-        f"- *** --- * --- .> concurrency: {concurrency} (asyncio)",
+        f"- *** --- * --- .> concurrency: {_concurrency(concurrency, processes)}",
         "-- ******* ---- .> task events: OFF",
         "--- ***** -----",
         " -------------- [queues]",
@@ -44,3 +50,9 @@ def banner(
         "",
     ]
     return "\n".join(art)
+
+
+def _concurrency(concurrency: int, processes: int | None) -> str:
+    if processes is None:
+        return f"{concurrency} (asyncio)"
+    return f"{processes} process{'es' if processes > 1 else ''} x {concurrency} (asyncio)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterable
 from typing import Any
 
 from aqueue import states
@@ -29,8 +30,11 @@ class ConsumerLoop:
         backend: ResultBackend,
         accepted: frozenset[str],
         codec: Codec,
+        intake: AsyncIterable[Delivery] | None = None,
     ) -> None:
+        """``intake``: where deliveries come from, if not straight from ``consumer`` (a quota)."""
         self.consumer, self.runtimes, self.executor = consumer, runtimes, executor
+        self.intake = consumer if intake is None else intake
         self.backend, self.accepted, self.codec = backend, accepted, codec
         self.running = executor.running
 
@@ -43,7 +47,7 @@ class ConsumerLoop:
             self.executor.submit,
             self.codec.decode,
         )
-        async for delivery in self.consumer:
+        async for delivery in self.intake:
             try:
                 try:
                     message = decode(delivery.body, delivery.content_type, delivery.headers, accepted)

@@ -88,7 +88,7 @@ class ControlServer:
 
     async def _answer(self, request: dict[str, Any]) -> None:
         destination = request.get("destination")
-        if destination and self.worker.hostname not in destination:
+        if destination and {self.worker.hostname, *self.worker.aliases}.isdisjoint(destination):
             return
         handler = COMMANDS.get(request.get("command", ""))
         reply = (

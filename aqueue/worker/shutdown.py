@@ -6,19 +6,25 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-
-from aqueue.worker.worker import Worker
+from typing import Protocol
 
 __all__ = ["handle_signals"]
 
 logger = logging.getLogger("aqueue.worker")
 
 
+class Stoppable(Protocol):
+    def request_stop(self) -> None: ...
+
+
 @contextmanager
-def handle_signals(worker: Worker) -> Iterator[None]:
-    """Install the handlers on the running loop for the duration of the block."""
+def handle_signals(worker: Stoppable, on_cold: Callable[[], None] | None = None) -> Iterator[None]:
+    """Install the handlers on the running loop for the duration of the block.
+
+    ``on_cold`` runs just before a second SIGINT ends the process (a supervisor kills its children).
+    """
     loop = asyncio.get_running_loop()
     seen: set[int] = set()
 
@@ -26,6 +32,8 @@ def handle_signals(worker: Worker) -> Iterator[None]:
         name = signal.Signals(signum).name
         if signum == signal.SIGINT and signum in seen:
             logger.warning("%s again: cold shutdown, running tasks are not waited for.", name)
+            if on_cold is not None:
+                on_cold()
             os._exit(1)
         seen.add(signum)
         logger.warning("%s received: warm shutdown (finishing running tasks).", name)

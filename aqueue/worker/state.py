@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -34,19 +35,26 @@ class WorkerState:
         self.revoked: set[str] = set()
         self.started = time.monotonic()
         self.statedb = Path(statedb) if statedb else None
-        if self.statedb is not None and self.statedb.exists():
-            self._load(self.statedb)
+        self.load()
 
-    def _load(self, path: Path) -> None:
+    def load(self) -> None:
+        """Add the revoked ids kept in the state file (the processes of one worker share it)."""
+        path = self.statedb
+        if path is None or not path.exists():
+            return
         try:
             data = json.loads(path.read_text())
             self.revoked.update(str(i) for i in data.get("revoked", []))
+        except FileNotFoundError:
+            pass
         except (OSError, ValueError, AttributeError) as exc:
             logger.warning("Ignoring unreadable state file %s: %s", path, exc)
 
     def save(self) -> None:
+        """Write the revoked ids, with those another process of the worker wrote meanwhile."""
         if self.statedb is not None:
-            tmp = self.statedb.with_name(self.statedb.name + ".tmp")
+            self.load()
+            tmp = self.statedb.with_name(f"{self.statedb.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps({"revoked": sorted(self.revoked)}))
             tmp.replace(self.statedb)
 

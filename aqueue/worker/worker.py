@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
+from aqueue.broker.base import Consumer, Delivery
 from aqueue.exceptions import OperationalError
 from aqueue.serialization import accepted_content_types
 from aqueue.worker.consumer import ConsumerLoop
@@ -41,7 +42,11 @@ class Worker:
         prefetch_multiplier: unacknowledged messages held = concurrency x this.
         shutdown_timeout: seconds running tasks get to finish on shutdown before they are requeued.
         statedb: a file keeping revoked task ids across restarts.
+        max_tasks: take at most this many messages, then :meth:`retire` (``--max-tasks-per-child``).
     """
+
+    aliases: frozenset[str] = frozenset()
+    """Other names this worker answers remote control to (a child process answers to its parent's)."""
 
     def __init__(
         self,
@@ -53,6 +58,7 @@ class Worker:
         prefetch_multiplier: int | None = None,
         shutdown_timeout: float | None = None,
         statedb: str | None = None,
+        max_tasks: int | None = None,
     ) -> None:
         conf = app.conf
         self.app = app
@@ -63,10 +69,12 @@ class Worker:
         self.shutdown_timeout = conf.worker_shutdown_timeout if shutdown_timeout is None else shutdown_timeout
         self.state = WorkerState(statedb or conf.worker_state_db)
         self.slots = ConcurrencyLimit(self.concurrency)
+        self.max_tasks = max_tasks
         self.runtimes: dict[str, TaskRuntime] = {}
         self._stack: AsyncExitStack | None = None
         self._loop: ConsumerLoop | None = None
         self._parts: list[asyncio.Task[None]] = []
+        self._retiring = False
         self._stop_requested = asyncio.Event()
         self.failure: BaseException | None = None
         """What made a part of the worker fail; :meth:`run` and ``async with`` raise it after stopping."""
@@ -112,12 +120,39 @@ class Worker:
         consumer = await stack.enter_async_context(app.broker.consume(self.queues, self.prefetch))
         control = ControlServer(self, f"{app.conf.control_exchange}.control")
         inbox = await stack.enter_async_context(app.broker.subscribe(control.channel))
+        self.state.load()  # again: revocations saved by others since __init__, before we subscribed
         executor = Executor(app, self.state, self.slots, self.hostname)
-        self._loop = ConsumerLoop(consumer, self.runtimes, executor, app.backend, accepted, app.broker.codec)
+        intake = None if self.max_tasks is None else _quota(consumer, self.max_tasks, self._quota_met)
+        self._loop = ConsumerLoop(
+            consumer, self.runtimes, executor, app.backend, accepted, app.broker.codec, intake
+        )
         self._parts = [asyncio.create_task(self._loop.run()), asyncio.create_task(control.serve(inbox))]
         for part in self._parts:
             part.add_done_callback(self._part_done)
         logger.info("%s ready.", self.hostname)
+
+    def retire(self, reason: str) -> None:
+        """Take no more work and stop answering remote control; stop once the tasks taken have finished.
+
+        Unlike :meth:`request_stop`, the tasks this worker holds all run to the end, with no grace period:
+        this is how a child process is recycled. A signal meanwhile shuts down as usual.
+        """
+        if self._retiring or self._loop is None:
+            return
+        self._retiring = True
+        logger.info("%s: %s; taking no more work, finishing the tasks it holds.", self.hostname, reason)
+        for part in self._parts:
+            part.cancel()
+        self._parts.append(asyncio.create_task(self._drain()))
+
+    def _quota_met(self) -> None:
+        self.retire(f"took its {self.max_tasks} tasks (max tasks per child)")
+
+    async def _drain(self) -> None:
+        assert self._loop is not None
+        while self._loop.running:
+            await asyncio.wait(set(self._loop.running))
+        self.request_stop()
 
     def _part_done(self, part: asyncio.Task[None]) -> None:
         if not part.cancelled() and part.exception() is not None:
@@ -165,3 +200,12 @@ class Worker:
 
     def statistics(self) -> dict[str, Any]:
         return {"state": self.state.statistics(), "pool": self.slots.statistics()}
+
+
+async def _quota(consumer: Consumer, tasks: int, met: Callable[[], None]) -> AsyncIterator[Delivery]:
+    """The first ``tasks`` deliveries of ``consumer``; ``met()`` is called as the last one is handed out."""
+    for taken in range(1, tasks + 1):
+        delivery = await consumer.receive()
+        if taken == tasks:
+            met()
+        yield delivery

@@ -19,6 +19,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -30,7 +31,7 @@ import aqueue
 from aqueue.app import App
 from tests.conftest import REDIS_URL, reap, require_server
 
-__all__ = ["CliResult", "Project", "WorkerProcess", "reap"]
+__all__ = ["CliResult", "Project", "WorkerProcess", "open_project", "reap"]
 
 TRANSPORTS = ["sqlite", "redis"]
 FLEET_TRANSPORTS = ["redis", "amqp"]
@@ -328,17 +329,25 @@ def project(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Project]
         project.close()
 
 
-@pytest.fixture(params=FLEET_TRANSPORTS)
-async def fleet_project(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Project]:
-    """A project on each server transport: Redis, and RabbitMQ (default vhost) with Redis results."""
-    require_server("redis")
-    if request.param == "amqp":
+@asynccontextmanager
+async def open_project(root: Path, kind: str) -> AsyncIterator[Project]:
+    """A project of ``kind`` in ``root`` (its servers required), closed afterwards."""
+    if kind != "sqlite":
+        require_server("redis")
+    if kind == "amqp":
         require_server("amqp")
-    project = Project(tmp_path, request.param)
+    project = Project(root, kind)
     try:
         yield project
     finally:
         await project.aclose()
+
+
+@pytest.fixture(params=FLEET_TRANSPORTS)
+async def fleet_project(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Project]:
+    """A project on each server transport: Redis, and RabbitMQ (default vhost) with Redis results."""
+    async with open_project(tmp_path, request.param) as project:
+        yield project
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import pytest
 from aqueue import App, states
 from aqueue.exceptions import OperationalError
 from aqueue.worker import Worker
+from aqueue.worker.state import WorkerState
 from aqueue.worker.worker import default_hostname
 
 MakeApp = Callable[..., App]
@@ -238,3 +239,86 @@ async def test_async_with_raises_a_part_failure_on_exit(make_app: MakeApp) -> No
         async with Worker(app) as worker:
             while worker.failure is None:
                 await anyio.sleep(0.01)
+
+
+async def test_max_tasks_runs_that_many_then_stops_leaving_the_rest_queued(make_app: MakeApp) -> None:
+    # Given: five tasks waiting and a worker with one slot that may take three
+    app = make_app()
+    ran: list[int] = []
+
+    @app.task
+    async def job(i: int) -> int:
+        await anyio.sleep(0.01)
+        ran.append(i)
+        return i
+
+    async with app:
+        results = [await job.delay(i) for i in range(5)]
+
+        # When it runs
+        with anyio.fail_after(5):
+            await Worker(app, concurrency=1, max_tasks=3).run()
+
+        # Then: it ran exactly three, those waiting for its slot included, and stopped by itself
+        assert sorted(ran) == [0, 1, 2]
+        # And: the others were never taken: the next worker runs them
+        async with Worker(app):
+            assert [await r.get(timeout=5) for r in results] == [0, 1, 2, 3, 4]
+    assert sorted(ran) == [0, 1, 2, 3, 4]
+
+
+async def test_retire_lets_running_tasks_finish_past_the_grace_period(
+    make_app: MakeApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given: a worker with a 0.05 s grace period running a 0.3 s task
+    app = make_app()
+    started = anyio.Event()
+
+    @app.task
+    async def job() -> str:
+        started.set()
+        await anyio.sleep(0.3)
+        return "done"
+
+    caplog.set_level(logging.INFO, "aqueue.worker")
+    async with app:
+        worker = Worker(app, shutdown_timeout=0.05, hostname="w1")
+        result = job.delay()
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(worker.run)
+                await started.wait()
+
+                # When: it retires
+                worker.retire("testing")
+                second = await job.delay()
+
+        # Then: the task ran to the end, and the worker stopped without taking the next one
+        assert await result.get(timeout=1) == "done"
+        assert await second.refresh() == states.PENDING
+    assert "w1: testing; taking no more work" in caplog.text
+
+
+async def test_a_worker_answers_control_addressed_to_an_alias(make_app: MakeApp) -> None:
+    app = make_app()
+    async with app:
+        worker = Worker(app, hostname="w1-1@host")
+        worker.aliases = frozenset({"w1@host"})
+        async with worker:
+            replies = await app.control.ping(destination=["w1@host"], timeout=2)
+    assert replies == [{"w1-1@host": {"ok": "pong"}}]
+
+
+def test_processes_sharing_a_statedb_keep_each_others_revoked_ids(tmp_path: Path) -> None:
+    # Given: two workers' states on one file
+    statedb = tmp_path / "worker.state"
+    first, second = WorkerState(statedb), WorkerState(statedb)
+
+    # When: each revokes a different task
+    first.revoke(["a"])
+    second.revoke(["b"])
+
+    # Then: the file keeps both, and a new state reads both
+    assert WorkerState(statedb).revoked == {"a", "b"}
+    first.load()
+    assert first.revoked == {"a", "b"}
