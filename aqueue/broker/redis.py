@@ -11,6 +11,7 @@ Keys, with ``P`` the ``global_keyprefix`` option:
   ``max_deliveries`` times without being settled. It is not trimmed. (So a queue must not be
   named like another queue's dead-letter stream.)
 - ``P<channel>``: the pub/sub channel of ``broadcast``/``subscribe``.
+- ``Paqueue.mark.<key>``: a mark of ``advance`` (beat's last due time sent for an entry); no expiry.
 
 Delivery. Each consumer has a unique name in the group and reads with ``XREADGROUP ... BLOCK`` on
 a connection of its own, so the blocking read never holds a pooled connection. What it reads is
@@ -91,7 +92,7 @@ _BLOCK = 1.0
 _ETA_POLL = 0.5
 _CHUNK = 500
 _LOST = (RedisConnectionError, RedisTimeoutError, OSError)
-_SCRIPTS = ("reclaim", "settle", "move_due", "purge", "leave", "take_token")
+_SCRIPTS = ("reclaim", "settle", "move_due", "purge", "leave", "take_token", "advance")
 _LUA = {name: (Path(__file__).parent / f"redis_{name}.lua").read_text() for name in _SCRIPTS}
 _OWN_OPTIONS = ("visibility_timeout", "global_keyprefix", "max_deliveries", "max_connections")
 _CONNECTION_OPTIONS: tuple[str, ...] = ("socket_timeout", "socket_connect_timeout", "socket_keepalive")
@@ -191,6 +192,14 @@ class RedisBroker(Broker):
                 keys=[f"{self.prefix}aqueue.rate.{key}"], args=[rate.per_second, 1]
             )
         return float(wait)
+
+    async def advance(self, key: str, value: float) -> float | None:
+        """Raise the mark ``key`` that every process on this Redis shares (atomic, in Lua)."""
+        async with self._errors("keep a beat mark"):
+            previous = await self._scripts["advance"](
+                keys=[f"{self.prefix}aqueue.mark.{key}"], args=[repr(value)]
+            )
+        return None if previous is None else float(previous)
 
     async def dead_letters(self, queue: str) -> list[Envelope]:
         """The envelopes in ``queue``'s dead-letter stream, oldest first."""
