@@ -104,6 +104,7 @@ class Worker:
         """Connect, then start consuming and answering remote control."""
         app = self.app
         app.import_modules()
+        app.finalize()
         await self._connect()
         self.runtimes = {name: TaskRuntime.build(app, task) for name, task in app.tasks.items()}
         accepted = accepted_content_types(app.conf.accept_content)
