@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractAsyncContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 try:
@@ -17,7 +17,8 @@ except ImportError:  # not on Windows
 import click
 
 from aqueue.app import App
-from aqueue.cli._common import app_option, get_app, run
+from aqueue.beat import Beat
+from aqueue.cli._common import app_option, get_app, loglevel_option, run
 from aqueue.worker.banner import banner
 from aqueue.worker.shutdown import handle_signals
 from aqueue.worker.worker import Worker, default_hostname
@@ -25,20 +26,11 @@ from aqueue.worker.worker import Worker, default_hostname
 __all__ = ["worker"]
 
 LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"
-LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "FATAL")
 
 
 @click.command()
 @app_option
-@click.option(
-    "-l",
-    "--loglevel",
-    default="WARNING",
-    show_default=True,
-    metavar="LEVEL",
-    type=click.Choice(LEVELS, case_sensitive=False),
-    help="Logging level.",
-)
+@loglevel_option
 @click.option(
     "-c",
     "--concurrency",
@@ -74,6 +66,9 @@ LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "FATAL")
     metavar="SECONDS",
     help="Grace period for running tasks on shutdown (default 10).",
 )
+@click.option(
+    "-B", "--beat", "with_beat", is_flag=True, help="Also send periodic tasks (run beat in the worker)."
+)
 @click.pass_context
 def worker(
     ctx: click.Context,
@@ -87,12 +82,14 @@ def worker(
     statedb: str | None,
     prefetch_multiplier: int | None,
     shutdown_timeout: float | None,
+    with_beat: bool,
 ) -> None:
     """Start a worker: consume tasks and run them until SIGTERM or SIGINT (Ctrl-C).
 
     \b
     python -m aqueue -A tasks worker --loglevel=info
     python -m aqueue -A tasks worker -Q low-priority -c 50 -n w1@example
+    python -m aqueue -A tasks worker -B      (also sends periodic tasks)
     """
     app = get_app(ctx, app_spec)
     _setup_logging(loglevel, logfile)
@@ -108,13 +105,14 @@ def worker(
     )
     with _pidfile(pidfile):
         click.echo(banner(app, hostname=w.hostname, concurrency=w.concurrency, queues=w.queues), err=True)
-        run(_serve(app, w))
+        run(_serve(app, w, Beat(app) if with_beat else nullcontext()))
 
 
-async def _serve(app: App, w: Worker) -> None:
+async def _serve(app: App, w: Worker, beat: AbstractAsyncContextManager[object]) -> None:
     try:
         with handle_signals(w):
-            await w.run()
+            async with beat:
+                await w.run()
     finally:
         await app.aclose()
 
