@@ -38,6 +38,7 @@ from aqueue.result import AsyncResult, ResultBackend
 from aqueue.result import from_url as backend_from_url
 from aqueue.routing import Router
 from aqueue.serialization import Serializer, get_serializer
+from aqueue.signals import Signal
 from aqueue.task import Task, _request
 
 if TYPE_CHECKING:
@@ -135,6 +136,9 @@ class App(AsyncResource):
         self._router: Router | None = None
         self._eager = self.conf.task_always_eager
         self.conf.on_change(self._settings_changed)
+        self.on_after_configure = Signal("on_after_configure")
+        self.on_after_finalize = Signal("on_after_finalize")
+        self._finalized = False
         global _current
         _current = self
         from aqueue.canvas import register_builtins
@@ -259,6 +263,33 @@ class App(AsyncResource):
             merged.update(table.get("*", {}))
             merged.update(table.get(name, {}))
         return merged
+
+    # Periodic tasks -------------------------------------------------------------------------------
+
+    def finalize(self) -> None:
+        """Send ``on_after_configure``, then ``on_after_finalize``, once (beat calls it at start)."""
+        if not self._finalized:
+            self._finalized = True
+            self.on_after_configure.send(sender=self, source=self.conf)
+            self.on_after_finalize.send(sender=self)
+
+    def add_periodic_task(
+        self,
+        schedule: Any,
+        sig: Any,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        name: str | None = None,
+        **options: Any,
+    ) -> str:
+        """Celery's: add ``sig`` (a signature, a task or its name) to ``beat_schedule``; returns the entry.
+
+        Raises:
+            InvalidSchedule: the schedule, the signature or an option cannot be used.
+        """
+        from aqueue.beat import add_periodic_task
+
+        return add_periodic_task(self, schedule, sig, args, kwargs, name, options)
 
     # Sending ------------------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ import os
 import types
 import zoneinfo
 from collections.abc import Callable, Container, Iterator, Mapping
-from datetime import UTC, timedelta, tzinfo
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator
@@ -34,6 +34,9 @@ INERT = {
     "task_create_missing_queues": "queues are always created when first used",
     "worker_hijack_root_logger": "the worker command always sets up the root logger",
     "worker_send_task_events": "task events are not supported",
+    "beat_scheduler": "beat keeps its state on the broker; other schedulers are not supported",
+    "beat_schedule_filename": "beat keeps its state on the broker, not in a file",
+    "beat_sync_every": "beat writes its state to the broker at every run",
 }
 """Celery settings aqueue accepts, so Celery configuration modules load unchanged, and why they do nothing."""
 
@@ -100,6 +103,13 @@ class Settings(BaseModel):
     worker_hijack_root_logger: bool = True
     worker_send_task_events: bool = False
     control_exchange: str = "celery"
+    # Beat
+    beat_schedule: dict[str, Any] = {}
+    beat_max_loop_interval: float = 300.0
+    beat_cron_starting_deadline: float | None = None
+    beat_scheduler: str = "celery.beat:PersistentScheduler"
+    beat_schedule_filename: str = "celerybeat-schedule"
+    beat_sync_every: int = 0
     # Time
     timezone: str | None = None
     enable_utc: bool = True
@@ -113,7 +123,14 @@ class Settings(BaseModel):
         """Call ``callback`` after every change, so that values worked out from settings can be cached."""
         self._listeners.append(callback)
 
-    @field_validator("result_expires", "task_time_limit", "task_soft_time_limit", mode="before")
+    @field_validator(
+        "result_expires",
+        "task_time_limit",
+        "task_soft_time_limit",
+        "beat_max_loop_interval",
+        "beat_cron_starting_deadline",
+        mode="before",
+    )
     @classmethod
     def _seconds(cls, value: Any) -> Any:
         return value.total_seconds() if isinstance(value, timedelta) else value
@@ -153,6 +170,31 @@ class Settings(BaseModel):
                     f"unknown time zone {value!r}: use an IANA name such as 'Europe/Oslo'"
                 ) from None
         return value
+
+    @field_validator("beat_max_loop_interval")
+    @classmethod
+    def _interval(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError("must be a number of seconds above 0")
+        return value
+
+    @field_validator("beat_schedule")
+    @classmethod
+    def _beat_schedule(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from aqueue.beat import parse_schedule
+
+        try:
+            parse_schedule(value)
+        except ImproperlyConfigured as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    def app_timezone(self) -> tzinfo:
+        """Celery's ``app.timezone``, the zone crontab entries are read in: ``timezone``, else UTC, or the
+        local zone when enable_utc is off."""
+        if self.timezone:
+            return zoneinfo.ZoneInfo(self.timezone)
+        return UTC if self.enable_utc else _local_zone()
 
     def zone(self) -> tzinfo:
         """The zone naive ETA and expiry datetimes are read in: UTC unless enable_utc is off and a timezone is set."""
@@ -223,6 +265,17 @@ class Settings(BaseModel):
     def _check(self, name: str) -> None:
         if name not in type(self).model_fields:
             raise UnknownSetting(name, type(self).model_fields)
+
+
+def _local_zone() -> tzinfo:
+    """This machine's zone: ``TZ``, else /etc/localtime, else its current offset."""
+    try:
+        if os.environ.get("TZ"):
+            return zoneinfo.ZoneInfo(os.environ["TZ"].lstrip(":"))
+        with open("/etc/localtime", "rb") as file:
+            return zoneinfo.ZoneInfo.from_file(file, key="localtime")
+    except (OSError, ValueError, zoneinfo.ZoneInfoNotFoundError):
+        return datetime.now().astimezone().tzinfo or UTC
 
 
 def _public_settings(obj: object, known: Container[str]) -> Iterator[tuple[str, Any]]:

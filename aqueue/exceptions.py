@@ -7,6 +7,7 @@
     │   ├── UnknownSetting            a setting name aqueue does not know (suggests the closest)
     │   ├── InvalidURL                a broker or backend URL it cannot use
     │   ├── InvalidRate               a rate string that is not N/s, N/m or N/h
+    │   ├── InvalidSchedule           a crontab field, schedule or beat_schedule entry it cannot use
     │   ├── MissingExtra              a transport whose optional dependency is not installed
     │   └── NoResultBackend           a result was asked for but no result_backend is set
     ├── NotRegistered                 a task name no app or worker knows
@@ -47,6 +48,7 @@ __all__ = [
     "Ignore",
     "ImproperlyConfigured",
     "InvalidRate",
+    "InvalidSchedule",
     "InvalidURL",
     "MaxRetriesExceededError",
     "MissingExtra",
@@ -99,6 +101,10 @@ class InvalidRate(ImproperlyConfigured, ValueError):
             f"Invalid rate limit {rate!r}: use a number of tasks per second, minute or hour, "
             "such as '10/s', '100/m' or '1000/h'."
         )
+
+
+class InvalidSchedule(ImproperlyConfigured, ValueError):
+    """A crontab field, interval or ``beat_schedule`` entry that cannot be used (the message quotes it)."""
 
 
 class MissingExtra(ImproperlyConfigured, ImportError):

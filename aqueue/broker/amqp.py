@@ -73,6 +73,7 @@ from aio_pika.abc import (
 from yarl import URL
 
 from aqueue.broker.amqp_consumer import ETA_HEADER, RESENT_HEADER, AMQPConsumer
+from aqueue.broker.amqp_marks import Marks
 from aqueue.broker.amqp_wire import Outbox, encode_properties
 from aqueue.broker.base import Broker, Consumer
 from aqueue.exceptions import ImproperlyConfigured, InvalidURL, OperationalError
@@ -176,6 +177,7 @@ class AMQPBroker(Broker):
         self._delays: dict[str, dict[int, float]] = {}
         self._broadcast_declared = False
         self._down = False
+        self._marks = Marks(self)
 
     async def connect(self) -> None:
         async with self._connect_lock:
@@ -428,6 +430,10 @@ class AMQPBroker(Broker):
                 return 0
             purged = await declared.purge()
         return int(purged.message_count or 0)
+
+    async def advance(self, key: str, value: float) -> float | None:
+        """Raise a mark this connection owns; ``inf`` while another owns it (see :mod:`.amqp_marks`)."""
+        return await self._marks.advance(key, value)
 
     async def broadcast(self, channel: str, data: bytes) -> None:
         await self._ready()

@@ -192,6 +192,14 @@ class Broker(AsyncResource, ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} has no rate-limit store shared by its workers")
 
+    async def advance(self, key: str, value: float) -> float | None:
+        """Raise the mark ``key``, shared by every process of this broker, to ``value`` if below it (atomic).
+
+        Returns the mark as it was: None when unset (now set), at or above ``value`` when left alone. Beat
+        sends a due time only when its call moved the mark. Without a shared store: NotImplementedError.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no store its processes share for marks")
+
     @abstractmethod
     async def broadcast(self, channel: str, data: bytes) -> None:
         """Send ``data`` to every current subscriber of ``channel`` (remote control)."""

@@ -30,6 +30,7 @@ class _Store:
         self.waiters: set[asyncio.Future[None]] = set()
         self.seq = itertools.count()
         self.buckets: dict[str, Tokens] = {}
+        self.marks: dict[str, float] = {}
 
     def put(self, envelope: Envelope, redelivered: bool = False, front: bool = False) -> None:
         if envelope.eta is not None and envelope.eta > time.time():
@@ -111,6 +112,12 @@ class MemoryBroker(Broker):
         elif tokens.rate != rate:
             tokens.set_rate(rate)
         return tokens.take()
+
+    async def advance(self, key: str, value: float) -> float | None:
+        previous = self.store.marks.get(key)
+        if previous is None or previous < value:
+            self.store.marks[key] = value
+        return previous
 
     async def broadcast(self, channel: str, data: bytes) -> None:
         for subscriber in self.store.channels[channel]:

@@ -12,6 +12,7 @@ Keys, with ``P`` the ``global_keyprefix`` option:
   named like another queue's dead-letter stream.)
 - ``P<channel>``: the pub/sub channel of ``broadcast``/``subscribe``.
 - ``Paqueue.published.<broker id>.<n>``: the marker of a publish (see Publishing), short-lived.
+- ``Paqueue.mark.<key>``: a mark of ``advance`` (beat's last due time sent for an entry); no expiry.
 
 Delivery. Each consumer has a unique name in the group and reads with ``XREADGROUP ... BLOCK`` on
 a connection of its own, so the blocking read never holds a pooled connection. What it reads is
@@ -115,7 +116,7 @@ _RESENT = (b"redelivered", b"1")
 """Marks an entry that is a redelivery, or a re-sent copy that may already have been stored."""
 _CACHED_CONTENT_TYPES = 64
 _LOST = (RedisConnectionError, RedisTimeoutError, OSError)
-_SCRIPTS = ("reclaim", "settle", "move_due", "purge", "leave", "take_token")
+_SCRIPTS = ("reclaim", "settle", "move_due", "purge", "leave", "take_token", "advance")
 _LUA = {name: (Path(__file__).parent / f"redis_{name}.lua").read_text() for name in _SCRIPTS}
 _OWN_OPTIONS = ("visibility_timeout", "global_keyprefix", "max_deliveries", "max_connections")
 _CONNECTION_OPTIONS: tuple[str, ...] = ("socket_timeout", "socket_connect_timeout", "socket_keepalive")
@@ -238,6 +239,14 @@ class RedisBroker(Broker):
                 keys=[f"{self.prefix}aqueue.rate.{key}"], args=[rate.per_second, 1]
             )
         return float(wait)
+
+    async def advance(self, key: str, value: float) -> float | None:
+        """Raise the mark ``key`` that every process on this Redis shares (atomic, in Lua)."""
+        async with self._errors("keep a beat mark"):
+            previous = await self._scripts["advance"](
+                keys=[f"{self.prefix}aqueue.mark.{key}"], args=[repr(value)]
+            )
+        return None if previous is None else float(previous)
 
     async def dead_letters(self, queue: str) -> list[Envelope]:
         """The envelopes in ``queue``'s dead-letter stream, oldest first."""

@@ -20,7 +20,8 @@ wakes the consumers and subscribers of this broker at once, and those of other p
 a wake-up that was lost. Finding a queue empty reads the file without taking the write lock, so idle
 consumers never hold up a publisher; the acks of one loop turn are one transaction. Broadcasts are rows that subscribers read when woken, and poll
 every 0.1 s; rows older than a minute are pruned. Priorities: a higher number is delivered first; among
-equals, the oldest message first.
+equals, the oldest message first. The
+marks of ``advance`` (beat's last due time sent per entry) are rows of ``aqueue_marks``.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ CREATE TABLE IF NOT EXISTS aqueue_dead_letters (
 CREATE TABLE IF NOT EXISTS aqueue_broadcasts (
     id INTEGER PRIMARY KEY AUTOINCREMENT, channel TEXT NOT NULL, data BLOB NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS aqueue_buckets (key TEXT PRIMARY KEY, tokens REAL NOT NULL, stamp REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS aqueue_marks (key TEXT PRIMARY KEY, value REAL NOT NULL);
 """
 
 
@@ -120,6 +122,10 @@ class SQLiteBroker(Broker):
     async def take_token(self, key: str, rate: Rate) -> float:
         """One token of the bucket ``key`` that every process on this file shares (one transaction)."""
         return await self._db.run(partial(_take_token, key, rate.per_second), quick=True)
+
+    async def advance(self, key: str, value: float) -> float | None:
+        """Raise the mark ``key`` that every process on this file shares (one transaction)."""
+        return await self._db.run(partial(_advance, key, value))
 
     async def dead_letters(self, queue: str) -> list[Envelope]:
         """Envelopes rejected from ``queue``, oldest first."""
@@ -275,6 +281,14 @@ def _take_token(key: str, per_second: float, db: sqlite3.Connection) -> float:
             "INSERT OR REPLACE INTO aqueue_buckets (key, tokens, stamp) VALUES (?, ?, ?)", (key, tokens, now)
         )
     return wait
+
+
+def _advance(key: str, value: float, db: sqlite3.Connection) -> float | None:
+    with transaction(db):
+        row = db.execute("SELECT value FROM aqueue_marks WHERE key = ?", (key,)).fetchone()
+        if row is None or row[0] < value:
+            db.execute("INSERT OR REPLACE INTO aqueue_marks (key, value) VALUES (?, ?)", (key, value))
+    return None if row is None else float(row[0])
 
 
 def _insert(envelopes: list[Envelope], db: sqlite3.Connection) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from aqueue.cli._common import APP_HELP, load_app, run
+from aqueue.cli.beat import beat
 from aqueue.cli.control import control, inspect
 from aqueue.cli.tasks import call, purge, result
 from aqueue.cli.worker import worker
@@ -37,6 +38,7 @@ def cli(ctx: click.Context, app_spec: str | None) -> None:
 
     \b
     python -m aqueue -A tasks worker --loglevel=info
+    python -m aqueue -A tasks beat --loglevel=info
     python -m aqueue -A tasks control rate_limit tasks.add 10/m
     python -m aqueue -A tasks call tasks.add --args '[4, 4]'
     """
@@ -48,5 +50,5 @@ def main() -> None:
     cli(prog_name="aqueue")
 
 
-for command in (worker, control, inspect, call, result, purge):
+for command in (worker, beat, control, inspect, call, result, purge):
     cli.add_command(command)

@@ -13,10 +13,11 @@ import click
 
 from aqueue.app import App
 
-__all__ = ["APP_HELP", "app_option", "app_spec_of", "get_app", "load_app", "run"]
+__all__ = ["APP_HELP", "LEVELS", "app_option", "app_spec_of", "get_app", "load_app", "loglevel_option", "run"]
 
 T = TypeVar("T")
 
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "FATAL")
 APP_HELP = "The app: a module holding an App ('tasks'), or module:attribute ('proj.tasks:app')."
 
 
@@ -60,6 +61,18 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 def app_option(fn: Any) -> Any:
     """The ``-A/--app`` option again on a command, so ``worker -A tasks`` works too."""
     return click.option("-A", "--app", "app_spec", metavar="APP", help=APP_HELP)(fn)
+
+
+loglevel_option = click.option(
+    "-l",
+    "--loglevel",
+    default="WARNING",
+    show_default=True,
+    metavar="LEVEL",
+    type=click.Choice(LEVELS, case_sensitive=False),
+    help="Logging level.",
+)
+"""The ``-l/--loglevel`` option of the commands that run until stopped (worker, beat)."""
 
 
 def get_app(ctx: click.Context, app_spec: str | None) -> App:

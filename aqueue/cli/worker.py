@@ -8,7 +8,7 @@ import multiprocessing
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractAsyncContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,8 @@ except ImportError:  # not on Windows
 import click
 
 from aqueue.app import App
-from aqueue.cli._common import app_option, app_spec_of, get_app, run
+from aqueue.beat import Beat
+from aqueue.cli._common import app_option, app_spec_of, get_app, loglevel_option, run
 from aqueue.worker.banner import banner
 from aqueue.worker.shutdown import handle_signals
 from aqueue.worker.supervisor import ChildWorker, Command, Supervisor, shared_statedb
@@ -29,20 +30,11 @@ from aqueue.worker.worker import Worker, default_hostname
 __all__ = ["worker"]
 
 LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"
-LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "FATAL")
 
 
 @click.command()
 @app_option
-@click.option(
-    "-l",
-    "--loglevel",
-    default="WARNING",
-    show_default=True,
-    metavar="LEVEL",
-    type=click.Choice(LEVELS, case_sensitive=False),
-    help="Logging level.",
-)
+@loglevel_option
 @click.option(
     "-c",
     "--concurrency",
@@ -105,6 +97,9 @@ LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "FATAL")
     "(default: worker_max_memory_per_child). Without --processes, runs one supervised process.",
 )
 @click.option("--supervised-child", type=(int, int), hidden=True, metavar="INDEX FD")
+@click.option(
+    "-B", "--beat", "with_beat", is_flag=True, help="Also send periodic tasks (run beat in the worker)."
+)
 @click.pass_context
 def worker(
     ctx: click.Context,
@@ -122,6 +117,7 @@ def worker(
     max_tasks_per_child: int | None,
     max_memory_per_child: int | None,
     supervised_child: tuple[int, int] | None,
+    with_beat: bool,
 ) -> None:
     """Start a worker: consume tasks and run them until SIGTERM or SIGINT (Ctrl-C).
 
@@ -129,6 +125,7 @@ def worker(
     python -m aqueue -A tasks worker --loglevel=info
     python -m aqueue -A tasks worker -Q low-priority -c 50 -n w1@example
     python -m aqueue -A tasks worker --processes 4 -c 100 --max-tasks-per-child 10000
+    python -m aqueue -A tasks worker -B      (also sends periodic tasks)
     """
     app = get_app(ctx, app_spec)
     _setup_logging(loglevel, logfile)
@@ -146,7 +143,7 @@ def worker(
         index, fd = supervised_child
         multiprocessing.current_process().name = f"Worker-{index}"
         child = ChildWorker(app, index=index, fd=fd, max_memory_kib=max_memory, hostname=hostname, **options)
-        run(_serve(app, child))
+        run(_serve(app, child, Beat(app) if with_beat else nullcontext()))
         return
     processes = processes or conf.worker_processes
     if processes is None and (options["max_tasks"] or max_memory):
@@ -158,10 +155,11 @@ def worker(
             err=True,
         )
         if processes is None:
-            run(_serve(app, w))
+            run(_serve(app, w, Beat(app) if with_beat else nullcontext()))
             return
         with shared_statedb(statedb or conf.worker_state_db) as state:
-            supervisor = Supervisor(_child_command(ctx, w.hostname, state), processes, w.hostname)
+            command = _child_command(ctx, w.hostname, state, with_beat)
+            supervisor = Supervisor(command, processes, w.hostname)
             code = asyncio.run(supervisor.run())
     ctx.exit(code)
 
@@ -179,19 +177,27 @@ _FORWARDED = (
 """The options a parent passes on to its worker processes as given (they read the same settings)."""
 
 
-def _child_command(ctx: click.Context, hostname: str, statedb: str) -> Command:
+def _child_command(ctx: click.Context, hostname: str, statedb: str, with_beat: bool) -> Command:
+    """The command of worker process ``index``; with ``-B`` the first one also runs beat."""
     spec = app_spec_of(ctx, ctx.params["app_spec"])
     argv = [sys.executable, "-m", "aqueue", "-A", spec, "worker", "-n", hostname, "--statedb", statedb]
     for name in _FORWARDED:
         if ctx.params[name] is not None:
             argv += [f"--{name.replace('_', '-')}", str(ctx.params[name])]
-    return lambda index, fd: [*argv, "--supervised-child", str(index), str(fd)]
+    return lambda index, fd: [
+        *argv,
+        *(["-B"] if with_beat and index == 1 else []),
+        "--supervised-child",
+        str(index),
+        str(fd),
+    ]
 
 
-async def _serve(app: App, w: Worker) -> None:
+async def _serve(app: App, w: Worker, beat: AbstractAsyncContextManager[object]) -> None:
     try:
         with handle_signals(w):
-            await w.run()
+            async with beat:
+                await w.run()
     finally:
         await app.aclose()
 

@@ -112,6 +112,7 @@ class Worker:
         """Connect, then start consuming and answering remote control."""
         app = self.app
         app.import_modules()
+        app.finalize()
         await self._connect()
         tasks = {**app.builtins, **app.tasks}
         self.runtimes = {name: TaskRuntime.build(app, task) for name, task in tasks.items()}
