@@ -23,6 +23,7 @@ from aqueue._compat import AsyncResource
 from aqueue.broker import Broker
 from aqueue.broker import from_url as broker_from_url
 from aqueue.config import DEFAULT_BROKER_URL, Settings
+from aqueue.events import EventDispatcher, task_sent_fields
 from aqueue.exceptions import NotRegistered
 from aqueue.message import Envelope, Message
 from aqueue.options import (
@@ -115,6 +116,8 @@ class App(AsyncResource):
         self._options: dict[str, ResolvedOptions] = {}
         self._router: Router | None = None
         self._eager = self.conf.task_always_eager
+        self._sent_events: EventDispatcher | None = None
+        self._send_sent_event = self.conf.task_send_sent_event
         self.conf.on_change(self._settings_changed)
 
     # Configuration ------------------------------------------------------------------------------
@@ -282,7 +285,10 @@ class App(AsyncResource):
         if message.expires is None and spec.expires is not None:
             message.expires = time.time() + spec.expires
         self.backend.prepare(message)
-        sent = self.send_message(message, queue or self._route(name, task, args, kwargs), serializer)
+        target = queue or self._route(name, task, args, kwargs)
+        sent = self.send_message(message, target, serializer)
+        if self._send_sent_event:
+            self.sent_events.send("task-sent", **task_sent_fields(message, target))
         return AsyncResult(
             message.id,
             self.backend,
@@ -321,6 +327,13 @@ class App(AsyncResource):
         return found
 
     @property
+    def sent_events(self) -> EventDispatcher:
+        """Sends this process's ``task-sent`` events (``task_send_sent_event``)."""
+        if self._sent_events is None:
+            self._sent_events = EventDispatcher.for_client(self)
+        return self._sent_events
+
+    @property
     def publisher(self) -> Publisher:
         if self._publisher is None:
             policy = self.conf.task_publish_retry_policy if self.conf.task_publish_retry else None
@@ -344,6 +357,7 @@ class App(AsyncResource):
         self._options.clear()
         self._router = None
         self._eager = self.conf.task_always_eager
+        self._send_sent_event = self.conf.task_send_sent_event
 
     def _make_spec(self, name: str, task: Task[Any, Any] | None) -> _SendSpec:
         resolved = self.options_for(name)
@@ -384,6 +398,8 @@ class App(AsyncResource):
         """Finish pending publishes, then close the broker and backend connections."""
         if self._publisher is not None:
             await self._publisher.drain()
+        if self._sent_events is not None:
+            await self._sent_events.aclose()
         if self._broker is not None:
             await self._broker.aclose()
         if self._backend is not None:

@@ -34,7 +34,6 @@ INERT = {
     "task_soft_time_limit": "a coroutine cannot be interrupted softly; use task_time_limit",
     "task_create_missing_queues": "queues are always created when first used",
     "worker_hijack_root_logger": "the worker command always sets up the root logger",
-    "worker_send_task_events": "task events are not supported",
 }
 """Celery settings aqueue accepts, so Celery configuration modules load unchanged, and why they do nothing."""
 
@@ -88,6 +87,7 @@ class Settings(BaseModel):
         "interval_max": 0.2,
     }
     task_create_missing_queues: bool = True
+    task_send_sent_event: bool = False
     # Worker
     worker_concurrency: int = 100
     worker_prefetch_multiplier: int = 4
@@ -95,7 +95,17 @@ class Settings(BaseModel):
     worker_state_db: str | None = None
     worker_hijack_root_logger: bool = True
     worker_send_task_events: bool = False
+    worker_metrics_port: int | None = None
+    """aqueue's own: serve Prometheus metrics on this port (``worker --metrics-port``)."""
+    worker_metrics_address: str = "0.0.0.0"
+    # Monitoring: Celery's events and remote control
+    event_exchange: str = "celeryev"
+    event_queue_prefix: str = "celeryev"
+    event_queue_ttl: float | None = 5.0
+    event_queue_expires: float | None = 60.0
     control_exchange: str = "celery"
+    control_queue_ttl: float | None = 300.0
+    control_queue_expires: float | None = 10.0
     # Time
     timezone: str | None = None
     enable_utc: bool = True
