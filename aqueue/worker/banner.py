@@ -16,7 +16,13 @@ __all__ = ["banner"]
 
 
 def banner(
-    app: App, *, hostname: str, concurrency: int, queues: Sequence[str], now: datetime | None = None
+    app: App,
+    *,
+    hostname: str,
+    concurrency: int,
+    queues: Sequence[str],
+    now: datetime | None = None,
+    task_events: bool = False,
 ) -> str:
     """The text printed when a worker starts: app, masked URLs, concurrency, queues, tasks."""
     from aqueue import __version__
@@ -34,7 +40,7 @@ def banner(
         f"- ** ---------- .> transport:   {mask_password(app.broker_url)}",
         f"- ** ---------- .> results:     {mask_password(backend) if backend else 'disabled://'}",
         f"- *** --- * --- .> concurrency: {concurrency} (asyncio)",
-        "-- ******* ---- .> task events: OFF",
+        f"-- ******* ---- .> task events: {'ON' if task_events else 'OFF (enable -E to monitor tasks in this worker)'}",
         "--- ***** -----",
         " -------------- [queues]",
         *(f"                .> {queue:<16} exchange={queue}(direct) key={queue}" for queue in queues),

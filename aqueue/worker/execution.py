@@ -46,6 +46,7 @@ from aqueue.result.failure import exception_to_result, format_traceback
 from aqueue.serialization import get_serializer
 from aqueue.task import Context, Task, _request
 from aqueue.worker.limits import ConcurrencyLimit, SharedBucket, TokenBucket
+from aqueue.worker.observer import NOTHING, Observer
 from aqueue.worker.state import WorkerState
 
 if TYPE_CHECKING:
@@ -108,6 +109,8 @@ class Executor:
         self.hostname = hostname
         self.log_info = logger.isEnabledFor(logging.INFO)
         self.closing = False
+        self.observer: Observer = NOTHING
+        """Told of each change of a task's state (events, metrics); see :mod:`aqueue.worker.observer`."""
         self.running: set[asyncio.Task[None]] = set()
         """Every task the executor started: runs, rate-limit waits, and the requeue of the line at close."""
         self._waiting: set[asyncio.Task[Any]] = set()
@@ -115,6 +118,7 @@ class Executor:
 
     def submit(self, delivery: Delivery, message: Message, runtime: TaskRuntime) -> None:
         """Start a run now if it may, else put it in line for a slot (or let it wait for its token first)."""
+        self.observer.after_receive(message)
         if runtime.shared is None and runtime.bucket.try_acquire():
             if self.slots.try_acquire():
                 self._start(self._execute(delivery, message, runtime))
@@ -154,6 +158,7 @@ class Executor:
 
     async def _throttled(self, delivery: Delivery, message: Message, runtime: TaskRuntime) -> None:
         """Wait for the task's tokens, then take a slot or a place in line like any other delivery."""
+        began = time.monotonic()
         try:
             if not self.closing:
                 await self._wait(runtime.bucket.acquire)
@@ -162,6 +167,7 @@ class Executor:
         except asyncio.CancelledError:
             await asyncio.shield(delivery.requeue())
             raise
+        self.observer.after_rate_limit(message, time.monotonic() - began)
         if self.closing:
             await delivery.requeue()
         elif self.slots.try_acquire():
@@ -216,35 +222,40 @@ class Executor:
                 return
         elif not await self._acked(delivery, message):
             return
-        self.state.active[task_id] = (message, time.time())
+        self.state.active[task_id] = (message, time.time(), delivery)
         if runtime.track_started:
             await self._store(
                 TaskMeta(task_id, states.STARTED, {"pid": os.getpid(), "hostname": self.hostname}, name=name),
                 message,
             )
+        self.observer.before_start(message)
         token = _request.set(_context(message, self.hostname, delivery.queue))
         began = time.perf_counter()
         try:
             result = await self._call(runtime, message)
         except Retry as retry:
             await self._retry(delivery, message, runtime, retry)
+            self._retried(message, retry)
         except Ignore:
             pass
         except Reject as reject:
             await (delivery.requeue() if reject.requeue else delivery.reject())
+            self.observer.after_reject(message, reject.requeue)
         except Exception as exc:
             again = _autoretry(runtime, exc)
             if again is not None:
                 await self._retry(delivery, message, runtime, again)
+                self._retried(message, again)
             else:
-                await self._fail(message, exc)
+                trace = await self._fail(message, exc)
+                self.observer.after_failure(message, exc, trace, time.perf_counter() - began)
                 if runtime.acks_late and not runtime.ack_failures:
                     await delivery.reject()  # task_acks_on_failure_or_timeout=False: dead-letter it
         else:
+            runtime_s = time.perf_counter() - began
+            self.observer.after_success(message, result, runtime_s)
             if self.log_info:
-                logger.info(
-                    "Task %s[%s] succeeded in %.6fs: %r", name, task_id, time.perf_counter() - began, result
-                )
+                logger.info("Task %s[%s] succeeded in %.6fs: %r", name, task_id, runtime_s, result)
             if not runtime.ignore_result and not message.ignore_result:
                 await self._store(TaskMeta(task_id, states.SUCCESS, result, name=name), message)
         finally:
@@ -278,9 +289,11 @@ class Executor:
                 "Task %s[%s] already finished: redelivered copy acknowledged", message.task, message.id
             )
             await self._acked(delivery, message)
+            self.observer.after_skip(message, "finished")
             return True
         if why is None:
             return False
+        self.observer.after_skip(message, why)
         logger.info("Discarding %s task %s[%s]", why, message.task, message.id)
         await self._acked(delivery, message)
         await self.backend.store(TaskMeta(message.id, states.REVOKED, why, name=message.task), message)
@@ -329,11 +342,17 @@ class Executor:
             )
             await self._store(meta, message)
 
-    async def _fail(self, message: Message, exc: Exception) -> None:
+    async def _fail(self, message: Message, exc: Exception) -> str:
         trace = format_traceback(exc)
         logger.error("Task %s[%s] raised unexpected: %r\n%s", message.task, message.id, exc, trace.rstrip())
         meta = TaskMeta(message.id, states.FAILURE, exception_to_result(exc), trace, name=message.task)
         await self._store(meta, message)
+        return trace
+
+    def _retried(self, message: Message, retry: Retry) -> None:
+        if self.observer is not NOTHING:
+            trace = format_traceback(retry.exc) if retry.exc else None
+            self.observer.after_retry(message, retry.exc or retry, trace)
 
     async def _store(self, meta: TaskMeta, message: Message) -> None:
         try:
