@@ -11,6 +11,7 @@ import click
 
 from aqueue.cli._common import APP_HELP, load_app, run
 from aqueue.cli.control import control, inspect
+from aqueue.cli.events import events
 from aqueue.cli.tasks import call, purge, result
 from aqueue.cli.worker import worker
 from aqueue.exceptions import AqueueError
@@ -39,6 +40,7 @@ def cli(ctx: click.Context, app_spec: str | None) -> None:
     python -m aqueue -A tasks worker --loglevel=info
     python -m aqueue -A tasks control rate_limit tasks.add 10/m
     python -m aqueue -A tasks call tasks.add --args '[4, 4]'
+    python -m aqueue -A tasks events --dump
     """
     ctx.obj = {"app_spec": app_spec}
 
@@ -48,5 +50,5 @@ def main() -> None:
     cli(prog_name="aqueue")
 
 
-for command in (worker, control, inspect, call, result, purge):
+for command in (worker, control, inspect, events, call, result, purge):
     cli.add_command(command)

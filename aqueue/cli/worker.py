@@ -74,6 +74,20 @@ LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "FATAL")
     metavar="SECONDS",
     help="Grace period for running tasks on shutdown (default 10).",
 )
+@click.option(
+    "-E",
+    "--task-events",
+    "task_events",
+    is_flag=True,
+    default=None,
+    help="Send Celery's task events, for Flower and 'events' (worker_send_task_events).",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    metavar="PORT",
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (worker_metrics_port; off by default).",
+)
 @click.pass_context
 def worker(
     ctx: click.Context,
@@ -87,12 +101,15 @@ def worker(
     statedb: str | None,
     prefetch_multiplier: int | None,
     shutdown_timeout: float | None,
+    task_events: bool | None,
+    metrics_port: int | None,
 ) -> None:
     """Start a worker: consume tasks and run them until SIGTERM or SIGINT (Ctrl-C).
 
     \b
     python -m aqueue -A tasks worker --loglevel=info
     python -m aqueue -A tasks worker -Q low-priority -c 50 -n w1@example
+    python -m aqueue -A tasks worker -E --metrics-port 9808
     """
     app = get_app(ctx, app_spec)
     _setup_logging(loglevel, logfile)
@@ -105,9 +122,14 @@ def worker(
         prefetch_multiplier=prefetch_multiplier,
         shutdown_timeout=shutdown_timeout,
         statedb=statedb,
+        send_events=task_events,
+        metrics_port=metrics_port,
     )
     with _pidfile(pidfile):
-        click.echo(banner(app, hostname=w.hostname, concurrency=w.concurrency, queues=w.queues), err=True)
+        text = banner(
+            app, hostname=w.hostname, concurrency=w.concurrency, queues=w.queues, task_events=w.send_events
+        )
+        click.echo(text, err=True)
         run(_serve(app, w))
 
 
