@@ -153,6 +153,7 @@ class EventDispatcher:
         self.hostname, self.exchange = hostname, event_exchange(exchange)
         self.groups = set(groups)
         self._send, self._pid, self._clock = send, os.getpid(), CLOCK
+        self._utcoffset = utcoffset()
         self._pending: list[Event] = []
         self._flusher: asyncio.Task[None] | None = None
         self._failing = False
@@ -170,13 +171,23 @@ class EventDispatcher:
 
     def send(self, type: str, **fields: Any) -> None:
         """Queue an event of ``type`` (``task-succeeded``) for this loop turn's batch."""
+        self.emit(type, fields)
+
+    def emit(self, type: str, fields: Event) -> None:
+        """:meth:`send` with the fields in a dict."""
         if type.partition("-")[0] not in self.groups:
             return
-        event = {"hostname": self.hostname, "utcoffset": utcoffset(), "pid": self._pid}
-        event["clock"] = self._clock.forward()
-        event.update(fields)
-        event["timestamp"], event["type"] = time.time(), type
-        self._pending.append(event)
+        self._pending.append(
+            {
+                "hostname": self.hostname,
+                "utcoffset": self._utcoffset,
+                "pid": self._pid,
+                "clock": self._clock.forward(),
+                **fields,
+                "timestamp": time.time(),
+                "type": type,
+            }
+        )
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
@@ -186,6 +197,7 @@ class EventDispatcher:
             await asyncio.shield(self._flusher)
 
     async def _flush(self) -> None:
+        self._utcoffset = utcoffset()  # read once per batch: it changes twice a year
         try:
             while self._pending:
                 batch, self._pending = self._pending, []

@@ -21,7 +21,8 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from aqueue.exceptions import ImproperlyConfigured
 from aqueue.message import Message
@@ -83,37 +84,41 @@ class Metrics(Observer):
             registry=owner,
             multiprocess_mode="livesum",
         )
-        self._children: dict[tuple[str, str], Any] = {}
+        self._tasks: dict[str, _TaskMetrics] = {}
 
-    def _child(self, kind: str, name: str) -> Any:
-        child = self._children.get((kind, name))
-        if child is None:
-            child = self._children[kind, name] = self._metrics[kind].labels(name)
-        return child
+    def _of(self, name: str) -> _TaskMetrics:
+        found = self._tasks.get(name)
+        if found is None:
+            found = self._tasks[name] = _TaskMetrics(
+                *(self._metrics[k].labels(name) for k in _TaskMetrics.KINDS)
+            )
+        return found
 
     def after_receive(self, message: Message) -> None:
-        self._child("received", message.task).inc()
+        self._of(message.task).received.inc()
 
     def after_rate_limit(self, message: Message, waited: float) -> None:
-        self._child("waited", message.task).observe(waited)
+        self._of(message.task).waited.observe(waited)
 
     def after_skip(self, message: Message, why: str) -> None:
         if why in ("revoked", "expired"):
-            self._child("revoked", message.task).inc()
+            self._of(message.task).revoked.inc()
 
     def after_success(self, message: Message, result: Any, runtime: float) -> None:
-        self._child("succeeded", message.task).inc()
-        self._child("runtime", message.task).observe(runtime)
+        task = self._of(message.task)
+        task.succeeded.inc()
+        task.runtime.observe(runtime)
 
     def after_failure(self, message: Message, exc: BaseException, traceback: str, runtime: float) -> None:
-        self._child("failed", message.task).inc()
-        self._child("runtime", message.task).observe(runtime)
+        task = self._of(message.task)
+        task.failed.inc()
+        task.runtime.observe(runtime)
 
     def after_retry(self, message: Message, exc: BaseException, traceback: str | None) -> None:
-        self._child("retried", message.task).inc()
+        self._of(message.task).retried.inc()
 
     def after_reject(self, message: Message, requeue: bool) -> None:
-        self._child("rejected", message.task).inc()
+        self._of(message.task).rejected.inc()
 
     async def track(self, worker: Worker) -> None:
         """Keep the gauges up to date with ``worker`` until cancelled."""
@@ -121,6 +126,22 @@ class Metrics(Observer):
             self.active.set(len(worker.state.active))
             self.prefetched.set(_prefetched(worker))
             await asyncio.sleep(REFRESH)
+
+
+@dataclass(slots=True)
+class _TaskMetrics:
+    """One task name's series, looked up once (fields in the order of ``KINDS``)."""
+
+    received: Any
+    succeeded: Any
+    failed: Any
+    retried: Any
+    rejected: Any
+    revoked: Any
+    runtime: Any
+    waited: Any
+
+    KINDS: ClassVar[tuple[str, ...]] = (*_COUNTED, "runtime", "waited")
 
 
 def _prefetched(worker: Worker) -> int:

@@ -121,10 +121,10 @@ class TaskEvents(Observer):
     """Sends Celery's task events (``task-received`` ... ``task-rejected``) through a dispatcher."""
 
     def __init__(self, dispatcher: EventDispatcher) -> None:
-        self.send = dispatcher.send
+        self.send, self.emit = dispatcher.send, dispatcher.emit
 
     def after_receive(self, message: Message) -> None:
-        self.send("task-received", **task_received_fields(message))
+        self.emit("task-received", task_received_fields(message))
 
     def after_skip(self, message: Message, why: str) -> None:
         if why in ("revoked", "expired"):
