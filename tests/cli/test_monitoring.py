@@ -14,7 +14,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import require_server
+from tests.conftest import delete_exchanges, require_server
 
 from .conftest import Project, subprocess_env
 
@@ -37,8 +37,8 @@ async def any_project(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIt
         if request.param == "amqp":
             from aqueue.broker.amqp import AMQPBroker
 
-            async with AMQPBroker(project.broker_url) as broker, broker._scratch() as channel:
-                await channel.exchange_delete(f"celeryev-{project.unique}")
+            async with AMQPBroker(project.broker_url) as broker:
+                await delete_exchanges(broker, f"celeryev-{project.unique}")
 
 
 class Lines:

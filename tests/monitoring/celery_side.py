@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 import aqueue
-from tests.conftest import AMQP_URL, Transport
+from tests.conftest import AMQP_URL, Transport, delete_exchanges
 
 __all__ = ["CeleryProcess", "celery_settings", "delete_amqp_exchanges", "free_port", "write_celery_app"]
 
@@ -155,9 +155,8 @@ async def run_celery(folder: Path, *args: str, timeout: float = 60.0) -> tuple[i
 
 
 async def delete_amqp_exchanges(unique: str) -> None:
-    """Delete the exchanges a test named after ``unique`` (events and remote control) from RabbitMQ."""
+    """Delete the event exchange a test named after ``unique`` from RabbitMQ (the transport deletes the rest)."""
     from aqueue.broker.amqp import AMQPBroker
 
-    async with AMQPBroker(AMQP_URL) as broker, broker._scratch() as channel:
-        for name in (f"celeryev-{unique}", f"ctl-{unique}.pidbox", f"reply.ctl-{unique}.pidbox"):
-            await channel.exchange_delete(name)
+    async with AMQPBroker(AMQP_URL) as broker:
+        await delete_exchanges(broker, f"celeryev-{unique}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -12,6 +13,7 @@ from aqueue import App
 from aqueue.events import EventReceiver
 from aqueue.worker import Worker
 from aqueue.worker.control import COMMANDS
+from tests.conftest import transport_for
 
 MakeApp = Callable[..., App]
 
@@ -148,3 +150,15 @@ async def test_shutdown_from_remote_stops_the_worker(make_app: MakeApp) -> None:
                 assert await app.control.broadcast("shutdown", destination=["w1"]) == [
                     {"w1": {"ok": "shutting down"}}
                 ]
+
+
+async def test_two_workers_of_one_name_on_rabbitmq(
+    tmp_path: Path, unique: str, make_app: MakeApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given two workers of one name: RabbitMQ lets only one read the name's mailbox (as for Celery)
+    async with transport_for("amqp", tmp_path, unique) as transport:
+        app, other = make_app(transport), make_app(transport)  # two connections, as two processes
+        async with app, other, Worker(app, hostname="twin"), Worker(other, hostname="twin"):
+            # Then the second says why it takes no commands, and both run; the first answers
+            assert "Remote control is off for twin" in caplog.text and "-n NAME" in caplog.text
+            assert await app.control.ping(timeout=0.5) == [{"twin": {"ok": "pong"}}]
