@@ -54,6 +54,8 @@ Event = dict[str, Any]
 
 BATCH_LIMIT = 1000
 """Most events in one message."""
+BROADCAST_PAUSE = 0.1
+"""Seconds between batches on brokers that carry events over broadcast (their readers poll about as often)."""
 REPR_LIMIT = 1024
 """Longest repr of arguments or a result in an event, as Celery's ``resultrepr_maxsize``."""
 
@@ -139,7 +141,8 @@ class EventDispatcher:
     """Sends events of the enabled ``groups``, each loop turn's worth together, through ``send``.
 
     Sending never raises and never waits: events that cannot be sent (the broker is down) are dropped,
-    with one warning per outage.
+    with one warning per outage. With ``pause``, a batch goes at most every ``pause`` seconds (for brokers
+    whose readers poll).
     """
 
     def __init__(
@@ -149,14 +152,21 @@ class EventDispatcher:
         *,
         exchange: str = "celeryev",
         groups: Iterable[str] = ("task", "worker"),
+        pause: float = 0.0,
     ) -> None:
         self.hostname, self.exchange = hostname, event_exchange(exchange)
-        self.groups = set(groups)
+        self.groups, self.pause = set(groups), pause
         self._send, self._pid, self._clock = send, os.getpid(), CLOCK
         self._utcoffset = utcoffset()
         self._pending: list[Event] = []
         self._flusher: asyncio.Task[None] | None = None
         self._failing = False
+
+    @classmethod
+    def for_worker(cls, app: App, hostname: str) -> EventDispatcher:
+        """The dispatcher of a worker: worker events, and task events once enabled."""
+        send, exchange = app.broker.send_to_exchange, app.conf.event_exchange
+        return cls(send, hostname, exchange=exchange, groups=("worker",), pause=_pause(app))
 
     @classmethod
     def for_client(cls, app: App) -> EventDispatcher:
@@ -167,7 +177,7 @@ class EventDispatcher:
             await app.broker.send_to_exchange(exchange, message)
 
         name = f"gen{os.getpid()}@{socket.gethostname()}"
-        return cls(send, name, exchange=app.conf.event_exchange, groups=("task",))
+        return cls(send, name, exchange=app.conf.event_exchange, groups=("task",), pause=_pause(app))
 
     def send(self, type: str, **fields: Any) -> None:
         """Queue an event of ``type`` (``task-succeeded``) for this loop turn's batch."""
@@ -199,6 +209,8 @@ class EventDispatcher:
     async def _flush(self) -> None:
         self._utcoffset = utcoffset()  # read once per batch: it changes twice a year
         try:
+            if self.pause:
+                await asyncio.sleep(self.pause)
             while self._pending:
                 batch, self._pending = self._pending, []
                 for message in self._messages(batch):
@@ -233,6 +245,13 @@ class EventDispatcher:
             if self._failing:
                 logger.info("Sending events to exchange %r again", self.exchange.name)
             self._failing = False
+
+
+def _pause(app: App) -> float:
+    """Brokers that carry events over polled broadcasts (SQLite) get them in fewer, larger batches."""
+    from aqueue.broker.base import Broker
+
+    return BROADCAST_PAUSE if type(app.broker).send_to_exchange is Broker.send_to_exchange else 0.0
 
 
 class EventReceiver:

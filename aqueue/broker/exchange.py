@@ -31,7 +31,15 @@ import pydantic_core
 if TYPE_CHECKING:
     from aqueue.broker.base import Broker
 
-__all__ = ["Exchange", "ExchangeMessage", "Listener", "topic_matches"]
+__all__ = [
+    "Exchange",
+    "ExchangeMessage",
+    "Listener",
+    "bind_over_broadcast",
+    "routes",
+    "send_over_broadcast",
+    "topic_matches",
+]
 
 ExchangeType = Literal["direct", "fanout", "topic"]
 

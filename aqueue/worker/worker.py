@@ -178,13 +178,7 @@ class Worker:
         Returns False when they were on already.
         """
         if self.events is None:
-            conf = self.app.conf
-            self.events = EventDispatcher(
-                self.app.broker.send_to_exchange,
-                self.hostname,
-                exchange=conf.event_exchange,
-                groups=("worker",),
-            )
+            self.events = EventDispatcher.for_worker(self.app, self.hostname)
             self._spawn(heartbeats(self.events, self))
         if "task" in self.events.groups:
             return False
