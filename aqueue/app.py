@@ -285,10 +285,7 @@ class App(AsyncResource):
         if message.expires is None and spec.expires is not None:
             message.expires = time.time() + spec.expires
         self.backend.prepare(message)
-        target = queue or self._route(name, task, args, kwargs)
-        sent = self.send_message(message, target, serializer)
-        if self._send_sent_event:
-            self.sent_events.send("task-sent", **task_sent_fields(message, target))
+        sent = self.send_message(message, queue or self._route(name, task, args, kwargs), serializer)
         return AsyncResult(
             message.id,
             self.backend,
@@ -311,7 +308,10 @@ class App(AsyncResource):
         envelope = Envelope(
             message.id, queue, body, serializer.content_type, message.eta, message.priority, headers
         )
-        return self.publisher.submit(envelope)
+        sent = self.publisher.submit(envelope)
+        if self._send_sent_event:
+            self.sent_events.send("task-sent", **task_sent_fields(message, queue))
+        return sent
 
     def AsyncResult(self, task_id: str) -> AsyncResult[Any]:
         """A result handle for any task id."""

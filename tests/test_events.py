@@ -100,11 +100,13 @@ async def test_events_that_cannot_be_sent_are_dropped_with_one_warning(
 
 
 def test_task_fields_are_reprs_and_iso_times() -> None:
-    message = Message("t1", "tasks.add", (2, 2), {"z": 1}, 3, eta=0.0, expires=86400.0)
+    message = Message("t1", "tasks.add", (2, 2), {"z": 1}, retries=3, eta=0.0, expires=86400.0)
     fields = task_received_fields(message)
     assert fields["args"] == "[2, 2]" and fields["kwargs"] == "{'z': 1}" and fields["retries"] == 3
     assert fields["eta"] == "1970-01-01T00:00:00+00:00" and fields["expires"] == "1970-01-02T00:00:00+00:00"
     assert fields["root_id"] == "t1" and fields["parent_id"] is None
+    child = task_received_fields(Message("t2", "tasks.add", root_id="t0", parent_id="t1"))
+    assert (child["root_id"], child["parent_id"]) == ("t0", "t1")
     assert len(safe_repr("x" * 5000)) == 1024
 
 

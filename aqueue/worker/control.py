@@ -235,7 +235,7 @@ def request_info(
         "delivery_info": {
             "exchange": "",
             "routing_key": delivery.queue,
-            "priority": None,
+            "priority": message.priority,
             "redelivered": delivery.redelivered,
         },
         "worker_pid": os.getpid() if started is not None else None,
