@@ -189,7 +189,7 @@ async def _revoke(worker: Worker, arguments: dict[str, Any]) -> Any:
 
 @command
 async def _enable_events(worker: Worker, arguments: dict[str, Any]) -> Any:
-    if worker.enable_task_events():
+    if worker.monitoring.enable_task_events():
         logger.info("Events of group {task} enabled by remote.")
         return {"ok": "task events enabled"}
     return {"ok": "task events already enabled"}
@@ -197,7 +197,7 @@ async def _enable_events(worker: Worker, arguments: dict[str, Any]) -> Any:
 
 @command
 async def _disable_events(worker: Worker, arguments: dict[str, Any]) -> Any:
-    if worker.disable_task_events():
+    if worker.monitoring.disable_task_events():
         logger.info("Events of group {task} disabled by remote.")
         return {"ok": "task events disabled"}
     return {"ok": "task events already disabled"}
@@ -205,7 +205,7 @@ async def _disable_events(worker: Worker, arguments: dict[str, Any]) -> Any:
 
 @command
 async def _heartbeat(worker: Worker, arguments: dict[str, Any]) -> Any:
-    worker.send_heartbeat()
+    worker.monitoring.send_heartbeat()
     return None
 
 

@@ -23,9 +23,11 @@ from aqueue.events import EventDispatcher, safe_repr, task_received_fields, work
 from aqueue.message import Message
 
 if TYPE_CHECKING:
+    from aqueue.worker.execution import Executor
+    from aqueue.worker.metrics import Metrics, MetricsServer
     from aqueue.worker.worker import Worker
 
-__all__ = ["NOTHING", "Observer", "Observers", "TaskEvents", "heartbeats"]
+__all__ = ["NOTHING", "Monitoring", "Observer", "Observers", "TaskEvents", "heartbeats"]
 
 logger = logging.getLogger("aqueue.worker")
 
@@ -165,3 +167,91 @@ async def heartbeats(dispatcher: EventDispatcher, worker: Worker) -> None:
         next_beat += HEARTBEAT_INTERVAL
         await asyncio.sleep(max(0.0, next_beat - time.monotonic()))
         heartbeat(dispatcher, worker)
+
+
+class Monitoring:
+    """A worker's events and metrics: who observes its executor, and the parts that go with them.
+
+    Task events are on from the start with ``-E``, or once ``enable_events`` comes by remote control
+    (Flower sends it); either way the worker then also sends its online, heartbeat and offline events.
+    Metrics are served when ``metrics_port`` is given.
+    """
+
+    def __init__(self, worker: Worker, metrics_port: int | None) -> None:
+        self.worker, self.metrics_port = worker, metrics_port
+        self.events: EventDispatcher | None = None
+        """Sends the worker's events, once they are on."""
+        self.metrics: Metrics | None = None
+        self._server: MetricsServer | None = None
+        self._executor: Executor | None = None
+
+    def serve_metrics(self) -> None:
+        """Start serving ``/metrics`` (before anything else starts, so a port in use fails at once).
+
+        Raises:
+            ImproperlyConfigured: the port cannot be used.
+        """
+        if self.metrics_port is None:
+            return
+        from aqueue.worker.metrics import Metrics, MetricsServer
+
+        metrics = Metrics()
+        server = MetricsServer(
+            metrics.registry, self.metrics_port, self.worker.app.conf.worker_metrics_address
+        )
+        server.start()
+        self.metrics, self._server = metrics, server
+
+    @property
+    def metrics_url(self) -> str | None:
+        """Where the Prometheus metrics are served, when they are."""
+        server = self._server
+        return f"http://{server.address}:{server.port}/metrics" if server is not None else None
+
+    def start(self, executor: Executor) -> None:
+        """Observe ``executor``."""
+        self._executor = executor
+        if self.metrics is not None:
+            self.worker.spawn(self.metrics.track(self.worker))
+            self._observe()
+
+    def enable_task_events(self) -> bool:
+        """Send task events from now on (and worker events); False when they were on already."""
+        if self.events is None:
+            self.events = EventDispatcher.for_worker(self.worker.app, self.worker.hostname)
+            self.worker.spawn(heartbeats(self.events, self.worker))
+        if "task" in self.events.groups:
+            return False
+        self.events.groups.add("task")
+        self._observe()
+        return True
+
+    def disable_task_events(self) -> bool:
+        """Stop sending task events (worker events go on); False when they were off already."""
+        if self.events is None or "task" not in self.events.groups:
+            return False
+        self.events.groups.discard("task")
+        self._observe()
+        return True
+
+    def send_heartbeat(self) -> None:
+        """Send a worker-heartbeat event now, when events are on."""
+        if self.events is not None:
+            heartbeat(self.events, self.worker)
+
+    async def aclose(self) -> None:
+        """Say the worker is offline, send what is queued, stop serving metrics."""
+        if self.events is not None:
+            heartbeat(self.events, self.worker, "worker-offline")
+            await self.events.aclose()
+            self.events = None
+        server, self._server = self._server, None
+        if server is not None:
+            await server.aclose()
+
+    def _observe(self) -> None:
+        observers: list[Observer] = [self.metrics] if self.metrics is not None else []
+        if self.events is not None and "task" in self.events.groups:
+            observers.append(TaskEvents(self.events))
+        if self._executor is not None:
+            self._executor.observer = combine(observers)

@@ -11,19 +11,17 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 from aqueue.control import Mailbox
-from aqueue.events import EventDispatcher
 from aqueue.exceptions import OperationalError
 from aqueue.serialization import accepted_content_types
 from aqueue.worker.consumer import ConsumerLoop
 from aqueue.worker.control import ControlServer
 from aqueue.worker.execution import Executor, TaskRuntime
 from aqueue.worker.limits import ConcurrencyLimit
-from aqueue.worker.observer import Observer, TaskEvents, combine, heartbeat, heartbeats
+from aqueue.worker.observer import Monitoring
 from aqueue.worker.state import WorkerState
 
 if TYPE_CHECKING:
     from aqueue.app import App
-    from aqueue.worker.metrics import Metrics, MetricsServer
 
 __all__ = ["Worker", "default_hostname"]
 
@@ -73,11 +71,9 @@ class Worker:
         self.slots = ConcurrencyLimit(self.concurrency)
         self.runtimes: dict[str, TaskRuntime] = {}
         self.send_events = conf.worker_send_task_events if send_events is None else send_events
-        self.metrics_port = conf.worker_metrics_port if metrics_port is None else metrics_port
-        self.events: EventDispatcher | None = None
-        """Sends this worker's events, once they are on (``-E``, or ``enable_events`` from remote control)."""
-        self.metrics: Metrics | None = None
-        self._metrics_server: MetricsServer | None = None
+        metrics_port = conf.worker_metrics_port if metrics_port is None else metrics_port
+        self.monitoring = Monitoring(self, metrics_port)
+        """Events and metrics: what observes the executor, and the parts that go with them."""
         self._stack: AsyncExitStack | None = None
         self._loop: ConsumerLoop | None = None
         self._parts: list[asyncio.Task[None]] = []
@@ -120,24 +116,22 @@ class Worker:
         app.import_modules()
         await self._connect()
         self.runtimes = {name: TaskRuntime.build(app, task) for name, task in app.tasks.items()}
-        if self.metrics_port is not None:
-            self._serve_metrics(self.metrics_port)
+        self.monitoring.serve_metrics()
         accepted = accepted_content_types(app.conf.accept_content)
         stack = self._stack = AsyncExitStack()
         consumer = await stack.enter_async_context(app.broker.consume(self.queues, self.prefetch))
         executor = Executor(app, self.state, self.slots, self.hostname)
         self._loop = ConsumerLoop(consumer, self.runtimes, executor, app.backend, accepted, app.broker.codec)
         self._parts = []
-        self._spawn(self._loop.run())
+        self.spawn(self._loop.run())
         await self._start_control(stack)
-        if self.metrics is not None:
-            self._spawn(self.metrics.track(self))
-            self._observe()
+        self.monitoring.start(executor)
         if self.send_events:
-            self.enable_task_events()
+            self.monitoring.enable_task_events()
         logger.info("%s ready.", self.hostname)
 
-    def _spawn(self, part: Coroutine[Any, Any, None]) -> None:
+    def spawn(self, part: Coroutine[Any, Any, None]) -> None:
+        """Run ``part`` until the worker stops; its failure stops the worker."""
         task = asyncio.create_task(part)
         task.add_done_callback(self._part_done)
         self._parts.append(task)
@@ -156,55 +150,7 @@ class Worker:
                 exc,
             )
             return
-        self._spawn(ControlServer(self).serve(inbox))
-
-    def _serve_metrics(self, port: int) -> None:
-        from aqueue.worker.metrics import Metrics, MetricsServer
-
-        metrics = Metrics()
-        server = MetricsServer(metrics.registry, port, self.app.conf.worker_metrics_address)
-        server.start()
-        self.metrics, self._metrics_server = metrics, server
-
-    @property
-    def metrics_url(self) -> str | None:
-        """Where the Prometheus metrics are served, when they are."""
-        server = self._metrics_server
-        return f"http://{server.address}:{server.port}/metrics" if server is not None else None
-
-    def enable_task_events(self) -> bool:
-        """Send task events from now on (and worker events: online, a heartbeat every 2 s, offline).
-
-        Returns False when they were on already.
-        """
-        if self.events is None:
-            self.events = EventDispatcher.for_worker(self.app, self.hostname)
-            self._spawn(heartbeats(self.events, self))
-        if "task" in self.events.groups:
-            return False
-        self.events.groups.add("task")
-        self._observe()
-        return True
-
-    def disable_task_events(self) -> bool:
-        """Stop sending task events (worker events go on); returns False when they were off already."""
-        if self.events is None or "task" not in self.events.groups:
-            return False
-        self.events.groups.discard("task")
-        self._observe()
-        return True
-
-    def send_heartbeat(self) -> None:
-        """Send a worker-heartbeat event now, when events are on."""
-        if self.events is not None:
-            heartbeat(self.events, self)
-
-    def _observe(self) -> None:
-        observers: list[Observer] = [self.metrics] if self.metrics is not None else []
-        if self.events is not None and "task" in self.events.groups:
-            observers.append(TaskEvents(self.events))
-        if self._loop is not None:
-            self._loop.executor.observer = combine(observers)
+        self.spawn(ControlServer(self).serve(inbox))
 
     def _part_done(self, part: asyncio.Task[None]) -> None:
         if not part.cancelled() and part.exception() is not None:
@@ -245,12 +191,7 @@ class Worker:
                 job.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         await self.app.publisher.drain()
-        if self.events is not None:
-            heartbeat(self.events, self, "worker-offline")
-            await self.events.aclose()
-            self.events = None
-        if self._metrics_server is not None:
-            await self._metrics_server.aclose()
+        await self.monitoring.aclose()
         stack, self._stack = self._stack, None
         await stack.aclose()
         self.state.save()

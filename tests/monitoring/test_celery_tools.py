@@ -149,7 +149,7 @@ async def test_aqueue_worker_without_events_starts_them_when_asked(side: Side) -
     # Given a worker started without -E: Flower and `celery control enable_events` turn task events on
     app, name = side.app, f"w-{side.unique}@test"
     async with app, Worker(app, hostname=name) as worker:
-        assert worker.events is None
+        assert worker.monitoring.events is None
         code, out = await run_celery(side.folder, "control", "enable_events", "-d", name)
         assert code == 0 and "task events enabled" in out, out
-        assert worker.events is not None and "task" in worker.events.groups
+        assert worker.monitoring.events is not None and "task" in worker.monitoring.events.groups

@@ -32,7 +32,7 @@ async def test_enable_and_disable_task_events(make_app: MakeApp) -> None:
 
     async with app, Worker(app, hostname="w1") as worker, EventReceiver(app.broker).events() as events:
         # Given a worker started without -E: nothing is sent
-        assert worker.events is None
+        assert worker.monitoring.events is None
         # When events are enabled from remote, it says so, goes online, and sends task events
         assert answer(await app.control.enable_events(destination=["w1"]), "w1") == {
             "ok": "task events enabled"

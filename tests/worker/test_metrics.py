@@ -53,8 +53,10 @@ async def test_counters_and_histograms_move_with_the_tasks(make_app: MakeApp) ->
         pass
 
     async with app, Worker(app, concurrency=4, metrics_port=0) as worker:
-        assert worker.metrics_url is not None and worker.metrics_url.startswith("http://127.0.0.1:")
-        before = await scrape(worker.metrics_url)
+        assert worker.monitoring.metrics_url is not None and worker.monitoring.metrics_url.startswith(
+            "http://127.0.0.1:"
+        )
+        before = await scrape(worker.monitoring.metrics_url)
         assert by_task(before, "aqueue_tasks_succeeded_total", "tasks.add") == 0
         # When tasks succeed, fail, retry, are rejected, revoked, and wait for a rate limit
         adds = [app.send_task("tasks.add", [i, i]) for i in range(3)]
@@ -66,7 +68,7 @@ async def test_counters_and_histograms_move_with_the_tasks(make_app: MakeApp) ->
             await result.get(timeout=5, propagate=False)
         # Then the counters say so, by task name
         samples = await until(
-            worker.metrics_url,
+            worker.monitoring.metrics_url,
             lambda s: (
                 by_task(s, "aqueue_tasks_revoked_total", "tasks.add")
                 == by_task(s, "aqueue_tasks_rejected_total", "tasks.reject")
@@ -95,23 +97,25 @@ async def test_gauges_count_active_and_prefetched_tasks(make_app: MakeApp) -> No
         await release.wait()
 
     async with app, Worker(app, concurrency=1, metrics_port=0, shutdown_timeout=1) as worker:
-        assert worker.metrics_url is not None
+        assert worker.monitoring.metrics_url is not None
         # Given one task running and two waiting for the only slot
         results = [app.send_task("tasks.block") for _ in range(3)]
-        samples = await until(worker.metrics_url, lambda s: s.get(("aqueue_tasks_prefetched", ())) == 2)
+        samples = await until(
+            worker.monitoring.metrics_url, lambda s: s.get(("aqueue_tasks_prefetched", ())) == 2
+        )
         assert samples[("aqueue_tasks_active", ())] == 1
         # When they have run, both gauges fall to zero
         release.set()
         for result in results:
             await result.get(timeout=5)
-        samples = await until(worker.metrics_url, lambda s: s[("aqueue_tasks_active", ())] == 0)
+        samples = await until(worker.monitoring.metrics_url, lambda s: s[("aqueue_tasks_active", ())] == 0)
         assert samples[("aqueue_tasks_prefetched", ())] == 0
 
 
 async def test_metrics_are_off_by_default(make_app: MakeApp) -> None:
     app = make_app()
     async with app, Worker(app) as worker:
-        assert worker.metrics is None and worker.metrics_url is None
+        assert worker.monitoring.metrics is None and worker.monitoring.metrics_url is None
 
 
 async def test_a_port_in_use_is_a_clear_error(make_app: MakeApp) -> None:
