@@ -193,14 +193,20 @@ class Monitoring:
         """
         if self.metrics_port is None:
             return
-        from aqueue.worker.metrics import Metrics, MetricsServer
+        from aqueue.worker.metrics import MetricsServer
 
-        metrics = Metrics()
-        server = MetricsServer(
-            metrics.registry, self.metrics_port, self.worker.app.conf.worker_metrics_address
-        )
+        address = self.worker.app.conf.worker_metrics_address
+        server = MetricsServer(self.count_metrics().registry, self.metrics_port, address)
         server.start()
-        self.metrics, self._server = metrics, server
+        self._server = server
+
+    def count_metrics(self) -> Metrics:
+        """Count into Prometheus metrics, served or not (a child of ``--processes`` counts, its parent serves)."""
+        if self.metrics is None:
+            from aqueue.worker.metrics import Metrics
+
+            self.metrics = Metrics()
+        return self.metrics
 
     @property
     def metrics_url(self) -> str | None:
