@@ -23,6 +23,7 @@ from aqueue._compat import AsyncResource
 from aqueue.broker import Broker
 from aqueue.broker import from_url as broker_from_url
 from aqueue.config import DEFAULT_BROKER_URL, Settings
+from aqueue.events import EventDispatcher, task_sent_fields
 from aqueue.exceptions import AqueueError, NotRegistered
 from aqueue.message import Envelope, Message
 from aqueue.options import (
@@ -135,6 +136,8 @@ class App(AsyncResource):
         self._options: dict[str, ResolvedOptions] = {}
         self._router: Router | None = None
         self._eager = self.conf.task_always_eager
+        self._sent_events: EventDispatcher | None = None
+        self._send_sent_event = self.conf.task_send_sent_event
         self.conf.on_change(self._settings_changed)
         self.on_after_configure = Signal("on_after_configure")
         self.on_after_finalize = Signal("on_after_finalize")
@@ -360,7 +363,10 @@ class App(AsyncResource):
         envelope = Envelope(
             message.id, queue, body, serializer.content_type, message.eta, message.priority, headers
         )
-        return self.publisher.submit(envelope)
+        sent = self.publisher.submit(envelope)
+        if self._send_sent_event:
+            self.sent_events.send("task-sent", **task_sent_fields(message, queue))
+        return sent
 
     def AsyncResult(self, task_id: str) -> AsyncResult[Any]:
         """A result handle for any task id."""
@@ -374,6 +380,13 @@ class App(AsyncResource):
             own = task.options if task is not None else TaskOptions()
             found = self._options[name] = resolve(own, self.annotation(name), self.conf)
         return found
+
+    @property
+    def sent_events(self) -> EventDispatcher:
+        """Sends this process's ``task-sent`` events (``task_send_sent_event``)."""
+        if self._sent_events is None:
+            self._sent_events = EventDispatcher.for_client(self)
+        return self._sent_events
 
     @property
     def publisher(self) -> Publisher:
@@ -399,6 +412,7 @@ class App(AsyncResource):
         self._options.clear()
         self._router = None
         self._eager = self.conf.task_always_eager
+        self._send_sent_event = self.conf.task_send_sent_event
 
     def _make_spec(self, name: str, task: Task[Any, Any] | None) -> _SendSpec:
         resolved = self.options_for(name)
@@ -439,6 +453,8 @@ class App(AsyncResource):
         """Finish pending publishes, then close the broker and backend connections."""
         if self._publisher is not None:
             await self._publisher.drain()
+        if self._sent_events is not None:
+            await self._sent_events.aclose()
         if self._broker is not None:
             await self._broker.aclose()
         if self._backend is not None:

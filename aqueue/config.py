@@ -33,7 +33,6 @@ INERT = {
     "task_reject_on_worker_lost": "with acks_late, the tasks of a worker process that dies are always redelivered",
     "task_create_missing_queues": "queues are always created when first used",
     "worker_hijack_root_logger": "the worker command always sets up the root logger",
-    "worker_send_task_events": "task events are not supported",
     "beat_scheduler": "beat keeps its state on the broker; other schedulers are not supported",
     "beat_schedule_filename": "beat keeps its state on the broker, not in a file",
     "beat_sync_every": "beat writes its state to the broker at every run",
@@ -90,6 +89,7 @@ class Settings(BaseModel):
         "interval_max": 0.2,
     }
     task_create_missing_queues: bool = True
+    task_send_sent_event: bool = False
     # Worker
     worker_concurrency: int = 100
     worker_prefetch_multiplier: int = 4
@@ -102,6 +102,14 @@ class Settings(BaseModel):
     """Resident memory, in KiB, past which a worker process is replaced (Celery's unit)."""
     worker_hijack_root_logger: bool = True
     worker_send_task_events: bool = False
+    worker_metrics_port: int | None = None
+    """aqueue's own: serve Prometheus metrics on this port (``worker --metrics-port``)."""
+    worker_metrics_address: str = "0.0.0.0"
+    # Monitoring: Celery's events and remote control
+    event_exchange: str = "celeryev"
+    event_queue_prefix: str = "celeryev"
+    event_queue_ttl: float | None = 5.0
+    event_queue_expires: float | None = 60.0
     control_exchange: str = "celery"
     # Beat
     beat_schedule: dict[str, Any] = {}
@@ -110,6 +118,8 @@ class Settings(BaseModel):
     beat_scheduler: str = "celery.beat:PersistentScheduler"
     beat_schedule_filename: str = "celerybeat-schedule"
     beat_sync_every: int = 0
+    control_queue_ttl: float | None = 300.0
+    control_queue_expires: float | None = 10.0
     # Time
     timezone: str | None = None
     enable_utc: bool = True

@@ -102,6 +102,7 @@ class Transport:
             async with AMQPBroker(AMQP_URL) as broker:
                 for queue in (self.queue, f"{self.queue}-b"):
                     await broker.delete_queue(queue)
+                await delete_exchanges(broker, f"ctl-{self.unique}.pidbox", f"reply.ctl-{self.unique}.pidbox")
 
 
 @asynccontextmanager
@@ -112,6 +113,13 @@ async def transport_for(kind: str, tmp_path: Path, unique: str) -> AsyncIterator
         yield transport
     finally:
         await transport.cleanup()
+
+
+async def delete_exchanges(broker: Any, *names: str) -> None:
+    """Delete exchanges from RabbitMQ (those of remote control outlive their users)."""
+    async with broker._scratch() as channel:
+        for name in names:
+            await channel.exchange_delete(name)
 
 
 BROKER_KINDS = ["memory", "sqlite", "redis", "amqp"]

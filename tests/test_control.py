@@ -10,6 +10,8 @@ import anyio
 import pytest
 
 from aqueue import App, states
+from aqueue.broker.exchange import ExchangeMessage
+from aqueue.control import Mailbox
 from aqueue.exceptions import TaskRevokedError
 from aqueue.worker import Worker
 
@@ -138,7 +140,7 @@ async def test_unknown_command_and_bad_messages_do_not_stop_the_worker(
     app = make_app()
     async with app, worker(app, "w1"):
         # Given a control message that is not JSON
-        await app.broker.broadcast(f"{app.conf.control_exchange}.control", b"\xffnot json")
+        await app.broker.send_to_exchange(Mailbox.of(app.conf).exchange, ExchangeMessage(b"\xffnot json"))
         # Then an unknown command gets an error reply, and the worker still answers
         assert await app.control.broadcast("shutdown_now", destination=["w1"]) == [
             {"w1": {"error": "unknown command 'shutdown_now'"}}

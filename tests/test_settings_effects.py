@@ -47,8 +47,8 @@ def test_setting_an_inert_celery_setting_says_it_has_no_effect(
 ) -> None:
     app = make_app()
     with caplog.at_level(logging.WARNING, logger="aqueue"):
-        app.conf.worker_send_task_events = True
-    assert "worker_send_task_events" in caplog.text
+        app.conf.task_reject_on_worker_lost = True
+    assert "task_reject_on_worker_lost" in caplog.text
     assert "no effect" in caplog.text
 
 

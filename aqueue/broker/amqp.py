@@ -16,8 +16,9 @@ key ``X``; queues are durable and messages persistent. ``X`` dead-letters to the
 already exists with other arguments (created by Celery, say) is used as it is, with a warning.
 Everything is declared on first use and remembered. Broadcasts go through one durable direct
 exchange, ``aqueue.broadcast``, with the channel name as routing key; each subscriber binds an
-exclusive auto-delete queue to it. (An exchange per channel would outlive the one-off reply
-channels of remote control; the routing key gives the same fan-out and leaves nothing behind.)
+exclusive auto-delete queue to it. (An exchange per channel would outlive one-off reply channels;
+the routing key gives the same fan-out and leaves nothing behind.) Celery's exchanges, for
+monitoring events and remote control, are laid out as kombu does: see :mod:`aqueue.broker.amqp_exchange`.
 
 One robust connection (aio-pika reconnects by itself) carries one publisher channel with publisher
 confirms, and one channel per consumer whose QoS prefetch count is the consumer's prefetch. A
@@ -57,7 +58,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
@@ -73,9 +74,11 @@ from aio_pika.abc import (
 from yarl import URL
 
 from aqueue.broker.amqp_consumer import ETA_HEADER, RESENT_HEADER, AMQPConsumer
+from aqueue.broker.amqp_exchange import AMQPExchanges
 from aqueue.broker.amqp_marks import Marks
 from aqueue.broker.amqp_wire import Outbox, encode_properties
 from aqueue.broker.base import Broker, Consumer
+from aqueue.broker.exchange import Exchange, ExchangeMessage, Listener
 from aqueue.exceptions import ImproperlyConfigured, InvalidURL, OperationalError
 from aqueue.message import Envelope
 from aqueue.urls import mask_password, parse
@@ -178,6 +181,7 @@ class AMQPBroker(Broker):
         self._broadcast_declared = False
         self._down = False
         self._marks = Marks(self)
+        self._exchanges = AMQPExchanges(self)
 
     async def connect(self) -> None:
         async with self._connect_lock:
@@ -265,6 +269,7 @@ class AMQPBroker(Broker):
         self._queue_args.clear()
         self._delays.clear()
         self._broadcast_declared = False
+        self._exchanges.forget()
 
     @asynccontextmanager
     async def _scratch(self) -> AsyncIterator[AbstractChannel]:
@@ -462,6 +467,14 @@ class AMQPBroker(Broker):
             if not amqp_channel.is_closed:
                 with self._errors("unsubscribe on"):
                     await amqp_channel.close()
+
+    async def send_to_exchange(self, exchange: Exchange, message: ExchangeMessage) -> None:
+        await self._exchanges.send(exchange, message)
+
+    def bind_exchange(
+        self, exchange: Exchange, listener: Listener
+    ) -> AbstractAsyncContextManager[AsyncIterator[ExchangeMessage]]:
+        return self._exchanges.bind(exchange, listener)
 
 
 def _properties(envelope: Envelope) -> bytes:

@@ -3,7 +3,8 @@
 A :class:`Broker` publishes envelopes and hands out a :class:`Consumer`, an async iterator of
 :class:`Delivery`. The consumer keeps at most ``prefetch`` deliveries unsettled; each delivery is
 settled exactly once by ``ack()``, ``reject()`` (dead-letter) or ``requeue()``. Brokers also carry
-remote-control broadcasts (``broadcast`` / ``subscribe``).
+broadcasts (``broadcast`` / ``subscribe``), and Celery's exchanges for monitoring events and remote
+control (``send_to_exchange`` / ``bind_exchange``, see :mod:`aqueue.broker.exchange`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,13 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, Self
 
 from aqueue._compat import AsyncResource
+from aqueue.broker.exchange import (
+    Exchange,
+    ExchangeMessage,
+    Listener,
+    bind_over_broadcast,
+    send_over_broadcast,
+)
 from aqueue.message import NATIVE, Codec, Envelope
 from aqueue.rates import Rate
 
@@ -207,6 +215,19 @@ class Broker(AsyncResource, ABC):
     @abstractmethod
     def subscribe(self, channel: str) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
         """Receive what is broadcast on ``channel`` from the moment the context is entered."""
+
+    async def send_to_exchange(self, exchange: Exchange, message: ExchangeMessage) -> None:
+        """Send ``message`` to a Celery exchange (monitoring events, remote control).
+
+        This default carries it over :meth:`broadcast`; Redis and RabbitMQ lay it out as kombu does.
+        """
+        await send_over_broadcast(self, exchange, message)
+
+    def bind_exchange(
+        self, exchange: Exchange, listener: Listener
+    ) -> AbstractAsyncContextManager[AsyncIterator[ExchangeMessage]]:
+        """Receive what ``exchange`` routes to ``listener`` from the moment the context is entered."""
+        return bind_over_broadcast(self, exchange, listener)
 
     def __repr__(self) -> str:
         from aqueue.urls import mask_password

@@ -13,6 +13,8 @@ Keys, with ``P`` the ``global_keyprefix`` option:
 - ``P<channel>``: the pub/sub channel of ``broadcast``/``subscribe``.
 - ``Paqueue.published.<broker id>.<n>``: the marker of a publish (see Publishing), short-lived.
 - ``Paqueue.mark.<key>``: a mark of ``advance`` (beat's last due time sent for an entry); no expiry.
+- Celery's exchanges (monitoring events, remote control) as kombu lays them out: see
+  :mod:`aqueue.broker.redis_exchange`.
 
 Delivery. Each consumer has a unique name in the group and reads with ``XREADGROUP ... BLOCK`` on
 a connection of its own, so the blocking read never holds a pooled connection. What it reads is
@@ -77,6 +79,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import difflib
+import functools
 import itertools
 import logging
 import os
@@ -87,7 +90,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool
@@ -99,10 +102,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from aqueue._redis import connection_kwargs
 from aqueue.broker.base import Broker, Consumer, Delivery
+from aqueue.broker.exchange import Exchange, ExchangeMessage, Listener
 from aqueue.exceptions import ImproperlyConfigured, OperationalError
 from aqueue.message import Envelope
 from aqueue.rates import Rate
 from aqueue.urls import mask_password, parse
+
+if TYPE_CHECKING:
+    from aqueue.broker.redis_exchange import RedisExchanges
 
 __all__ = ["RedisBroker"]
 
@@ -116,7 +123,7 @@ _RESENT = (b"redelivered", b"1")
 """Marks an entry that is a redelivery, or a re-sent copy that may already have been stored."""
 _CACHED_CONTENT_TYPES = 64
 _LOST = (RedisConnectionError, RedisTimeoutError, OSError)
-_SCRIPTS = ("reclaim", "settle", "move_due", "purge", "leave", "take_token", "advance")
+_SCRIPTS = ("reclaim", "settle", "move_due", "purge", "leave", "take_token", "advance", "bind")
 _LUA = {name: (Path(__file__).parent / f"redis_{name}.lua").read_text() for name in _SCRIPTS}
 _OWN_OPTIONS = ("visibility_timeout", "global_keyprefix", "max_deliveries", "max_connections")
 _CONNECTION_OPTIONS: tuple[str, ...] = ("socket_timeout", "socket_connect_timeout", "socket_keepalive")
@@ -258,18 +265,36 @@ class RedisBroker(Broker):
         async with self._errors("broadcast"):
             await self._client.publish(self.prefix + channel, data)
 
+    def subscribe(self, channel: str) -> contextlib.AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        return self._listen(self.prefix + channel)
+
+    async def send_to_exchange(self, exchange: Exchange, message: ExchangeMessage) -> None:
+        await self._exchanges.send(exchange, message)
+
+    def bind_exchange(
+        self, exchange: Exchange, listener: Listener
+    ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[ExchangeMessage]]:
+        return self._exchanges.bind(exchange, listener)
+
+    @functools.cached_property
+    def _exchanges(self) -> RedisExchanges:
+        from aqueue.broker.redis_exchange import RedisExchanges
+
+        return RedisExchanges(self)
+
     @asynccontextmanager
-    async def subscribe(self, channel: str) -> AsyncIterator[AsyncIterator[bytes]]:
+    async def _listen(self, channel: str, *, pattern: bool = False) -> AsyncIterator[AsyncIterator[bytes]]:
+        """What is published on ``channel`` (a glob-style pattern of channels with ``pattern``)."""
         conn = self._connection(self.client_name)
-        name = (self.prefix + channel).encode()
+        name, command = channel.encode(), "PSUBSCRIBE" if pattern else "SUBSCRIBE"
         try:
             async with self._errors("subscribe"):
-                await _subscribe(conn, name)
-            yield self._messages(conn, name)
+                await _subscribe(conn, name, command)
+            yield self._messages(conn, name, command)
         finally:
             await conn.disconnect()
 
-    async def _messages(self, conn: AbstractConnection, channel: bytes) -> AsyncIterator[bytes]:
+    async def _messages(self, conn: AbstractConnection, channel: bytes, command: str) -> AsyncIterator[bytes]:
         backoff = _Backoff(f"subscriber of {channel.decode(errors='replace')}", self.url)
         while True:
             try:
@@ -278,13 +303,13 @@ class RedisBroker(Broker):
                 await backoff.lost(conn, exc)
                 with contextlib.suppress(*_LOST):  # TimeoutError included
                     async with asyncio.timeout(self.command_timeout):
-                        await _subscribe(conn, channel)
+                        await _subscribe(conn, channel, command)
                 continue
             except RedisError as exc:
                 raise OperationalError(f"Redis broker {mask_password(self.url)}: subscriber: {exc}") from exc
             backoff.ok()
-            if isinstance(reply, list) and reply[0] == b"message":
-                yield reply[2]
+            if isinstance(reply, list) and reply[0] in (b"message", b"pmessage"):
+                yield reply[-1]
 
     def _connection(self, name: str) -> AbstractConnection:
         kwargs = dict(self._pool.connection_kwargs, client_name=name)
@@ -612,8 +637,8 @@ class _Backoff:
             self.down, self.pause = False, 0.1
 
 
-async def _subscribe(conn: AbstractConnection, channel: bytes) -> None:
-    await conn.send_command("SUBSCRIBE", channel)
+async def _subscribe(conn: AbstractConnection, channel: bytes, command: str = "SUBSCRIBE") -> None:
+    await conn.send_command(command, channel)
     await conn.read_response()
 
 

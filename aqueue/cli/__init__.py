@@ -12,6 +12,7 @@ import click
 from aqueue.cli._common import APP_HELP, load_app, run
 from aqueue.cli.beat import beat
 from aqueue.cli.control import control, inspect
+from aqueue.cli.events import events
 from aqueue.cli.tasks import call, purge, result
 from aqueue.cli.worker import worker
 from aqueue.exceptions import AqueueError
@@ -41,6 +42,7 @@ def cli(ctx: click.Context, app_spec: str | None) -> None:
     python -m aqueue -A tasks beat --loglevel=info
     python -m aqueue -A tasks control rate_limit tasks.add 10/m
     python -m aqueue -A tasks call tasks.add --args '[4, 4]'
+    python -m aqueue -A tasks events --dump
     """
     ctx.obj = {"app_spec": app_spec}
 
@@ -50,5 +52,5 @@ def main() -> None:
     cli(prog_name="aqueue")
 
 
-for command in (worker, beat, control, inspect, call, result, purge):
+for command in (worker, beat, control, inspect, events, call, result, purge):
     cli.add_command(command)

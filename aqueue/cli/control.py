@@ -23,7 +23,7 @@ _destination = click.option(
 
 @click.group()
 def control() -> None:
-    """Change live workers: rate_limit, revoke."""
+    """Change live workers: rate_limit, revoke, enable_events, disable_events."""
 
 
 @control.command("rate_limit")
@@ -67,16 +67,43 @@ def revoke(
     _print(run(_broadcast(app, "revoke", {"task_id": list(task_ids)}, timeout, destination)))
 
 
+def _events_command(name: str, doc: str) -> None:
+    @control.command(name, help=doc)
+    @app_option
+    @_timeout
+    @_destination
+    @click.pass_context
+    def switch(ctx: click.Context, app_spec: str | None, timeout: float, destination: str | None) -> None:
+        _print(run(_broadcast(get_app(ctx, app_spec), name, {}, timeout, destination)))
+
+
+_events_command("enable_events", "Have live workers send task events (as worker -E).")
+_events_command("disable_events", "Have live workers stop sending task events.")
+
+INSPECT = (
+    "ping",
+    "registered",
+    "active",
+    "stats",
+    "active_queues",
+    "revoked",
+    "conf",
+    "reserved",
+    "scheduled",
+)
+
+
 @click.command()
 @app_option
-@click.argument("what", type=click.Choice(["ping", "registered", "active", "stats"]))
+@click.argument("what", type=click.Choice(INSPECT))
 @_timeout
 @_destination
 @click.pass_context
 def inspect(
     ctx: click.Context, app_spec: str | None, what: str, timeout: float, destination: str | None
 ) -> None:
-    """Ask live workers: ping, registered (tasks), active (running tasks), stats."""
+    """Ask live workers (aqueue's or Celery's): ping, registered (tasks), active (running tasks), stats,
+    active_queues, revoked, conf, reserved, scheduled."""
     app = get_app(ctx, app_spec)
     replies = run(_broadcast(app, what, {}, timeout, destination))
     _print(replies)

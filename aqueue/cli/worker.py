@@ -100,6 +100,20 @@ LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"
 @click.option(
     "-B", "--beat", "with_beat", is_flag=True, help="Also send periodic tasks (run beat in the worker)."
 )
+@click.option(
+    "-E",
+    "--task-events",
+    "task_events",
+    is_flag=True,
+    default=None,
+    help="Send Celery's task events, for Flower and 'events' (worker_send_task_events).",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    metavar="PORT",
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (worker_metrics_port; off by default).",
+)
 @click.pass_context
 def worker(
     ctx: click.Context,
@@ -118,6 +132,8 @@ def worker(
     max_memory_per_child: int | None,
     supervised_child: tuple[int, int] | None,
     with_beat: bool,
+    task_events: bool | None,
+    metrics_port: int | None,
 ) -> None:
     """Start a worker: consume tasks and run them until SIGTERM or SIGINT (Ctrl-C).
 
@@ -126,6 +142,7 @@ def worker(
     python -m aqueue -A tasks worker -Q low-priority -c 50 -n w1@example
     python -m aqueue -A tasks worker --processes 4 -c 100 --max-tasks-per-child 10000
     python -m aqueue -A tasks worker -B      (also sends periodic tasks)
+    python -m aqueue -A tasks worker -E --metrics-port 9808
     """
     app = get_app(ctx, app_spec)
     _setup_logging(loglevel, logfile)
@@ -137,6 +154,8 @@ def worker(
         "shutdown_timeout": shutdown_timeout,
         "statedb": statedb,
         "max_tasks": max_tasks_per_child or conf.worker_max_tasks_per_child,
+        "send_events": task_events,
+        "metrics_port": metrics_port,
     }
     max_memory = max_memory_per_child or conf.worker_max_memory_per_child
     if supervised_child is not None:
@@ -148,12 +167,22 @@ def worker(
     processes = processes or conf.worker_processes
     if processes is None and (options["max_tasks"] or max_memory):
         processes = 1
+    if processes is not None and (metrics_port or conf.worker_metrics_port):
+        raise click.UsageError(
+            "--metrics-port serves one process's metrics: it cannot be combined with --processes yet; "
+            "run one worker per port instead."
+        )
     w = Worker(app, hostname=hostname or default_hostname(), **options)
     with _pidfile(pidfile):
-        click.echo(
-            banner(app, hostname=w.hostname, concurrency=w.concurrency, queues=w.queues, processes=processes),
-            err=True,
+        text = banner(
+            app,
+            hostname=w.hostname,
+            concurrency=w.concurrency,
+            queues=w.queues,
+            processes=processes,
+            task_events=w.send_events,
         )
+        click.echo(text, err=True)
         if processes is None:
             run(_serve(app, w, Beat(app) if with_beat else nullcontext()))
             return

@@ -23,6 +23,7 @@ def banner(
     queues: Sequence[str],
     processes: int | None = None,
     now: datetime | None = None,
+    task_events: bool = False,
 ) -> str:
     """The text printed when a worker starts: app, masked URLs, concurrency, queues, tasks."""
     from aqueue import __version__
@@ -40,7 +41,7 @@ def banner(
         f"- ** ---------- .> transport:   {mask_password(app.broker_url)}",
         f"- ** ---------- .> results:     {mask_password(backend) if backend else 'disabled://'}",
         f"- *** --- * --- .> concurrency: {_concurrency(concurrency, processes)}",
-        "-- ******* ---- .> task events: OFF",
+        f"-- ******* ---- .> task events: {'ON' if task_events else 'OFF (enable -E to monitor tasks in this worker)'}",
         "--- ***** -----",
         " -------------- [queues]",
         *(f"                .> {queue:<16} exchange={queue}(direct) key={queue}" for queue in queues),

@@ -100,6 +100,7 @@ class ConsumerLoop:
             message.id,
         )
         await delivery.reject()
+        self.executor.observer.after_unknown(message)
         failure: Any = exception_to_result(NotRegistered(message.task))
         try:
             await self.backend.store(

@@ -46,6 +46,7 @@ from aqueue.result.failure import exception_to_result, format_traceback
 from aqueue.serialization import get_serializer
 from aqueue.task import Context, Task, _request
 from aqueue.worker.limits import ConcurrencyLimit, SharedBucket, TokenBucket
+from aqueue.worker.observer import NOTHING, Observer
 from aqueue.worker.state import WorkerState
 from aqueue.worker.timelimits import run_limited
 from aqueue.worker.workflow import Workflow
@@ -114,6 +115,8 @@ class Executor:
         self.hostname = hostname
         self.log_info = logger.isEnabledFor(logging.INFO)
         self.closing = False
+        self.observer: Observer = NOTHING
+        """Told of each change of a task's state (events, metrics); see :mod:`aqueue.worker.observer`."""
         self.running: set[asyncio.Task[None]] = set()
         """Every task the executor started: runs, rate-limit waits, and the requeue of the line at close."""
         self._waiting: set[asyncio.Task[Any]] = set()
@@ -124,6 +127,7 @@ class Executor:
 
     def submit(self, delivery: Delivery, message: Message, runtime: TaskRuntime) -> None:
         """Start a run now if it may, else put it in line for a slot (or let it wait for its token first)."""
+        self.observer.after_receive(message)
         if runtime.shared is None and runtime.bucket.try_acquire():
             if self.slots.try_acquire():
                 self._start(self._execute(delivery, message, runtime))
@@ -167,6 +171,7 @@ class Executor:
 
     async def _throttled(self, delivery: Delivery, message: Message, runtime: TaskRuntime) -> None:
         """Wait for the task's tokens, then take a slot or a place in line like any other delivery."""
+        began = time.monotonic()
         try:
             if not self.closing:
                 await self._wait(runtime.bucket.acquire)
@@ -178,6 +183,7 @@ class Executor:
         except Exception as exc:  # the broker keeping a global_rate_limit bucket failed
             await self._broken(delivery, message, exc)
             return
+        self.observer.after_rate_limit(message, time.monotonic() - began)
         if self.closing:
             await delivery.requeue()
         elif self.slots.try_acquire():
@@ -220,7 +226,11 @@ class Executor:
         task_id, name = message.id, message.task
         if await self._skip(delivery, message):
             return
-        self.state.active[task_id] = (message, time.time())  # already: a copy arriving meanwhile is held
+        self.state.active[task_id] = (
+            message,
+            time.time(),
+            delivery,
+        )  # already: a copy arriving meanwhile is held
         if not (self._kept(delivery, message) if runtime.acks_late else await self._acked(delivery, message)):
             self.state.active.pop(task_id, None)
             if self._copies:
@@ -231,6 +241,7 @@ class Executor:
                 TaskMeta(task_id, states.STARTED, {"pid": os.getpid(), "hostname": self.hostname}, name=name),
                 message,
             )
+        self.observer.before_start(message)
         token = _request.set(_context(message, self.hostname, delivery.queue))
         began = time.perf_counter()
         stored = True
@@ -238,26 +249,30 @@ class Executor:
             result = await self._call(runtime, message)
         except Retry as retry:
             await self._retry(delivery, message, runtime, retry)
+            self._retried(message, retry)
         except Ignore:
             pass
         except Reject as reject:
             await (delivery.requeue() if reject.requeue else delivery.reject())
+            self.observer.after_reject(message, reject.requeue)
         except Exception as exc:
             again = _autoretry(runtime, exc)
             if again is not None:
                 await self._retry(delivery, message, runtime, again)
+                self._retried(message, again)
             else:
                 trace = format_traceback(exc)
                 stored = await self._fail(message, exc, trace)
+                self.observer.after_failure(message, exc, trace, time.perf_counter() - began)
                 if stored and (message.errbacks or message.chain or message.chord):
                     await self._follow(self.workflow.failed(message, exc, trace), message)
                 if stored and runtime.acks_late and not runtime.ack_failures:
                     await delivery.reject()  # task_acks_on_failure_or_timeout=False: dead-letter it
         else:
+            runtime_s = time.perf_counter() - began
+            self.observer.after_success(message, result, runtime_s)
             if self.log_info:
-                logger.info(
-                    "Task %s[%s] succeeded in %.6fs: %r", name, task_id, time.perf_counter() - began, result
-                )
+                logger.info("Task %s[%s] succeeded in %.6fs: %r", name, task_id, runtime_s, result)
             if not runtime.ignore_result and not message.ignore_result:
                 stored = await self._store(TaskMeta(task_id, states.SUCCESS, result, name=name), message)
             if stored and (message.callbacks or message.chain or message.chord):
@@ -319,6 +334,7 @@ class Executor:
             return await self._copy(delivery, message)
         if why is None:
             return False
+        self.observer.after_skip(message, why)
         logger.info("Discarding %s task %s[%s]", why, message.task, message.id)
         await self._acked(delivery, message)
         revoked = TaskMeta(message.id, states.REVOKED, why, name=message.task)
@@ -343,6 +359,7 @@ class Executor:
             if message.chord is not None:  # its worker may have died before the chord's callback was sent
                 await self._follow(self.workflow.recover(message), message)
             await self._acked(delivery, message)
+            self.observer.after_skip(message, "finished")
             return True
         return False
 
@@ -428,6 +445,11 @@ class Executor:
         logger.error("Task %s[%s] raised unexpected: %r\n%s", message.task, message.id, exc, trace.rstrip())
         meta = TaskMeta(message.id, states.FAILURE, exception_to_result(exc), trace, name=message.task)
         return await self._store(meta, message)
+
+    def _retried(self, message: Message, retry: Retry) -> None:
+        if self.observer is not NOTHING:
+            trace = format_traceback(retry.exc) if retry.exc else None
+            self.observer.after_retry(message, retry.exc or retry, trace)
 
     async def _store(self, meta: TaskMeta, message: Message) -> bool:
         """Store ``meta``; False when it is a final state the result backend failed to take in time."""

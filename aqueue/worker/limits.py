@@ -73,11 +73,15 @@ class ConcurrencyLimit:
 
     def withdraw(self) -> list[tuple[Any, ...]]:
         """Take what :meth:`queue` put in line out of it: the ``args`` of each, in order."""
-        wake, line = self._wake, self._line
-        queued = [args for start, args in line if start is not wake]
+        queued = self.queued()
         if queued:
-            self._line = deque(entry for entry in line if entry[0] is wake)
+            self._line = deque(entry for entry in self._line if entry[0] is self._wake)
         return queued
+
+    def queued(self) -> list[tuple[Any, ...]]:
+        """The ``args`` of what :meth:`queue` put in line, in order (they stay in line)."""
+        wake = self._wake
+        return [args for start, args in self._line if start is not wake]
 
     def _hand_to_waiter(self, handed: asyncio.Future[None]) -> None:
         if handed.cancelled():

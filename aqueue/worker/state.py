@@ -9,9 +9,12 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from aqueue.message import Message
+
+if TYPE_CHECKING:
+    from aqueue.broker.base import Delivery
 
 __all__ = ["WorkerState", "WorkerStatistics"]
 
@@ -30,7 +33,8 @@ class WorkerState:
     """Per-worker bookkeeping; revoked ids survive restarts when a state file is given."""
 
     def __init__(self, statedb: str | Path | None = None) -> None:
-        self.active: dict[str, tuple[Message, float]] = {}
+        self.active: dict[str, tuple[Message, float, Delivery]] = {}
+        """Running tasks by id: the message, when it started (Unix time) and its delivery."""
         self.total: Counter[str] = Counter()
         self.revoked: set[str] = set()
         self.started = time.monotonic()
@@ -61,12 +65,6 @@ class WorkerState:
     def revoke(self, task_ids: list[str]) -> None:
         self.revoked.update(task_ids)
         self.save()
-
-    def describe_active(self) -> list[dict[str, Any]]:
-        return [
-            {"id": m.id, "name": m.task, "args": m.args, "kwargs": m.kwargs, "time_start": started}
-            for m, started in self.active.values()
-        ]
 
     def statistics(self) -> WorkerStatistics:
         return WorkerStatistics(

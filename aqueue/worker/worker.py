@@ -5,18 +5,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 from aqueue.broker.base import Consumer, Delivery
+from aqueue.control import Mailbox
 from aqueue.exceptions import OperationalError
 from aqueue.serialization import accepted_content_types
 from aqueue.worker.consumer import ConsumerLoop
 from aqueue.worker.control import ControlServer
 from aqueue.worker.execution import Executor, TaskRuntime
 from aqueue.worker.limits import ConcurrencyLimit
+from aqueue.worker.observer import Monitoring
 from aqueue.worker.state import WorkerState
 
 if TYPE_CHECKING:
@@ -43,6 +45,8 @@ class Worker:
         shutdown_timeout: seconds running tasks get to finish on shutdown before they are requeued.
         statedb: a file keeping revoked task ids across restarts.
         max_tasks: take at most this many messages, then :meth:`retire` (``--max-tasks-per-child``).
+        send_events: send Celery's task and worker events (``-E``; default: ``worker_send_task_events``).
+        metrics_port: serve Prometheus metrics on this port (default: ``worker_metrics_port``, none).
     """
 
     aliases: frozenset[str] = frozenset()
@@ -59,6 +63,8 @@ class Worker:
         shutdown_timeout: float | None = None,
         statedb: str | None = None,
         max_tasks: int | None = None,
+        send_events: bool | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         conf = app.conf
         self.app = app
@@ -71,6 +77,10 @@ class Worker:
         self.slots = ConcurrencyLimit(self.concurrency)
         self.max_tasks = max_tasks
         self.runtimes: dict[str, TaskRuntime] = {}
+        self.send_events = conf.worker_send_task_events if send_events is None else send_events
+        metrics_port = conf.worker_metrics_port if metrics_port is None else metrics_port
+        self.monitoring = Monitoring(self, metrics_port)
+        """Events and metrics: what observes the executor, and the parts that go with them."""
         self._stack: AsyncExitStack | None = None
         self._loop: ConsumerLoop | None = None
         self._parts: list[asyncio.Task[None]] = []
@@ -116,21 +126,45 @@ class Worker:
         await self._connect()
         tasks = {**app.builtins, **app.tasks}
         self.runtimes = {name: TaskRuntime.build(app, task) for name, task in tasks.items()}
+        self.monitoring.serve_metrics()
         accepted = accepted_content_types(app.conf.accept_content)
         stack = self._stack = AsyncExitStack()
         consumer = await stack.enter_async_context(app.broker.consume(self.queues, self.prefetch))
-        control = ControlServer(self, f"{app.conf.control_exchange}.control")
-        inbox = await stack.enter_async_context(app.broker.subscribe(control.channel))
-        self.state.load()  # again: revocations saved by others since __init__, before we subscribed
         executor = Executor(app, self.state, self.slots, self.hostname)
         intake = None if self.max_tasks is None else _quota(consumer, self.max_tasks, self._quota_met)
         self._loop = ConsumerLoop(
             consumer, self.runtimes, executor, app.backend, accepted, app.broker.codec, intake
         )
-        self._parts = [asyncio.create_task(self._loop.run()), asyncio.create_task(control.serve(inbox))]
-        for part in self._parts:
-            part.add_done_callback(self._part_done)
+        self._parts = []
+        self.spawn(self._loop.run())
+        await self._start_control(stack)
+        self.state.load()  # again: revocations saved by others since __init__, before we subscribed
+        self.monitoring.start(executor)
+        if self.send_events:
+            self.monitoring.enable_task_events()
         logger.info("%s ready.", self.hostname)
+
+    def spawn(self, part: Coroutine[Any, Any, None]) -> None:
+        """Run ``part`` until the worker stops; its failure stops the worker."""
+        task = asyncio.create_task(part)
+        task.add_done_callback(self._part_done)
+        self._parts.append(task)
+
+    async def _start_control(self, stack: AsyncExitStack) -> None:
+        mailbox = Mailbox.of(self.app.conf)
+        try:
+            inbox = await stack.enter_async_context(
+                self.app.broker.bind_exchange(mailbox.exchange, mailbox.node(self.hostname))
+            )
+        except OperationalError as exc:
+            logger.warning(
+                "Remote control is off for %s: %s. Is another worker running with the same name? "
+                "Give each worker its own with -n NAME.",
+                self.hostname,
+                exc,
+            )
+            return
+        self.spawn(ControlServer(self).serve(inbox))
 
     def retire(self, reason: str) -> None:
         """Take no more work and stop answering remote control; stop once the tasks taken have finished.
@@ -194,6 +228,7 @@ class Worker:
                 job.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         await self.app.publisher.drain()
+        await self.monitoring.aclose()
         stack, self._stack = self._stack, None
         await stack.aclose()
         self.state.save()

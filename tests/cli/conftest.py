@@ -29,7 +29,7 @@ import pytest
 
 import aqueue
 from aqueue.app import App
-from tests.conftest import REDIS_URL, reap, require_server
+from tests.conftest import REDIS_URL, delete_exchanges, reap, require_server
 
 __all__ = ["CliResult", "Project", "WorkerProcess", "open_project", "reap"]
 
@@ -284,6 +284,8 @@ class Project:
 
             async with AMQPBroker(self.broker_url) as broker:
                 await broker.delete_queue(self.default_queue)
+                exchange = f"{self.settings.get('control_exchange', 'celery')}.pidbox"
+                await delete_exchanges(broker, exchange, f"reply.{exchange}")
 
 
 def _read(path: Path) -> str:

@@ -414,6 +414,10 @@ async def test_rate_limited_and_unlimited_tasks_share_one_slot(make_app: MakeApp
     assert _most_at_once(events) == 1
 
 
+def _line(pool: dict[str, Any]) -> dict[str, Any]:
+    return {key: pool[key] for key in ("limit", "borrowed", "waiting")}
+
+
 async def test_inspect_reports_the_line_as_waiting(make_app: MakeApp) -> None:
     app = make_app()
     release = anyio.Event()
@@ -429,7 +433,7 @@ async def test_inspect_reports_the_line_as_waiting(make_app: MakeApp) -> None:
         await _until(lambda: worker.slots.statistics().waiting == 3)
         # Then stats count the line as waiting, and active lists the running one only
         stats = (await app.control.inspect("stats", destination=["w-line"], timeout=5))[0]["w-line"]["ok"]
-        assert stats["pool"] == {"limit": 1, "borrowed": 1, "waiting": 3} and stats["active"] == 1
+        assert _line(stats["pool"]) == {"limit": 1, "borrowed": 1, "waiting": 3} and stats["active"] == 1
         active = (await app.control.inspect("active", destination=["w-line"], timeout=5))[0]["w-line"]["ok"]
         assert [entry["id"] for entry in active] == [results[0].id]
         # And when they have all run, nothing is borrowed or waiting
@@ -437,7 +441,7 @@ async def test_inspect_reports_the_line_as_waiting(make_app: MakeApp) -> None:
         assert [await r.get(timeout=5) for r in results] == [0, 1, 2, 3]
         await _until(lambda: worker.slots.statistics().borrowed == 0)
         stats = (await app.control.inspect("stats", destination=["w-line"], timeout=5))[0]["w-line"]["ok"]
-        assert stats["pool"] == {"limit": 1, "borrowed": 0, "waiting": 0} and stats["active"] == 0
+        assert _line(stats["pool"]) == {"limit": 1, "borrowed": 0, "waiting": 0} and stats["active"] == 0
 
 
 async def test_an_acks_late_delivery_lost_while_in_line_is_not_run(

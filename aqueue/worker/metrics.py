@@ -1,0 +1,194 @@
+"""Prometheus metrics of a worker, served at ``/metrics`` by ``worker --metrics-port PORT``.
+
+- ``aqueue_tasks_received_total``, ``aqueue_tasks_succeeded_total``, ``aqueue_tasks_failed_total``,
+  ``aqueue_tasks_retried_total``, ``aqueue_tasks_rejected_total``, ``aqueue_tasks_revoked_total``:
+  counters by ``task`` (the task's name);
+- ``aqueue_task_runtime_seconds``: a histogram of how long tasks ran, by ``task``;
+- ``aqueue_rate_limit_wait_seconds``: a histogram of how long tasks waited for their rate limit's
+  token, by ``task``;
+- ``aqueue_tasks_active`` (running) and ``aqueue_tasks_prefetched`` (received, waiting for a slot or a
+  token): gauges, brought up to date every second.
+
+Counting is a few dictionary lookups and increments per task (each task name's counters are looked up
+once). The HTTP server is prometheus_client's, on a thread of its own. With ``PROMETHEUS_MULTIPROC_DIR``
+set, prometheus_client's multiprocess mode is used: each process keeps its values in that folder, and
+the one serving ``/metrics`` adds them up (so one endpoint serves several worker processes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from aqueue.exceptions import ImproperlyConfigured
+from aqueue.message import Message
+from aqueue.worker.observer import Observer
+
+try:
+    import prometheus_client
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+except ImportError as exc:  # pragma: no cover - the extra is installed in the test environment
+    raise ImproperlyConfigured(
+        "Worker metrics need the 'prometheus_client' package, which is not installed. "
+        "Install it with: pip install 'aqueue[prometheus]'"
+    ) from exc
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from aqueue.worker.worker import Worker
+
+__all__ = ["Metrics", "MetricsServer"]
+
+logger = logging.getLogger("aqueue.worker")
+
+REFRESH = 1.0
+"""Seconds between updates of the gauges."""
+_COUNTED = ("received", "succeeded", "failed", "retried", "rejected", "revoked")
+
+
+def _multiprocess() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+class Metrics(Observer):
+    """Counts what the worker does into Prometheus metrics (in ``registry``, or a new one)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        # In multiprocess mode the values live in files; the serving process collects them.
+        owner = None if _multiprocess() else self.registry
+        self._metrics: dict[str, Counter | Histogram] = {
+            kind: Counter(f"aqueue_tasks_{kind}", f"Tasks {kind}, by task name.", ["task"], registry=owner)
+            for kind in _COUNTED
+        }
+        self._metrics["runtime"] = Histogram(
+            "aqueue_task_runtime_seconds", "How long tasks ran, by task name.", ["task"], registry=owner
+        )
+        self._metrics["waited"] = Histogram(
+            "aqueue_rate_limit_wait_seconds",
+            "How long tasks waited for their rate limit's token, by task name.",
+            ["task"],
+            registry=owner,
+        )
+        self.active = Gauge(
+            "aqueue_tasks_active", "Tasks running.", registry=owner, multiprocess_mode="livesum"
+        )
+        self.prefetched = Gauge(
+            "aqueue_tasks_prefetched",
+            "Tasks received and waiting for a slot or a rate-limit token.",
+            registry=owner,
+            multiprocess_mode="livesum",
+        )
+        self._tasks: dict[str, _TaskMetrics] = {}
+
+    def _of(self, name: str) -> _TaskMetrics:
+        found = self._tasks.get(name)
+        if found is None:
+            found = self._tasks[name] = _TaskMetrics(
+                *(self._metrics[k].labels(name) for k in _TaskMetrics.KINDS)
+            )
+        return found
+
+    def after_receive(self, message: Message) -> None:
+        self._of(message.task).received.inc()
+
+    def after_rate_limit(self, message: Message, waited: float) -> None:
+        self._of(message.task).waited.observe(waited)
+
+    def after_skip(self, message: Message, why: str) -> None:
+        if why in ("revoked", "expired"):
+            self._of(message.task).revoked.inc()
+
+    def after_success(self, message: Message, result: Any, runtime: float) -> None:
+        task = self._of(message.task)
+        task.succeeded.inc()
+        task.runtime.observe(runtime)
+
+    def after_failure(self, message: Message, exc: BaseException, traceback: str, runtime: float) -> None:
+        task = self._of(message.task)
+        task.failed.inc()
+        task.runtime.observe(runtime)
+
+    def after_retry(self, message: Message, exc: BaseException, traceback: str | None) -> None:
+        self._of(message.task).retried.inc()
+
+    def after_reject(self, message: Message, requeue: bool) -> None:
+        self._of(message.task).rejected.inc()
+
+    async def track(self, worker: Worker) -> None:
+        """Keep the gauges up to date with ``worker`` until cancelled."""
+        while True:
+            self.active.set(len(worker.state.active))
+            self.prefetched.set(_prefetched(worker))
+            await asyncio.sleep(REFRESH)
+
+
+@dataclass(slots=True)
+class _TaskMetrics:
+    """One task name's series, looked up once (fields in the order of ``KINDS``)."""
+
+    received: Any
+    succeeded: Any
+    failed: Any
+    retried: Any
+    rejected: Any
+    revoked: Any
+    runtime: Any
+    waited: Any
+
+    KINDS: ClassVar[tuple[str, ...]] = (*_COUNTED, "runtime", "waited")
+
+
+def _prefetched(worker: Worker) -> int:
+    waiting = len(worker.slots.queued())
+    for runtime in worker.runtimes.values():
+        waiting += runtime.bucket.statistics().waiting
+        if runtime.shared is not None:
+            waiting += runtime.shared.statistics().waiting
+    return waiting
+
+
+class MetricsServer:
+    """prometheus_client's HTTP server for ``registry`` on ``address:port`` (port 0: any free port)."""
+
+    def __init__(self, registry: CollectorRegistry, port: int, address: str = "0.0.0.0") -> None:
+        self.registry, self.address, self.requested = registry, address, port
+        self._server: WSGIServer | None = None
+
+    @property
+    def port(self) -> int:
+        """The port served (the one chosen when 0 was asked for)."""
+        return self._server.server_port if self._server is not None else self.requested
+
+    def start(self) -> None:
+        """Start serving.
+
+        Raises:
+            ImproperlyConfigured: the port cannot be used (taken, or not allowed).
+        """
+        registry = self.registry
+        if _multiprocess():
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        try:
+            self._server, _ = prometheus_client.start_http_server(self.requested, self.address, registry)
+        except OSError as exc:
+            raise ImproperlyConfigured(
+                f"Cannot serve metrics on {self.address}:{self.requested}: {exc.strerror or exc}. "
+                "Choose another --metrics-port (worker_metrics_port)."
+            ) from exc
+        logger.info("Serving Prometheus metrics on http://%s:%d/metrics", self.address, self.port)
+
+    async def aclose(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            stop: Callable[[], None] = server.shutdown
+            await asyncio.to_thread(stop)
+            server.server_close()
