@@ -6,18 +6,30 @@ the vhost, and Celery's ``amqp://guest@localhost//`` means vhost ``/``. Query pa
 aio-pika (``heartbeat``, ``reconnect_interval``, ...); ``reconnect_interval`` defaults to 1 s.
 
 Options (``broker_transport_options``): ``confirm_publish`` (default True: ``publish`` returns once
-RabbitMQ confirmed every message), ``max_priority`` (``x-max-priority`` of declared queues; none by
-default), ``connect_timeout`` (seconds, default 10) and ``visibility_timeout`` (accepted so one
-setting serves every transport, and ignored: RabbitMQ redelivers when a consumer's channel closes).
+RabbitMQ confirmed every message), ``max_priority`` (``x-max-priority`` of declared queues when
+``task_queue_max_priority`` does not say; none by default), ``connect_timeout`` (seconds, default 10)
+and ``visibility_timeout`` (accepted so one setting serves every transport, and ignored: RabbitMQ
+redelivers when a consumer's channel closes).
 
-Layout, as Celery's default: a queue ``X`` is bound to a durable direct exchange ``X`` with routing
-key ``X``; queues are durable and messages persistent. ``X`` dead-letters to the fanout exchange
-``X.dead``, bound to the queue ``X.dead``, so ``reject()`` keeps the message there. A queue that
-already exists with other arguments (created by Celery, say) is used as it is, with a warning.
+Messages are Celery's message protocol v2 (:mod:`aqueue.protocol`): Celery clients and workers on the
+same RabbitMQ send to and run from the same queues. The layout and the declarations are Celery's too,
+so that neither side's declaration fails on a queue the other made: a queue ``X`` is durable, declared
+with the arguments a Celery app with the same settings gives it (none by default; ``x-max-priority``,
+``x-queue-type`` from :mod:`aqueue.queues`), and bound to a durable direct exchange ``X`` with routing
+key ``X``; messages are persistent and published, as Celery publishes them, through the default
+exchange with the queue's name as routing key. A queue that already exists with other arguments is
+used as it is, with a warning. Dead letters (``reject()``) are published to the queue ``X.dead`` (of
+``X``'s type, with no other arguments), and the original is acknowledged once RabbitMQ confirmed the
+copy: at least once on every queue type, and no queue argument that Celery does not declare.
 Everything is declared on first use and remembered. Broadcasts go through one durable direct
 exchange, ``aqueue.broadcast``, with the channel name as routing key; each subscriber binds an
 exclusive auto-delete queue to it. (An exchange per channel would outlive the one-off reply
 channels of remote control; the routing key gives the same fan-out and leaves nothing behind.)
+
+Quorum queues (``x-queue-type: quorum``) take no global QoS, which aqueue never asks for (each
+consumer's prefetch is its own), so one worker consumes classic and quorum queues together. RabbitMQ
+3.x quorum queues have no priorities: ``x-max-priority`` is left out of their declaration (with a
+warning), and the priority of their messages is ignored by the server.
 
 One robust connection (aio-pika reconnects by itself) carries one publisher channel with publisher
 confirms, and one channel per consumer whose QoS prefetch count is the consumer's prefetch. A
@@ -34,12 +46,14 @@ to the delay queue ``X.delay.<b>``, where ``b`` is ``d`` rounded *down* to its f
 (at most 1/8 below ``d``; 64 ms when ``d`` is smaller; 2**31 ms at most). A delay queue has one
 queue-wide TTL ``b``, so messages expire in arrival order (a per-message TTL would only expire at
 the head of the queue), and dead-letters to exchange ``X``. The consumer reads the message's due
-time from its ``x-aqueue-eta`` header: a message that arrives early is published again for the
+time from its ``eta`` header: a message that arrives early is published again for the
 time left (at most 1/8 of the previous wait) and acknowledged, so a message is never handed out
 early and is late by at most 64 ms plus one hop. Delay queues expire (``x-expires``) when unused;
 they are declared again before that lease runs out. ``purge(X)`` also empties the delay queues of
-``X`` that this broker object declared. Known limit: RabbitMQ dead-letters from a classic queue at
-most once, so a broker crash at the moment a delay ends may lose that message.
+``X`` that this broker object declared. The delay queues of a quorum queue are quorum queues that
+dead-letter at least once (``x-dead-letter-strategy``); those of a classic queue are classic, and
+RabbitMQ dead-letters from a classic queue at most once, so a broker crash at the moment a delay ends
+may lose that message. A Celery message whose ``eta`` has not come yet takes the same way.
 
 RabbitMQ's delivery acknowledgement timeout (``consumer_timeout``, 30 minutes by default) closes a
 channel that holds a delivery unacknowledged longer than that; its deliveries go back to the
@@ -52,6 +66,7 @@ policy settings"). Raise ``consumer_timeout`` in rabbitmq.conf for longer tasks.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import difflib
 import logging
 import math
@@ -76,7 +91,9 @@ from aqueue.broker.amqp_consumer import ETA_HEADER, AMQPConsumer
 from aqueue.broker.amqp_wire import Outbox, encode_properties
 from aqueue.broker.base import Broker, Consumer
 from aqueue.exceptions import ImproperlyConfigured, InvalidURL, OperationalError
-from aqueue.message import Envelope
+from aqueue.message import Codec, Envelope
+from aqueue.protocol import CELERY
+from aqueue.queues import QueueDeclarations, is_quorum
 from aqueue.urls import mask_password, parse
 
 __all__ = ["AMQPBroker", "amqp_url", "delay_bucket_ms"]
@@ -91,6 +108,9 @@ _MAX_DELAY_MS = 2**31
 _BUCKET_BITS = 4
 _DELAY_LEASE_MS = 600_000
 """How long an unused delay queue outlives its TTL before RabbitMQ deletes it."""
+_ENCODINGS = {"application/json": "utf-8"}
+"""kombu's content_encoding of each content type; every other one is ``binary``."""
+_AT_LEAST_ONCE = {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
 
 _ERRORS: tuple[type[BaseException], ...] = (
     aiormq.exceptions.AMQPError,
@@ -153,6 +173,7 @@ class AMQPBroker(Broker):
 
     Parameters:
         url: ``amqp://user:password@host:port/vhost`` (also ``amqps://`` and ``pyamqp://``).
+        queues: the arguments each queue is declared with (Celery's queue settings).
         options: ``confirm_publish``, ``max_priority``, ``connect_timeout``, ``visibility_timeout``.
 
     Raises:
@@ -160,12 +181,16 @@ class AMQPBroker(Broker):
         ImproperlyConfigured: an unknown option (the message names the closest known one).
     """
 
-    def __init__(self, url: str, **options: Any) -> None:
+    codec: Codec = CELERY
+
+    def __init__(self, url: str, queues: QueueDeclarations | None = None, **options: Any) -> None:
         self.url = url
         self._url = amqp_url(url)
         _check_options(options)
         self.confirm_publish = bool(options.get("confirm_publish", True))
-        self.max_priority: int | None = options.get("max_priority")
+        self.declarations = queues or QueueDeclarations()
+        if self.declarations.max_priority is None and options.get("max_priority") is not None:
+            self.declarations = dataclasses.replace(self.declarations, max_priority=options["max_priority"])
         self.connect_timeout = float(options.get("connect_timeout", 10.0))
         self._connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None
@@ -288,24 +313,38 @@ class AMQPBroker(Broker):
         return self._queue_args[queue]
 
     async def _declare_queue(self, queue: str) -> dict[str, Any] | None:
-        arguments: dict[str, Any] = {"x-dead-letter-exchange": f"{queue}.dead"}
-        if self.max_priority is not None:
-            arguments["x-max-priority"] = self.max_priority
+        arguments = self.declarations.arguments(queue)
+        if is_quorum(arguments) and arguments.pop("x-max-priority", None) is not None:
+            log.warning(
+                "Queue %r is a quorum queue: RabbitMQ 3 has no priorities on those; declared without", queue
+            )
+        dead = {"x-queue-type": "quorum"} if is_quorum(arguments) else None
         async with self._scratch() as channel:
-            dead = await channel.declare_exchange(f"{queue}.dead", aio_pika.ExchangeType.FANOUT, durable=True)
-            await (await channel.declare_queue(f"{queue}.dead", durable=True)).bind(dead, "")
-            exchange = await channel.declare_exchange(queue, aio_pika.ExchangeType.DIRECT, durable=True)
+            await channel.declare_exchange(queue, aio_pika.ExchangeType.DIRECT, durable=True)
+        await self._declare(f"{queue}.dead", dead)
+        declared = await self._declare(queue, arguments, bind=queue)
+        return arguments if declared else None
+
+    async def _declare(self, name: str, arguments: dict[str, Any] | None, bind: str | None = None) -> bool:
+        """Declare durable queue ``name``; False when it exists with other arguments (it is used as it is)."""
         try:
             async with self._scratch() as channel:
-                declared = await channel.declare_queue(queue, durable=True, arguments=arguments)
-                await declared.bind(exchange, queue)
-            return arguments
+                declared = await channel.declare_queue(name, durable=True, arguments=arguments)
+                if bind is not None:
+                    await declared.bind(bind, name)
+            return True
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
-            log.warning("Queue %r exists with other arguments; using it as it is: %s", queue, exc)
+            log.warning(
+                "Queue %r exists with other arguments than %s; using it as it is: %s",
+                name,
+                arguments or "none",
+                exc,
+            )
         async with self._scratch() as channel:
-            declared = await channel.declare_queue(queue, passive=True)
-            await declared.bind(exchange, queue)
-        return None
+            declared = await channel.declare_queue(name, passive=True)
+            if bind is not None:
+                await declared.bind(bind, name)
+        return False
 
     async def _delay_queue(self, queue: str, ttl_ms: int) -> str:
         name = f"{queue}.delay.{ttl_ms}"
@@ -315,8 +354,9 @@ class AMQPBroker(Broker):
             return name
         arguments: dict[str, Any] = {"x-message-ttl": ttl_ms, "x-expires": ttl_ms + _DELAY_LEASE_MS}
         arguments |= {"x-dead-letter-exchange": queue, "x-dead-letter-routing-key": queue}
-        async with self._scratch() as channel:
-            await channel.declare_queue(name, durable=True, arguments=arguments)
+        if is_quorum(self._queue_args.get(queue)):
+            arguments |= {"x-queue-type": "quorum", **_AT_LEAST_ONCE}
+        await self._declare(name, arguments)
         declared[ttl_ms] = time.monotonic()
         return name
 
@@ -345,7 +385,7 @@ class AMQPBroker(Broker):
         futures = []
         for envelope in envelopes:
             if envelope.queue in declared and (envelope.eta is None or envelope.eta <= now):
-                exchange = key = envelope.queue
+                exchange, key = "", envelope.queue
             else:
                 exchange, key = await self._target(envelope)
             futures.append(
@@ -381,9 +421,30 @@ class AMQPBroker(Broker):
     async def _target(self, envelope: Envelope) -> tuple[str, str]:
         await self._queue_arguments(envelope.queue)
         if envelope.eta is None or envelope.eta <= time.time():
-            return envelope.queue, envelope.queue
+            return "", envelope.queue
         ttl = delay_bucket_ms(envelope.eta - time.time())
         return "", await self._delay_queue(envelope.queue, ttl)
+
+    async def dead_letter(self, envelope: Envelope) -> None:
+        """Keep ``envelope`` in its queue's dead-letter queue; returns once RabbitMQ confirmed it.
+
+        Raises:
+            OperationalError: RabbitMQ could not be reached or did not take the message.
+        """
+        with self._errors("dead-letter a message on"):
+            await self._queue_arguments(envelope.queue)
+            outbox = await self._outbox()
+            dead = f"{envelope.queue}.dead"
+            confirmed = outbox.publish(
+                "", dead, _properties(envelope), envelope.body, self.confirm_publish, envelope.id
+            )
+            outbox.write_now()
+            if confirmed is not None:
+                try:
+                    await confirmed
+                except aiormq.exceptions.PublishError as exc:
+                    self._forget_declarations()  # deleted since it was declared: declare it again next time
+                    raise OperationalError(f"The dead-letter queue {dead!r} is gone") from exc
 
     def consume(self, queues: Sequence[str], prefetch: int) -> Consumer:
         return AMQPConsumer(self, queues, prefetch)
@@ -416,7 +477,14 @@ class AMQPBroker(Broker):
                 dead = await channel.declare_queue(f"{queue}.dead", passive=True)
                 while (message := await dead.get(no_ack=False, fail=False)) is not None:
                     found.append(
-                        Envelope(message.message_id or "", queue, message.body, message.content_type or "")
+                        Envelope(
+                            message.message_id or message.correlation_id or "",
+                            queue,
+                            message.body,
+                            message.content_type or "",
+                            headers=message.headers,
+                            reply_to=message.reply_to,
+                        )
                     )
         return found
 
@@ -459,12 +527,21 @@ class AMQPBroker(Broker):
 
 
 def _properties(envelope: Envelope) -> bytes:
+    """Celery's properties (kombu's): the content type and encoding, persistent, the task id as
+    correlation id, the priority (0 when none); and the id as message id, which RabbitMQ's return of an
+    unroutable message is matched by."""
+    headers, content_type = envelope.headers, envelope.content_type
+    if envelope.eta is not None and (headers is None or "eta" not in headers):
+        # A message without Celery's headers: its due time in integer milliseconds.
+        headers = {**(headers or {}), ETA_HEADER: math.ceil(envelope.eta * 1000)}
     return encode_properties(
-        content_type=envelope.content_type,
-        # Milliseconds as an integer: AMQP tables carry a Python float as a 32-bit float.
-        headers={ETA_HEADER: math.ceil(envelope.eta * 1000)} if envelope.eta is not None else None,
+        content_type=content_type,
+        content_encoding=_ENCODINGS.get(content_type, "binary"),
+        headers=headers,
         delivery_mode=2,  # persistent
-        priority=envelope.priority,
+        priority=envelope.priority or 0,
+        correlation_id=envelope.id,
+        reply_to=envelope.reply_to,
         message_id=envelope.id,
     )
 

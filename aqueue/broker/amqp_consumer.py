@@ -6,6 +6,12 @@ nacks go out as one write (see :mod:`aqueue.broker.amqp_wire`). After a reconnec
 is re-opened with its QoS and queues, and this consumer starts consuming on it again; deliveries of
 the old channel cannot be settled any more (RabbitMQ has put them back and delivers them again, with
 ``redelivered`` set), so acknowledging one raises :class:`DeliveryLost`.
+
+Each delivery carries the message's headers and its ``reply_to`` and ``priority`` for the codec. One
+whose ``eta`` header (Celery's ISO 8601 time; ``x-aqueue-eta`` in milliseconds for a message without
+Celery's headers) has not come yet goes to a delay queue instead of being handed out. ``reject()``
+publishes a copy to the dead-letter queue in the background and acknowledges the delivery once
+RabbitMQ confirmed the copy (if that fails, the delivery goes back to the queue).
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
 
 import aiormq
@@ -29,6 +36,7 @@ from aqueue.broker.amqp_wire import Outbox
 from aqueue.broker.base import Consumer, Delivery
 from aqueue.exceptions import DeliveryLost, OperationalError
 from aqueue.message import Envelope
+from aqueue.protocol import BROKER_HEADERS
 
 if TYPE_CHECKING:
     from aqueue.broker.amqp import AMQPBroker
@@ -44,9 +52,29 @@ ETA_HEADER = "x-aqueue-eta"
 """Header with a delayed message's due time, in integer milliseconds since the epoch."""
 
 
-def eta_of(headers: dict[str, Any] | None) -> float | None:
-    value = (headers or {}).get(ETA_HEADER)
-    return value / 1000 if isinstance(value, int) else None
+def eta_of(headers: Mapping[str, Any] | None) -> float | None:
+    """The due time of a message with these headers (Unix time), or None (none, or unreadable)."""
+    if not headers:
+        return None
+    value = headers.get("eta")
+    if value is None:
+        value = headers.get(ETA_HEADER)
+        return value / 1000 if isinstance(value, int) else None
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return None  # the codec says what is wrong with it
+    if not isinstance(value, datetime):
+        return None
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+
+
+def _forwarded(headers: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``headers`` without those RabbitMQ added, for sending the message on."""
+    if not headers:
+        return headers
+    return {k: v for k, v in headers.items() if not k.startswith(BROKER_HEADERS)}
 
 
 def _wake(arrived: asyncio.Future[None]) -> None:
@@ -65,6 +93,7 @@ class AMQPConsumer(Consumer):
         self._start_lock = asyncio.Lock()
         self._inbox: deque[tuple[str, Outbox, int, aiormq.abc.DeliveredMessage]] = deque()
         self._arrived: asyncio.Future[None] | None = None
+        self._dead_lettering: set[asyncio.Task[None]] = set()
 
     async def _start(self) -> None:
         async with self._start_lock:
@@ -120,11 +149,12 @@ class AMQPConsumer(Consumer):
             if outbox.closed:
                 continue  # from before a reconnect: RabbitMQ delivers it again
             properties = message.header.properties
-            eta = eta_of(properties.headers)
+            headers = properties.headers
+            eta = eta_of(headers)
             if eta is not None and eta > time.time():
                 await self._hop(queue, outbox, tag, message, eta)
                 continue
-            message_id = properties.message_id or str((properties.headers or {}).get("id", ""))
+            message_id = properties.message_id or str((headers or {}).get("id", ""))
             out.append(
                 Delivery(
                     self,
@@ -134,6 +164,8 @@ class AMQPConsumer(Consumer):
                     properties.content_type or "",
                     bool(message.redelivered),
                     (outbox, tag),
+                    headers,
+                    {"reply_to": properties.reply_to, "priority": properties.priority},
                 )
             )
         return out
@@ -142,21 +174,13 @@ class AMQPConsumer(Consumer):
         self, queue: str, outbox: Outbox, tag: int, message: aiormq.abc.DeliveredMessage, eta: float
     ) -> None:
         """Send an early message back to a delay queue for the time left, then drop this copy."""
-        properties = message.header.properties
-        envelope = Envelope(
-            properties.message_id or "",
-            queue,
-            message.body,
-            properties.content_type or "",
-            eta,
-            properties.priority,
-        )
+        envelope = _envelope(queue, message, eta)
         try:
             await self.broker.publish([envelope])
             outbox.ack(tag)
         except (OperationalError, ChannelInvalidStateError) as exc:
             # Unsettled, it goes back to the queue when this channel closes.
-            log.warning("Could not delay message %s again: %s", properties.message_id, exc)
+            log.warning("Could not delay message %s again: %s", envelope.id, exc)
 
     def _lost(self, delivery: Delivery) -> bool:
         outbox: Outbox = delivery.tag[0]
@@ -171,7 +195,36 @@ class AMQPConsumer(Consumer):
             raise DeliveryLost(f"Message {delivery.id} was not acknowledged: its channel closed") from exc
 
     async def _reject(self, delivery: Delivery) -> None:
-        self._nack(delivery, requeue=False)
+        outbox, tag = delivery.tag
+        properties = delivery.properties or {}
+        envelope = Envelope(
+            delivery.id,
+            delivery.queue,
+            delivery.body,
+            delivery.content_type,
+            priority=properties.get("priority"),
+            headers=_forwarded(delivery.headers),
+            reply_to=properties.get("reply_to"),
+        )
+        job = asyncio.get_running_loop().create_task(self._dead_letter(envelope, outbox, tag))
+        self._dead_lettering.add(job)
+        job.add_done_callback(self._dead_lettering.discard)
+
+    async def _dead_letter(self, envelope: Envelope, outbox: Outbox, tag: int) -> None:
+        """Copy to the dead-letter queue, then acknowledge; give the message back if the copy failed."""
+        try:
+            await self.broker.dead_letter(envelope)
+        except (OperationalError, ChannelInvalidStateError) as exc:
+            log.error("Could not dead-letter message %s: %s; it goes back to the queue", envelope.id, exc)
+            with contextlib.suppress(ChannelInvalidStateError):
+                outbox.nack(tag, requeue=True)
+            return
+        try:
+            outbox.ack(tag)
+        except ChannelInvalidStateError:
+            log.info(
+                "Message %s was dead-lettered, but its channel closed: it is delivered again", envelope.id
+            )
 
     async def _requeue(self, delivery: Delivery) -> None:
         self._nack(delivery, requeue=True)
@@ -187,6 +240,8 @@ class AMQPConsumer(Consumer):
     async def aclose(self) -> None:
         """Stop consuming; RabbitMQ takes back every delivery not settled yet."""
         await super().aclose()
+        if self._dead_lettering:
+            await asyncio.wait(self._dead_lettering, timeout=_FLUSH_TIMEOUT)
         channel, self._channel = self._channel, None
         outbox, self._outbox = self._outbox, None
         self._inbox.clear()
@@ -201,3 +256,19 @@ class AMQPConsumer(Consumer):
         if not channel.is_closed:
             with self.broker._errors("stop consuming from"):
                 await channel.close()
+
+
+def _envelope(queue: str, message: aiormq.abc.DeliveredMessage, eta: float | None = None) -> Envelope:
+    """The delivered message as an envelope to send on: body, properties and headers as they came."""
+    properties = message.header.properties
+    headers = properties.headers
+    return Envelope(
+        properties.message_id or str((headers or {}).get("id", "")),
+        queue,
+        message.body,
+        properties.content_type or "",
+        eta,
+        properties.priority,
+        _forwarded(headers),
+        properties.reply_to,
+    )

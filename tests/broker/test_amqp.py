@@ -182,20 +182,40 @@ async def test_prefetch_is_the_qos_window(broker: AMQPBroker, queue: str) -> Non
 
 
 async def test_reject_dead_letters(broker: AMQPBroker, queue: str) -> None:
-    # Given a received message
-    await broker.publish(envelopes(queue, 1))
+    # Given a received message with headers
+    envelope = Envelope(
+        "m0", queue, b"body 0", JSON, priority=3, headers={"task": "t", "id": "m0"}, reply_to="r"
+    )
+    await broker.publish([envelope])
     async with broker.consume([queue], prefetch=1) as consumer:
         delivery = await receive(consumer)
         # When it is rejected
         await delivery.reject()
 
-    # Then it waits in the dead-letter queue, and not in the queue
-    async def dead() -> bool:
-        message = await get_one(broker, f"{queue}.dead")
-        return message is not None and message.body == b"body 0"
+        # Then a copy, headers and properties included, waits in the dead-letter queue
+        async def dead() -> bool:
+            return await ready_count(broker, f"{queue}.dead") == 1
 
-    await until(dead)
+        await until(dead)
+    copy = await get_one(broker, f"{queue}.dead")
+    assert copy is not None
+    assert (copy.body, copy.headers, copy.priority, copy.reply_to) == (b"body 0", envelope.headers, 3, "r")
+    # And the original was acknowledged once the copy was confirmed: nothing is left in the queue
     assert await ready_count(broker, queue) == 0
+
+
+async def test_queues_are_declared_without_arguments_as_celery_declares_them(
+    broker: AMQPBroker, queue: str
+) -> None:
+    # Given a published message
+    await broker.publish(envelopes(queue, 1))
+    # Then a declaration without arguments, Celery's, agrees with the queue and its dead-letter queue
+    channel = await broker.channel()
+    try:
+        for name in (queue, f"{queue}.dead"):
+            await channel.declare_queue(name, durable=True, robust=False)
+    finally:
+        await channel.close()
 
 
 async def test_requeue_redelivers(broker: AMQPBroker, queue: str) -> None:
@@ -252,9 +272,9 @@ async def test_without_publisher_confirms(queue: str) -> None:
 async def test_existing_queue_with_other_arguments_is_used_as_is(
     broker: AMQPBroker, queue: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Given a queue declared elsewhere without a dead-letter exchange, as Celery declares its queues
+    # Given a queue declared elsewhere with an argument this broker does not declare
     channel = await broker.channel()
-    await channel.declare_queue(queue, durable=True, robust=False)
+    await channel.declare_queue(queue, durable=True, robust=False, arguments={"x-max-length": 100})
     await channel.close()
     # When publishing to it and consuming from it
     await broker.publish(envelopes(queue, 1))
