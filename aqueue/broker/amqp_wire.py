@@ -18,9 +18,7 @@ connection's write queue once:
 The frames of publishes, acks and nacks are encoded here with ``struct`` (``encode_properties`` for
 the content header's properties); what comes out is byte for byte what pamqp marshals, at a
 fraction of the cost, except the headers table, which is laid out as py-amqp (Celery's client) lays
-it out: in the mapping's order, floats as doubles (pamqp's are 32-bit), integers as 32 or 64 bits.
-The headers a task's messages share (:class:`~aqueue.protocol.HeaderBlock`) are encoded once per task.
-Other frames still go through aiormq.
+it out (:mod:`aqueue.broker.amqp_table`). Other frames still go through aiormq.
 
 An outbox belongs to one aiormq channel. When that channel closes, the futures of publishes not yet
 confirmed fail with ``ChannelInvalidStateError``; acknowledgements not yet written are dropped, and
@@ -31,13 +29,9 @@ delivery-tag counter, confirmation table and write queue), hence the aiormq pin 
 from __future__ import annotations
 
 import asyncio
-import calendar
-import itertools
 import logging
 import struct
-from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime
-from decimal import Decimal
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 from aio_pika.abc import AbstractRobustChannel
@@ -45,9 +39,9 @@ from aiormq import Channel
 from aiormq.abc import ChannelFrame
 from aiormq.exceptions import ChannelInvalidStateError
 
-from aqueue.protocol import TaskHeaders
+from aqueue.broker.amqp_table import encode_table
 
-__all__ = ["Outbox", "encode_properties", "encode_table"]
+__all__ = ["Outbox", "encode_properties"]
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +53,6 @@ _CONTENT = struct.Struct(">HHQ")  # class basic, weight 0, body size
 _ACK = struct.Struct(">HHQB")
 _FLAGS = struct.Struct(">H")
 _OCTET = struct.Struct(">B")
-_UINT = struct.Struct(">I")
-_INT = struct.Struct(">i")
-_LONG = struct.Struct(">q")
-_DOUBLE = struct.Struct(">d")
-_TIMESTAMP = struct.Struct(">Q")
-_DECIMAL = struct.Struct(">Bi")
 _MAX_ROUTES = 4096
 """Method frames of publishes kept, per (exchange, routing key, mandatory); past this the cache restarts."""
 
@@ -81,99 +69,6 @@ def _short(text: str) -> bytes:
 
 def _frame(kind: int, channel: int, payload: bytes) -> bytes:
     return _FRAME.pack(kind, channel, len(payload)) + payload + _FRAME_END
-
-
-def encode_table(table: Mapping[str, Any]) -> bytes:
-    """An AMQP field table, laid out as py-amqp lays it out (see the module docstring).
-
-    Raises:
-        TypeError: a value no AMQP field type carries (the key is named).
-    """
-    if type(table) is TaskHeaders:
-        block = table.block
-        shared = block.encoded
-        if shared is None:
-            shared = block.encoded = _fields(block.items.items())
-        data = shared + _fields(itertools.islice(table.items(), len(block.items), None))
-    else:
-        data = _fields(table.items())
-    return _UINT.pack(len(data)) + data
-
-
-_KEYS: dict[str, bytes] = {}
-"""Each header name as a short string (names are few: Celery's, plus the callers' own headers)."""
-
-
-def _fields(items: Iterable[tuple[str, Any]]) -> bytes:
-    # The hot path: strings and None inline, the rest through _value().
-    keys, parts = _KEYS, list[bytes]()
-    append = parts.append
-    for key, value in items:
-        name = keys.get(key)
-        if name is None:
-            if len(keys) >= _MAX_ROUTES:
-                keys.clear()
-            raw = key.encode("utf-8", "surrogatepass")
-            name = keys[key] = _OCTET.pack(len(raw)) + raw
-        append(name)
-        if type(value) is str:
-            data = value.encode("utf-8", "surrogatepass")
-            append(b"S")
-            append(_UINT.pack(len(data)))
-            append(data)
-        elif value is None:
-            append(b"V")
-        else:
-            try:
-                append(_value(value))
-            except TypeError as exc:
-                raise TypeError(f"AMQP header {key!r}: {exc}") from None
-    return b"".join(parts)
-
-
-def _value(value: Any) -> bytes:
-    kind = type(value)
-    if kind is str:
-        data: bytes = value.encode("utf-8", "surrogatepass")
-        return b"S" + _UINT.pack(len(data)) + data
-    if value is None:
-        return b"V"
-    if kind is bool:
-        return b"t\x01" if value else b"t\x00"
-    if kind is int:
-        return b"I" + _INT.pack(value) if -2147483647 <= value <= 2147483647 else b"L" + _LONG.pack(value)
-    if kind is float:
-        return b"d" + _DOUBLE.pack(value)
-    if kind is list or kind is tuple:
-        data = b"".join([_value(item) for item in value])
-        return b"A" + _UINT.pack(len(data)) + data
-    if isinstance(value, Mapping):
-        return b"F" + encode_table(value)
-    return _other(value)
-
-
-def _other(value: Any) -> bytes:
-    if isinstance(value, bool):
-        return _value(bool(value))
-    if isinstance(value, str):
-        return _value(str(value))
-    if isinstance(value, int):
-        return _value(int(value))
-    if isinstance(value, float):
-        return _value(float(value))
-    if isinstance(value, bytes):
-        return b"S" + _UINT.pack(len(value)) + value
-    if isinstance(value, bytearray):
-        return b"x" + _UINT.pack(len(value)) + bytes(value)
-    if isinstance(value, list | tuple):
-        return _value(list(value))
-    if isinstance(value, Decimal):
-        sign, digits, exponent = value.as_tuple()
-        number = int("".join(map(str, digits)) or "0") * (-1 if sign else 1)
-        return b"D" + _DECIMAL.pack(-int(exponent), number)
-    if isinstance(value, datetime):
-        return b"T" + _TIMESTAMP.pack(calendar.timegm(value.utctimetuple()))
-    raise TypeError(f"no AMQP field type for {type(value).__name__} {value!r:.60}")
 
 
 _PROPERTY_CODES: tuple[tuple[int, Callable[[Any], bytes]], ...] = (

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any, cast
 
 import aiormq
-import amqp.serialization
-import pamqp.decode
 import pamqp.frame
 import pytest
 from aiormq.exceptions import ChannelInvalidStateError, PublishError
@@ -18,10 +14,8 @@ from pamqp.header import ContentHeader
 
 from aqueue.broker.amqp import AMQPBroker
 from aqueue.broker.amqp_consumer import AMQPConsumer
-from aqueue.broker.amqp_wire import Outbox, encode_properties, encode_table
+from aqueue.broker.amqp_wire import Outbox, encode_properties
 from aqueue.exceptions import DeliveryLost
-from aqueue.message import Message
-from aqueue.protocol import CeleryCodec
 from tests.broker.test_amqp import broker, envelopes, queue, ready_count, receive
 
 __all__ = ["broker", "queue"]  # the fixtures of test_amqp, used here too
@@ -204,36 +198,6 @@ async def test_after_its_channel_closes_the_consumer_hands_out_fresh_copies_only
 def test_encoded_properties_are_what_pamqp_marshals(fields: dict[str, Any]) -> None:
     header = ContentHeader(0, 5, spec.Basic.Properties(**fields))
     assert encode_properties(**fields) == header.marshal()[12:]  # after class id, weight and body size
-
-
-HEADERS: dict[str, Any] = {
-    "text": "x", "none": None, "small": 5, "big": 2**40, "negative": -(2**31), "float": 0.1, "flag": True,
-    "list": [None, 1, "x"], "table": {"k": [1.25]}, "tuple": (1, 2), "bytes": b"raw",
-    "decimal": Decimal("1.25"), "time": datetime(2030, 1, 1, tzinfo=UTC),
-}  # fmt: skip
-
-
-def test_headers_are_laid_out_as_py_amqp_lays_them_out() -> None:
-    # Given headers of every type a field table carries; then the table is Celery's client's, byte for byte
-    assert encode_table(HEADERS) == amqp.serialization.dumps("F", [HEADERS])
-    # And pamqp (what aiormq decodes with) reads the same values back, floats at full precision
-    _, decoded = pamqp.decode.field_table(encode_table(HEADERS))
-    assert decoded == {**HEADERS, "tuple": [1, 2], "bytes": "raw"}
-
-
-def test_a_value_no_field_type_carries_is_named() -> None:
-    with pytest.raises(TypeError, match="AMQP header 'what': no AMQP field type for object"):
-        encode_table({"what": object()})
-
-
-def test_headers_with_a_shared_block_encode_as_the_plain_mapping_would() -> None:
-    # Given the headers of two messages of one task, which share the task's encoded block
-    codec = CeleryCodec()
-    first = codec.headers(Message("id-1", "tasks.add", (1, 2)))
-    second = codec.headers(Message("id-2", "tasks.add", (3, 4), eta=1.5e9, headers={"custom": 1}))
-    # Then each encodes as the same mapping without the block would
-    for headers in (first, second):
-        assert encode_table(headers) == amqp.serialization.dumps("F", [dict(headers)])
 
 
 async def test_published_frames_are_what_pamqp_marshals(broker: AMQPBroker, queue: str) -> None:
