@@ -207,6 +207,30 @@ async def test_reject_dead_letters(broker: AMQPBroker, queue: str) -> None:
     assert await ready_count(broker, queue) == 0
 
 
+async def test_a_policy_sends_what_a_celery_worker_rejects_to_the_dead_letter_queue(
+    broker: AMQPBroker, queue: str
+) -> None:
+    # Given the queue, and the policy the README gives for it (a policy does not change its declaration)
+    await broker.publish(envelopes(queue, 1))
+    policy = f"dead-letters-{queue}"
+    definition = f'{{"dead-letter-exchange": "", "dead-letter-routing-key": "{queue}.dead"}}'
+    await rabbitmqctl("set_policy", "--apply-to", "queues", policy, f"^{queue}$", definition)
+    try:
+        # When a consumer rejects the message without requeueing it, as a Celery worker rejects a task
+        # it cannot run
+        channel = await broker.channel()
+        try:
+            declared = await channel.declare_queue(queue, durable=True, robust=False)
+            message = await declared.get(no_ack=False, timeout=5)
+            await message.reject(requeue=False)
+        finally:
+            await channel.close()
+        # Then RabbitMQ puts it in the dead-letter queue
+        await until(lambda: _equals(ready_count(broker, f"{queue}.dead"), 1))
+    finally:
+        await rabbitmqctl("clear_policy", policy)
+
+
 async def test_queues_are_declared_without_arguments_as_celery_declares_them(
     broker: AMQPBroker, queue: str
 ) -> None:
