@@ -173,6 +173,11 @@ class CeleryCodec(Codec):
             raise DecodeError(
                 f"Not a Celery task message: header 'id' must be a non-empty string, not {task_id!r:.100}"
             )
+        if headers.get("compression"):
+            raise DecodeError(
+                f"Not a Celery task message aqueue can read ({task_id}): its body is compressed "
+                f"({headers['compression']!r}); send it without task_compression"
+            )
         data = serializer_for(content_type, accepted).decode(body)
         if not (isinstance(data, list | tuple) and len(data) == 3):
             raise DecodeError(

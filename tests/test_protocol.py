@@ -290,6 +290,11 @@ def test_a_bad_field_is_a_decode_error_that_names_it(
     assert named in str(caught.value)
 
 
+def test_a_compressed_body_is_refused_with_what_to_do() -> None:
+    with pytest.raises(DecodeError, match=r"compressed .*'application/x-gzip'.*without task_compression"):
+        delivered("delay", with_header("delay", compression="application/x-gzip"))
+
+
 def test_a_bad_priority_is_named() -> None:
     captured = MESSAGES["delay"]
     with pytest.raises(DecodeError, match="bad priority 300"):
