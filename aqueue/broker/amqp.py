@@ -11,25 +11,9 @@ RabbitMQ confirmed every message), ``max_priority`` (``x-max-priority`` of decla
 and ``visibility_timeout`` (accepted so one setting serves every transport, and ignored: RabbitMQ
 redelivers when a consumer's channel closes).
 
-Messages are Celery's message protocol v2 (:mod:`aqueue.protocol`): Celery clients and workers on the
-same RabbitMQ send to and run from the same queues. The layout and the declarations are Celery's too,
-so that neither side's declaration fails on a queue the other made: a queue ``X`` is durable, declared
-with the arguments a Celery app with the same settings gives it (none by default; ``x-max-priority``,
-``x-queue-type`` from :mod:`aqueue.queues`), and bound to a durable direct exchange ``X`` with routing
-key ``X``; messages are persistent and published, as Celery publishes them, through the default
-exchange with the queue's name as routing key. A queue that already exists with other arguments is
-used as it is, with a warning. Dead letters (``reject()``) are published to the queue ``X.dead`` (of
-``X``'s type, with no other arguments), and the original is acknowledged once RabbitMQ confirmed the
-copy: at least once on every queue type, and no queue argument that Celery does not declare.
-Everything is declared on first use and remembered. Broadcasts go through one durable direct
-exchange, ``aqueue.broadcast``, with the channel name as routing key; each subscriber binds an
-exclusive auto-delete queue to it. (An exchange per channel would outlive the one-off reply
-channels of remote control; the routing key gives the same fan-out and leaves nothing behind.)
-
-Quorum queues (``x-queue-type: quorum``) take no global QoS, which aqueue never asks for (each
-consumer's prefetch is its own), so one worker consumes classic and quorum queues together. RabbitMQ
-3.x quorum queues have no priorities: ``x-max-priority`` is left out of their declaration (with a
-warning), and the priority of their messages is ignored by the server.
+Messages are Celery's message protocol v2 (:mod:`aqueue.protocol`), and queues, exchanges, dead
+letters and delay queues are laid out and declared as :mod:`aqueue.broker.amqp_layout` says: as
+Celery's, so that Celery clients and workers on the same RabbitMQ share the queues.
 
 One robust connection (aio-pika reconnects by itself) carries one publisher channel with publisher
 confirms, and one channel per consumer whose QoS prefetch count is the consumer's prefetch. A
@@ -39,21 +23,6 @@ reconnect, deliveries of the old channel cannot be settled any more: RabbitMQ ha
 back, and delivers them again with ``redelivered`` set (the consumer is in
 :mod:`aqueue.broker.amqp_consumer`). Publishes and acknowledgements go through an
 :class:`~aqueue.broker.amqp_wire.Outbox`, which writes each loop turn's frames at once.
-
-ETA and countdown are held by RabbitMQ, not by the worker, so a flood of ETA tasks never fills the
-prefetch window and never meets the acknowledgement timeout below. A message due in ``d`` ms goes
-to the delay queue ``X.delay.<b>``, where ``b`` is ``d`` rounded *down* to its four leading bits
-(at most 1/8 below ``d``; 64 ms when ``d`` is smaller; 2**31 ms at most). A delay queue has one
-queue-wide TTL ``b``, so messages expire in arrival order (a per-message TTL would only expire at
-the head of the queue), and dead-letters to exchange ``X``. The consumer reads the message's due
-time from its ``eta`` header: a message that arrives early is published again for the
-time left (at most 1/8 of the previous wait) and acknowledged, so a message is never handed out
-early and is late by at most 64 ms plus one hop. Delay queues expire (``x-expires``) when unused;
-they are declared again before that lease runs out. ``purge(X)`` also empties the delay queues of
-``X`` that this broker object declared. The delay queues of a quorum queue are quorum queues that
-dead-letter at least once (``x-dead-letter-strategy``); those of a classic queue are classic, and
-RabbitMQ dead-letters from a classic queue at most once, so a broker crash at the moment a delay ends
-may lose that message. A Celery message whose ``eta`` has not come yet takes the same way.
 
 RabbitMQ's delivery acknowledgement timeout (``consumer_timeout``, 30 minutes by default) closes a
 channel that holds a delivery unacknowledged longer than that; its deliveries go back to the
@@ -89,12 +58,13 @@ from yarl import URL
 
 from aqueue.broker import amqp_table
 from aqueue.broker.amqp_consumer import ETA_HEADER, AMQPConsumer
+from aqueue.broker.amqp_layout import Layout, delay_bucket_ms
 from aqueue.broker.amqp_wire import Outbox, encode_properties
 from aqueue.broker.base import Broker, Consumer
 from aqueue.exceptions import ImproperlyConfigured, InvalidURL, OperationalError
 from aqueue.message import Codec, Envelope
 from aqueue.protocol import CELERY
-from aqueue.queues import QueueDeclarations, is_quorum
+from aqueue.queues import QueueDeclarations
 from aqueue.urls import mask_password, parse
 
 __all__ = ["AMQPBroker", "amqp_url", "delay_bucket_ms"]
@@ -102,16 +72,9 @@ __all__ = ["AMQPBroker", "amqp_url", "delay_bucket_ms"]
 log = logging.getLogger(__name__)
 
 _OPTIONS = ("confirm_publish", "connect_timeout", "max_priority", "visibility_timeout")
-_BROADCAST = "aqueue.broadcast"
 _NO_PROPERTIES = encode_properties()
-_MIN_DELAY_MS = 64
-_MAX_DELAY_MS = 2**31
-_BUCKET_BITS = 4
-_DELAY_LEASE_MS = 600_000
-"""How long an unused delay queue outlives its TTL before RabbitMQ deletes it."""
 _ENCODINGS = {"application/json": "utf-8"}
 """kombu's content_encoding of each content type; every other one is ``binary``."""
-_AT_LEAST_ONCE = {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
 
 amqp_table.install()  # pamqp decodes the headers of every delivery: with the faster decoder
 
@@ -162,15 +125,6 @@ def _check_options(options: dict[str, Any]) -> None:
         raise ImproperlyConfigured(f"max_priority must be an integer from 1 to 255, not {priority!r}.")
 
 
-def delay_bucket_ms(seconds: float) -> int:
-    """The delay queue TTL (ms) for a message due in ``seconds``: never above it, except the 64 ms floor."""
-    ms = math.ceil(seconds * 1000)
-    if ms <= _MIN_DELAY_MS:
-        return _MIN_DELAY_MS
-    shift = ms.bit_length() - _BUCKET_BITS
-    return min((ms >> shift) << shift, _MAX_DELAY_MS)
-
-
 class AMQPBroker(Broker):
     """RabbitMQ over one robust aio-pika connection.
 
@@ -199,10 +153,7 @@ class AMQPBroker(Broker):
         self._publisher: AbstractRobustChannel | None = None
         self._publish_outbox: Outbox | None = None
         self._connect_lock = asyncio.Lock()
-        self._declare_lock = asyncio.Lock()
-        self._queue_args: dict[str, dict[str, Any] | None] = {}
-        self._delays: dict[str, dict[int, float]] = {}
-        self._broadcast_declared = False
+        self.layout = Layout(self.declarations, self._scratch)
         self._down = False
 
     async def connect(self) -> None:
@@ -288,9 +239,7 @@ class AMQPBroker(Broker):
         return text
 
     def _forget_declarations(self, *_: object) -> None:
-        self._queue_args.clear()
-        self._delays.clear()
-        self._broadcast_declared = False
+        self.layout.forget()
 
     @asynccontextmanager
     async def _scratch(self) -> AsyncIterator[AbstractChannel]:
@@ -306,70 +255,6 @@ class AMQPBroker(Broker):
             if not channel.is_closed:
                 await channel.close()
 
-    async def _queue_arguments(self, queue: str) -> dict[str, Any] | None:
-        """Declare ``queue``, its exchange and dead-letter queue once; None: it exists with other arguments."""
-        if queue in self._queue_args:
-            return self._queue_args[queue]
-        async with self._declare_lock:
-            if queue not in self._queue_args:
-                self._queue_args[queue] = await self._declare_queue(queue)
-        return self._queue_args[queue]
-
-    async def _declare_queue(self, queue: str) -> dict[str, Any] | None:
-        arguments = self.declarations.arguments(queue)
-        if is_quorum(arguments) and arguments.pop("x-max-priority", None) is not None:
-            log.warning(
-                "Queue %r is a quorum queue: RabbitMQ 3 has no priorities on those; declared without", queue
-            )
-        dead = {"x-queue-type": "quorum"} if is_quorum(arguments) else None
-        async with self._scratch() as channel:
-            await channel.declare_exchange(queue, aio_pika.ExchangeType.DIRECT, durable=True)
-        await self._declare(f"{queue}.dead", dead)
-        declared = await self._declare(queue, arguments, bind=queue)
-        return arguments if declared else None
-
-    async def _declare(self, name: str, arguments: dict[str, Any] | None, bind: str | None = None) -> bool:
-        """Declare durable queue ``name``; False when it exists with other arguments (it is used as it is)."""
-        try:
-            async with self._scratch() as channel:
-                declared = await channel.declare_queue(name, durable=True, arguments=arguments)
-                if bind is not None:
-                    await declared.bind(bind, name)
-            return True
-        except aiormq.exceptions.ChannelPreconditionFailed as exc:
-            log.warning(
-                "Queue %r exists with other arguments than %s; using it as it is: %s",
-                name,
-                arguments or "none",
-                exc,
-            )
-        async with self._scratch() as channel:
-            declared = await channel.declare_queue(name, passive=True)
-            if bind is not None:
-                await declared.bind(bind, name)
-        return False
-
-    async def _delay_queue(self, queue: str, ttl_ms: int) -> str:
-        name = f"{queue}.delay.{ttl_ms}"
-        declared = self._delays.setdefault(queue, {})
-        # RabbitMQ's x-expires lease is renewed by a declare, not by a publish.
-        if time.monotonic() - declared.get(ttl_ms, -math.inf) < _DELAY_LEASE_MS / 2000:
-            return name
-        arguments: dict[str, Any] = {"x-message-ttl": ttl_ms, "x-expires": ttl_ms + _DELAY_LEASE_MS}
-        arguments |= {"x-dead-letter-exchange": queue, "x-dead-letter-routing-key": queue}
-        if is_quorum(self._queue_args.get(queue)):
-            arguments |= {"x-queue-type": "quorum", **_AT_LEAST_ONCE}
-        await self._declare(name, arguments)
-        declared[ttl_ms] = time.monotonic()
-        return name
-
-    async def _broadcast_exchange(self) -> str:
-        if not self._broadcast_declared:
-            async with self._scratch() as channel:
-                await channel.declare_exchange(_BROADCAST, aio_pika.ExchangeType.DIRECT, durable=True)
-            self._broadcast_declared = True
-        return _BROADCAST
-
     async def publish(self, envelopes: Sequence[Envelope]) -> None:
         if not envelopes:
             return
@@ -384,7 +269,7 @@ class AMQPBroker(Broker):
     async def _publish_all(self, envelopes: Sequence[Envelope]) -> list[Envelope]:
         """Write every envelope at once and await all confirms; returns the unroutable ones."""
         outbox = await self._outbox()
-        now, declared, mandatory = time.time(), self._queue_args, self.confirm_publish
+        now, declared, mandatory = time.time(), self.layout.queues, self.confirm_publish
         futures = []
         for envelope in envelopes:
             if envelope.queue in declared and (envelope.eta is None or envelope.eta <= now):
@@ -422,11 +307,11 @@ class AMQPBroker(Broker):
         return outbox
 
     async def _target(self, envelope: Envelope) -> tuple[str, str]:
-        await self._queue_arguments(envelope.queue)
+        await self.layout.queue(envelope.queue)
         if envelope.eta is None or envelope.eta <= time.time():
             return "", envelope.queue
         ttl = delay_bucket_ms(envelope.eta - time.time())
-        return "", await self._delay_queue(envelope.queue, ttl)
+        return "", await self.layout.delay_queue(envelope.queue, ttl)
 
     async def dead_letter(self, envelope: Envelope) -> None:
         """Keep ``envelope`` in its queue's dead-letter queue; returns once RabbitMQ confirmed it.
@@ -435,7 +320,7 @@ class AMQPBroker(Broker):
             OperationalError: RabbitMQ could not be reached or did not take the message.
         """
         with self._errors("dead-letter a message on"):
-            await self._queue_arguments(envelope.queue)
+            await self.layout.queue(envelope.queue)
             outbox = await self._outbox()
             dead = f"{envelope.queue}.dead"
             confirmed = outbox.publish(
@@ -453,15 +338,15 @@ class AMQPBroker(Broker):
         return AMQPConsumer(self, queues, prefetch)
 
     async def purge(self, queue: str) -> int:
-        names = [queue, *(f"{queue}.delay.{ttl}" for ttl in self._delays.get(queue, ()))]
+        names = [queue, *self.layout.delay_queues(queue)]
         await self._ready()
         with self._errors("purge a queue on"):
             return sum([await self._purge_one(name) for name in names])
 
     async def delete_queue(self, queue: str) -> None:
         """Delete ``queue`` with its messages, exchange, dead-letter queue and the delay queues known here."""
-        delays = [f"{queue}.delay.{ttl}" for ttl in self._delays.pop(queue, ())]
-        self._queue_args.pop(queue, None)
+        delays = self.layout.delay_queues(queue)
+        self.layout.forget(queue)
         async with self._scratch() as channel:
             with self._errors("delete a queue on"):
                 for name in [queue, f"{queue}.dead", *delays]:
@@ -503,7 +388,7 @@ class AMQPBroker(Broker):
     async def broadcast(self, channel: str, data: bytes) -> None:
         await self._ready()
         with self._errors("broadcast on"):
-            exchange = await self._broadcast_exchange()
+            exchange = await self.layout.broadcast_exchange()
             confirmed = (await self._outbox()).publish(exchange, channel, _NO_PROPERTIES, data)
             if confirmed is not None:
                 await confirmed
@@ -518,7 +403,7 @@ class AMQPBroker(Broker):
         amqp_channel = await self.channel()
         try:
             with self._errors("subscribe on"):
-                exchange = await self._broadcast_exchange()
+                exchange = await self.layout.broadcast_exchange()
                 queue = await amqp_channel.declare_queue(exclusive=True, auto_delete=True)
                 await queue.bind(exchange, channel)
                 await queue.consume(received, no_ack=True)

@@ -103,7 +103,7 @@ class AMQPConsumer(Consumer):
             try:
                 with self.broker._errors("consume from"):
                     for name in self.queues:
-                        arguments = await self.broker._queue_arguments(name)
+                        arguments = await self.broker.layout.queue(name)
                         await channel.declare_queue(
                             name, durable=True, arguments=arguments, passive=arguments is None
                         )

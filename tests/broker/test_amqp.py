@@ -412,7 +412,7 @@ async def test_quorum_queues_and_their_dead_letters_are_quorum_queues(quorum: AM
 async def test_one_consumer_takes_from_classic_and_quorum_queues(quorum: AMQPBroker, queue: str) -> None:
     # Given a classic and a quorum queue, a message in each
     classic = f"{queue}-classic"
-    quorum.declarations = QueueDeclarations(default_queue=queue, default_type="quorum")
+    quorum.layout.declarations = QueueDeclarations(default_queue=queue, default_type="quorum")
     await quorum.publish([Envelope("q", queue, b"", JSON), Envelope("c", classic, b"", JSON)])
     assert [await queue_type(quorum, name) for name in (queue, classic)] == ["quorum", "classic"]
     # When one consumer (one channel, its own prefetch: no global QoS, which quorum queues refuse) takes both
@@ -429,7 +429,7 @@ async def test_countdowns_on_a_quorum_queue_wait_in_quorum_delay_queues(
     eta = time.time() + 1.2
     await quorum.publish(envelopes(queue, 1, eta=eta))
     # Then it waits in a quorum delay queue, which dead-letters at least once
-    (ttl,) = quorum._delays[queue]
+    (ttl,) = quorum.layout.delays[queue]
     channel = await quorum.channel()
     try:
         arguments = {
