@@ -35,6 +35,7 @@ from aqueue.options import (
     resolve,
 )
 from aqueue.publish import Publisher, RetryPolicy
+from aqueue.queues import QueueDeclarations
 from aqueue.result import AsyncResult, ResultBackend
 from aqueue.result import from_url as backend_from_url
 from aqueue.routing import Router
@@ -164,7 +165,15 @@ class App(AsyncResource):
     def broker(self) -> Broker:
         """The app's broker (created on first use, connected by ``async with app`` or on first publish)."""
         if self._broker is None:
-            self._broker = broker_from_url(self.broker_url, self.conf.broker_transport_options)
+            conf = self.conf
+            queues = QueueDeclarations.of(
+                conf.task_queues,
+                default_queue=conf.task_default_queue,
+                default_type=conf.task_default_queue_type,
+                missing_type=conf.task_create_missing_queue_type,
+                max_priority=conf.task_queue_max_priority,
+            )
+            self._broker = broker_from_url(self.broker_url, conf.broker_transport_options, queues=queues)
         return self._broker
 
     @property
@@ -361,7 +370,14 @@ class App(AsyncResource):
         """
         body, headers = self.broker.codec.encode(message, serializer)
         envelope = Envelope(
-            message.id, queue, body, serializer.content_type, message.eta, message.priority, headers
+            message.id,
+            queue,
+            body,
+            serializer.content_type,
+            message.eta,
+            message.priority,
+            headers,
+            reply_to=message.reply_to,
         )
         sent = self.publisher.submit(envelope)
         if self._send_sent_event:

@@ -29,7 +29,7 @@ INERT = {
     "broker_connection_timeout": "connection timeouts are broker_transport_options of each transport",
     "broker_pool_limit": "on Redis, use broker_transport_options={'max_connections': N}",
     "result_accept_content": "results are decoded with result_serializer",
-    "result_extended": "stored results hold the task name, not its arguments",
+    "result_extended": "results are stored in Celery's default layout, without the task's name and arguments",
     "task_reject_on_worker_lost": "with acks_late, the tasks of a worker process that dies are always redelivered",
     "task_create_missing_queues": "queues are always created when first used",
     "worker_hijack_root_logger": "the worker command always sets up the root logger",
@@ -66,6 +66,10 @@ class Settings(BaseModel):
     task_serializer: str = "json"
     accept_content: list[str] = ["json"]
     task_default_queue: str = "celery"
+    task_default_queue_type: str = "classic"
+    task_create_missing_queue_type: str = "classic"
+    task_queue_max_priority: int | None = None
+    task_queues: Any = None
     task_default_priority: int | None = None
     task_routes: Any = None
     task_annotations: Any = None
@@ -211,6 +215,28 @@ class Settings(BaseModel):
         if self.timezone and not self.enable_utc:
             return zoneinfo.ZoneInfo(self.timezone)
         return UTC
+
+    @field_validator("task_default_queue_type", "task_create_missing_queue_type")
+    @classmethod
+    def _queue_type(cls, value: str) -> str:
+        if value not in ("classic", "quorum"):
+            raise ValueError("must be 'classic' or 'quorum' (RabbitMQ's queue types)")
+        return value
+
+    @field_validator("task_queues")
+    @classmethod
+    def _task_queues(cls, value: Any) -> Any:
+        from aqueue.queues import QueueDeclarations
+
+        QueueDeclarations.of(value)  # an entry it cannot read raises here, at the setting
+        return value
+
+    @field_validator("task_queue_max_priority")
+    @classmethod
+    def _max_priority(cls, value: int | None) -> int | None:
+        if value is not None and not 1 <= value <= 255:
+            raise ValueError("must be from 1 to 255")
+        return value
 
     @field_validator("worker_concurrency", "worker_prefetch_multiplier")
     @classmethod

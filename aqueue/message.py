@@ -102,10 +102,13 @@ class Envelope:
     priority: int | None = None
     headers: dict[str, Any] | None = None
     """Headers carried beside the body, for a codec whose wire has them; ``None`` for the native one."""
+    _: KW_ONLY
     resent: bool = False
     """Published again by a retry that cannot know whether the failed attempt stored it. Redis and
     RabbitMQ deliver it as a redelivery, so a worker runs it only if the task is neither running nor
     finished (a failed publish on SQLite or memory:// stored nothing)."""
+    reply_to: str | None = None
+    """Where replies go (``rpc://``), for a wire that carries it beside the body."""
 
 
 class Codec:
@@ -122,9 +125,14 @@ class Codec:
         return encode_message(message, serializer), None
 
     def decode(
-        self, body: bytes, content_type: str, headers: Mapping[str, Any] | None, accepted: frozenset[str]
+        self,
+        body: bytes,
+        content_type: str,
+        headers: Mapping[str, Any] | None,
+        accepted: frozenset[str],
+        properties: Mapping[str, Any] | None = None,
     ) -> Message:
-        """The message in a delivery.
+        """The message in a delivery; ``properties`` are the wire's (``reply_to``, ``priority``), if any.
 
         Raises:
             ContentDisallowed: ``content_type`` is not accepted.

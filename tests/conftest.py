@@ -83,6 +83,8 @@ class Transport:
         self.prefix = f"t{unique}:"
         self.broker_options: dict[str, Any] = {"global_keyprefix": self.prefix} if kind == "redis" else {}
         self.backend_options: dict[str, Any] = {"global_keyprefix": self.prefix} if kind == "redis" else {}
+        self.settings: dict[str, Any] = {}
+        """Settings every app made for this transport gets (``make_app``)."""
 
     async def cleanup(self) -> None:
         """Remove what the test left on the server: its prefixed Redis keys, its RabbitMQ queues."""
@@ -193,6 +195,7 @@ async def make_app(unique: str) -> AsyncIterator[Callable[..., App]]:
                 task_default_queue=transport.queue,
                 broker_transport_options=dict(transport.broker_options),
                 result_backend_transport_options=dict(transport.backend_options),
+                **transport.settings,
             )
         options.update(settings)
         app = App("tasks", **options)

@@ -27,6 +27,7 @@ import pytest
 
 import aqueue
 from aqueue import App, AsyncResult, states
+from aqueue.broker.amqp import AMQPBroker
 from aqueue.exceptions import (
     EncodeError,
     InvalidRate,
@@ -44,7 +45,9 @@ from aqueue.worker import Worker
 from tests.conftest import REDIS_URL, Transport, require_server
 
 MakeApp = Callable[..., App]
-TOUR_KINDS = ["memory", "sqlite", "redis", "amqp", "amqp+redis"]
+TOUR_KINDS = ["memory", "sqlite", "redis", "amqp", "amqp+redis", "amqp+quorum"]
+QUORUM = {"task_default_queue_type": "quorum", "task_create_missing_queue_type": "quorum"}
+"""Celery's settings for quorum queues: the default queue and every other one the tour uses."""
 WAIT = 10.0
 """Upper bound for anything that should happen promptly (generous for the networked transports)."""
 
@@ -55,13 +58,16 @@ class TourError(Exception):
 
 @pytest.fixture(params=TOUR_KINDS)
 async def transport(request: pytest.FixtureRequest, tmp_path: Path, unique: str) -> AsyncIterator[Transport]:
-    """A broker with its matching result backend (amqp: rpc://), plus amqp with redis results."""
+    """A broker with its matching result backend (amqp: rpc://), plus amqp with redis results, and amqp
+    with quorum queues."""
     kind: str = request.param
     transport = Transport(kind.partition("+")[0], tmp_path, unique)
     if kind == "amqp+redis":
         require_server("redis")
         transport.backend_url = f"{REDIS_URL}/{transport.redis_db}"
         transport.backend_options = {"global_keyprefix": transport.prefix}
+    elif kind == "amqp+quorum":
+        transport.settings = dict(QUORUM)
     yield transport
     await transport.cleanup()
 
@@ -488,7 +494,10 @@ async def test_task_routes_send_to_the_routed_queue_where_it_waits_for_its_worke
                 # And later sends go there too
                 assert await add.delay(1, 2).get(timeout=WAIT) == 3
     finally:
-        await app.broker.purge(low)
+        if isinstance(app.broker, AMQPBroker):
+            await app.broker.delete_queue(low)
+        else:
+            await app.broker.purge(low)
 
 
 # Row: task_annotations rate_limit ---------------------------------------------------------------

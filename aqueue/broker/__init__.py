@@ -7,13 +7,18 @@ from typing import Any
 
 from aqueue.broker.base import Broker, Consumer, Delivery
 from aqueue.exceptions import MissingExtra
+from aqueue.queues import QueueDeclarations
 from aqueue.urls import BROKER_SCHEMES, parse
 
 __all__ = ["Broker", "Consumer", "Delivery", "from_url"]
 
 
-def from_url(url: str, options: Mapping[str, Any] | None = None) -> Broker:
+def from_url(
+    url: str, options: Mapping[str, Any] | None = None, *, queues: QueueDeclarations | None = None
+) -> Broker:
     """The broker for ``url``; ``options`` are the ``broker_transport_options`` setting.
+
+    ``queues`` says which arguments each queue is declared with, for transports that declare queues.
 
     Raises:
         InvalidURL: an unknown scheme or a malformed URL.
@@ -36,4 +41,4 @@ def from_url(url: str, options: Mapping[str, Any] | None = None) -> Broker:
         case scheme:
             with MissingExtra.guard(scheme, "amqp"):
                 from aqueue.broker.amqp import AMQPBroker
-            return AMQPBroker(url, **options)
+            return AMQPBroker(url, queues=queues, **options)

@@ -6,18 +6,14 @@ the vhost, and Celery's ``amqp://guest@localhost//`` means vhost ``/``. Query pa
 aio-pika (``heartbeat``, ``reconnect_interval``, ...); ``reconnect_interval`` defaults to 1 s.
 
 Options (``broker_transport_options``): ``confirm_publish`` (default True: ``publish`` returns once
-RabbitMQ confirmed every message), ``max_priority`` (``x-max-priority`` of declared queues; none by
-default), ``connect_timeout`` (seconds, default 10) and ``visibility_timeout`` (accepted so one
-setting serves every transport, and ignored: RabbitMQ redelivers when a consumer's channel closes).
+RabbitMQ confirmed every message), ``max_priority`` (``x-max-priority`` of declared queues when
+``task_queue_max_priority`` does not say; none by default), ``connect_timeout`` (seconds, default 10)
+and ``visibility_timeout`` (accepted so one setting serves every transport, and ignored: RabbitMQ
+redelivers when a consumer's channel closes).
 
-Layout, as Celery's default: a queue ``X`` is bound to a durable direct exchange ``X`` with routing
-key ``X``; queues are durable and messages persistent. ``X`` dead-letters to the fanout exchange
-``X.dead``, bound to the queue ``X.dead``, so ``reject()`` keeps the message there. A queue that
-already exists with other arguments (created by Celery, say) is used as it is, with a warning.
-Everything is declared on first use and remembered. Broadcasts go through one durable direct
-exchange, ``aqueue.broadcast``, with the channel name as routing key; each subscriber binds an
-exclusive auto-delete queue to it. (An exchange per channel would outlive one-off reply channels;
-the routing key gives the same fan-out and leaves nothing behind.) Celery's exchanges, for
+Messages are Celery's message protocol v2 (:mod:`aqueue.protocol`), and queues, exchanges, dead
+letters and delay queues are laid out and declared as :mod:`aqueue.broker.amqp_layout` says: as
+Celery's, so that Celery clients and workers on the same RabbitMQ share the queues. Celery's exchanges, for
 monitoring events and remote control, are laid out as kombu does: see :mod:`aqueue.broker.amqp_exchange`.
 
 One robust connection (aio-pika reconnects by itself) carries one publisher channel with publisher
@@ -28,19 +24,6 @@ reconnect, deliveries of the old channel cannot be settled any more: RabbitMQ ha
 back, and delivers them again with ``redelivered`` set (the consumer is in
 :mod:`aqueue.broker.amqp_consumer`). Publishes and acknowledgements go through an
 :class:`~aqueue.broker.amqp_wire.Outbox`, which writes each loop turn's frames at once.
-
-ETA and countdown are held by RabbitMQ, not by the worker, so a flood of ETA tasks never fills the
-prefetch window and never meets the acknowledgement timeout below. A message due in ``d`` ms goes
-to the delay queue ``X.delay.<b>``, where ``b`` is ``d`` rounded *down* to its four leading bits
-(at most 1/8 below ``d``; 64 ms when ``d`` is smaller; 2**31 ms at most). A delay queue has one
-queue-wide TTL ``b``, so messages expire in arrival order (a per-message TTL would only expire at
-the head of the queue), and dead-letters to exchange ``X``. The consumer reads the message's due
-time from its ``x-aqueue-eta`` header: a message that arrives early is published again for the
-time left (at most 1/8 of the previous wait) and acknowledged, so a message is never handed out
-early and is late by at most 64 ms plus one hop. Delay queues expire (``x-expires``) when unused;
-they are declared again before that lease runs out. ``purge(X)`` also empties the delay queues of
-``X`` that this broker object declared. Known limit: RabbitMQ dead-letters from a classic queue at
-most once, so a broker crash at the moment a delay ends may lose that message.
 
 RabbitMQ's delivery acknowledgement timeout (``consumer_timeout``, 30 minutes by default) closes a
 channel that holds a delivery unacknowledged longer than that; its deliveries go back to the
@@ -53,6 +36,7 @@ policy settings"). Raise ``consumer_timeout`` in rabbitmq.conf for longer tasks.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import difflib
 import logging
 import math
@@ -75,12 +59,15 @@ from yarl import URL
 
 from aqueue.broker.amqp_consumer import ETA_HEADER, RESENT_HEADER, AMQPConsumer
 from aqueue.broker.amqp_exchange import AMQPExchanges
+from aqueue.broker.amqp_layout import Layout, delay_bucket_ms
 from aqueue.broker.amqp_marks import Marks
 from aqueue.broker.amqp_wire import Outbox, encode_properties
 from aqueue.broker.base import Broker, Consumer
 from aqueue.broker.exchange import Exchange, ExchangeMessage, Listener
 from aqueue.exceptions import ImproperlyConfigured, InvalidURL, OperationalError
-from aqueue.message import Envelope
+from aqueue.message import Codec, Envelope
+from aqueue.protocol import CELERY
+from aqueue.queues import QueueDeclarations
 from aqueue.urls import mask_password, parse
 
 __all__ = ["AMQPBroker", "amqp_url", "delay_bucket_ms"]
@@ -88,13 +75,9 @@ __all__ = ["AMQPBroker", "amqp_url", "delay_bucket_ms"]
 log = logging.getLogger(__name__)
 
 _OPTIONS = ("confirm_publish", "connect_timeout", "max_priority", "visibility_timeout")
-_BROADCAST = "aqueue.broadcast"
 _NO_PROPERTIES = encode_properties()
-_MIN_DELAY_MS = 64
-_MAX_DELAY_MS = 2**31
-_BUCKET_BITS = 4
-_DELAY_LEASE_MS = 600_000
-"""How long an unused delay queue outlives its TTL before RabbitMQ deletes it."""
+_ENCODINGS = {"application/json": "utf-8"}
+"""kombu's content_encoding of each content type; every other one is ``binary``."""
 
 _ERRORS: tuple[type[BaseException], ...] = (
     aiormq.exceptions.AMQPError,
@@ -143,20 +126,12 @@ def _check_options(options: dict[str, Any]) -> None:
         raise ImproperlyConfigured(f"max_priority must be an integer from 1 to 255, not {priority!r}.")
 
 
-def delay_bucket_ms(seconds: float) -> int:
-    """The delay queue TTL (ms) for a message due in ``seconds``: never above it, except the 64 ms floor."""
-    ms = math.ceil(seconds * 1000)
-    if ms <= _MIN_DELAY_MS:
-        return _MIN_DELAY_MS
-    shift = ms.bit_length() - _BUCKET_BITS
-    return min((ms >> shift) << shift, _MAX_DELAY_MS)
-
-
 class AMQPBroker(Broker):
     """RabbitMQ over one robust aio-pika connection.
 
     Parameters:
         url: ``amqp://user:password@host:port/vhost`` (also ``amqps://`` and ``pyamqp://``).
+        queues: the arguments each queue is declared with (Celery's queue settings).
         options: ``confirm_publish``, ``max_priority``, ``connect_timeout``, ``visibility_timeout``.
 
     Raises:
@@ -164,21 +139,22 @@ class AMQPBroker(Broker):
         ImproperlyConfigured: an unknown option (the message names the closest known one).
     """
 
-    def __init__(self, url: str, **options: Any) -> None:
+    codec: Codec = CELERY
+
+    def __init__(self, url: str, queues: QueueDeclarations | None = None, **options: Any) -> None:
         self.url = url
         self._url = amqp_url(url)
         _check_options(options)
         self.confirm_publish = bool(options.get("confirm_publish", True))
-        self.max_priority: int | None = options.get("max_priority")
+        self.declarations = queues or QueueDeclarations()
+        if self.declarations.max_priority is None and options.get("max_priority") is not None:
+            self.declarations = dataclasses.replace(self.declarations, max_priority=options["max_priority"])
         self.connect_timeout = float(options.get("connect_timeout", 10.0))
         self._connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None
         self._publish_outbox: Outbox | None = None
         self._connect_lock = asyncio.Lock()
-        self._declare_lock = asyncio.Lock()
-        self._queue_args: dict[str, dict[str, Any] | None] = {}
-        self._delays: dict[str, dict[int, float]] = {}
-        self._broadcast_declared = False
+        self.layout = Layout(self.declarations, self._scratch)
         self._down = False
         self._marks = Marks(self)
         self._exchanges = AMQPExchanges(self)
@@ -266,9 +242,7 @@ class AMQPBroker(Broker):
         return text
 
     def _forget_declarations(self, *_: object) -> None:
-        self._queue_args.clear()
-        self._delays.clear()
-        self._broadcast_declared = False
+        self.layout.forget()
         self._exchanges.forget()
 
     @asynccontextmanager
@@ -285,55 +259,6 @@ class AMQPBroker(Broker):
             if not channel.is_closed:
                 await channel.close()
 
-    async def _queue_arguments(self, queue: str) -> dict[str, Any] | None:
-        """Declare ``queue``, its exchange and dead-letter queue once; None: it exists with other arguments."""
-        if queue in self._queue_args:
-            return self._queue_args[queue]
-        async with self._declare_lock:
-            if queue not in self._queue_args:
-                self._queue_args[queue] = await self._declare_queue(queue)
-        return self._queue_args[queue]
-
-    async def _declare_queue(self, queue: str) -> dict[str, Any] | None:
-        arguments: dict[str, Any] = {"x-dead-letter-exchange": f"{queue}.dead"}
-        if self.max_priority is not None:
-            arguments["x-max-priority"] = self.max_priority
-        async with self._scratch() as channel:
-            dead = await channel.declare_exchange(f"{queue}.dead", aio_pika.ExchangeType.FANOUT, durable=True)
-            await (await channel.declare_queue(f"{queue}.dead", durable=True)).bind(dead, "")
-            exchange = await channel.declare_exchange(queue, aio_pika.ExchangeType.DIRECT, durable=True)
-        try:
-            async with self._scratch() as channel:
-                declared = await channel.declare_queue(queue, durable=True, arguments=arguments)
-                await declared.bind(exchange, queue)
-            return arguments
-        except aiormq.exceptions.ChannelPreconditionFailed as exc:
-            log.warning("Queue %r exists with other arguments; using it as it is: %s", queue, exc)
-        async with self._scratch() as channel:
-            declared = await channel.declare_queue(queue, passive=True)
-            await declared.bind(exchange, queue)
-        return None
-
-    async def _delay_queue(self, queue: str, ttl_ms: int) -> str:
-        name = f"{queue}.delay.{ttl_ms}"
-        declared = self._delays.setdefault(queue, {})
-        # RabbitMQ's x-expires lease is renewed by a declare, not by a publish.
-        if time.monotonic() - declared.get(ttl_ms, -math.inf) < _DELAY_LEASE_MS / 2000:
-            return name
-        arguments: dict[str, Any] = {"x-message-ttl": ttl_ms, "x-expires": ttl_ms + _DELAY_LEASE_MS}
-        arguments |= {"x-dead-letter-exchange": queue, "x-dead-letter-routing-key": queue}
-        async with self._scratch() as channel:
-            await channel.declare_queue(name, durable=True, arguments=arguments)
-        declared[ttl_ms] = time.monotonic()
-        return name
-
-    async def _broadcast_exchange(self) -> str:
-        if not self._broadcast_declared:
-            async with self._scratch() as channel:
-                await channel.declare_exchange(_BROADCAST, aio_pika.ExchangeType.DIRECT, durable=True)
-            self._broadcast_declared = True
-        return _BROADCAST
-
     async def publish(self, envelopes: Sequence[Envelope]) -> None:
         if not envelopes:
             return
@@ -348,11 +273,11 @@ class AMQPBroker(Broker):
     async def _publish_all(self, envelopes: Sequence[Envelope]) -> list[Envelope]:
         """Write every envelope at once and await all confirms; returns the unroutable ones."""
         outbox = await self._outbox()
-        now, declared, mandatory = time.time(), self._queue_args, self.confirm_publish
+        now, declared, mandatory = time.time(), self.layout.queues, self.confirm_publish
         futures = []
         for envelope in envelopes:
             if envelope.queue in declared and (envelope.eta is None or envelope.eta <= now):
-                exchange = key = envelope.queue
+                exchange, key = "", envelope.queue
             else:
                 exchange, key = await self._target(envelope)
             futures.append(
@@ -386,25 +311,46 @@ class AMQPBroker(Broker):
         return outbox
 
     async def _target(self, envelope: Envelope) -> tuple[str, str]:
-        await self._queue_arguments(envelope.queue)
+        await self.layout.queue(envelope.queue)
         if envelope.eta is None or envelope.eta <= time.time():
-            return envelope.queue, envelope.queue
+            return "", envelope.queue
         ttl = delay_bucket_ms(envelope.eta - time.time())
-        return "", await self._delay_queue(envelope.queue, ttl)
+        return "", await self.layout.delay_queue(envelope.queue, ttl)
+
+    async def dead_letter(self, envelope: Envelope) -> None:
+        """Keep ``envelope`` in its queue's dead-letter queue; returns once RabbitMQ confirmed it.
+
+        Raises:
+            OperationalError: RabbitMQ could not be reached or did not take the message.
+        """
+        with self._errors("dead-letter a message on"):
+            await self.layout.queue(envelope.queue)
+            outbox = await self._outbox()
+            dead = f"{envelope.queue}.dead"
+            confirmed = outbox.publish(
+                "", dead, _properties(envelope), envelope.body, self.confirm_publish, envelope.id
+            )
+            outbox.write_now()
+            if confirmed is not None:
+                try:
+                    await confirmed
+                except aiormq.exceptions.PublishError as exc:
+                    self._forget_declarations()  # deleted since it was declared: declare it again next time
+                    raise OperationalError(f"The dead-letter queue {dead!r} is gone") from exc
 
     def consume(self, queues: Sequence[str], prefetch: int) -> Consumer:
         return AMQPConsumer(self, queues, prefetch)
 
     async def purge(self, queue: str) -> int:
-        names = [queue, *(f"{queue}.delay.{ttl}" for ttl in self._delays.get(queue, ()))]
+        names = [queue, *self.layout.delay_queues(queue)]
         await self._ready()
         with self._errors("purge a queue on"):
             return sum([await self._purge_one(name) for name in names])
 
     async def delete_queue(self, queue: str) -> None:
         """Delete ``queue`` with its messages, exchange, dead-letter queue and the delay queues known here."""
-        delays = [f"{queue}.delay.{ttl}" for ttl in self._delays.pop(queue, ())]
-        self._queue_args.pop(queue, None)
+        delays = self.layout.delay_queues(queue)
+        self.layout.forget(queue)
         async with self._scratch() as channel:
             with self._errors("delete a queue on"):
                 for name in [queue, f"{queue}.dead", *delays]:
@@ -423,7 +369,14 @@ class AMQPBroker(Broker):
                 dead = await channel.declare_queue(f"{queue}.dead", passive=True)
                 while (message := await dead.get(no_ack=False, fail=False)) is not None:
                     found.append(
-                        Envelope(message.message_id or "", queue, message.body, message.content_type or "")
+                        Envelope(
+                            message.message_id or message.correlation_id or "",
+                            queue,
+                            message.body,
+                            message.content_type or "",
+                            headers=message.headers,
+                            reply_to=message.reply_to,
+                        )
                     )
         return found
 
@@ -443,7 +396,7 @@ class AMQPBroker(Broker):
     async def broadcast(self, channel: str, data: bytes) -> None:
         await self._ready()
         with self._errors("broadcast on"):
-            exchange = await self._broadcast_exchange()
+            exchange = await self.layout.broadcast_exchange()
             confirmed = (await self._outbox()).publish(exchange, channel, _NO_PROPERTIES, data)
             if confirmed is not None:
                 await confirmed
@@ -458,7 +411,7 @@ class AMQPBroker(Broker):
         amqp_channel = await self.channel()
         try:
             with self._errors("subscribe on"):
-                exchange = await self._broadcast_exchange()
+                exchange = await self.layout.broadcast_exchange()
                 queue = await amqp_channel.declare_queue(exclusive=True, auto_delete=True)
                 await queue.bind(exchange, channel)
                 await queue.consume(received, no_ack=True)
@@ -478,17 +431,23 @@ class AMQPBroker(Broker):
 
 
 def _properties(envelope: Envelope) -> bytes:
-    headers: dict[str, Any] | None = None
-    if envelope.eta is not None:
-        # Milliseconds as an integer: AMQP tables carry a Python float as a 32-bit float.
-        headers = {ETA_HEADER: math.ceil(envelope.eta * 1000)}
+    """Celery's properties (kombu's): the content type and encoding, persistent, the task id as
+    correlation id, the priority (0 when none); and the id as message id, which RabbitMQ's return of an
+    unroutable message is matched by."""
+    headers, content_type = envelope.headers, envelope.content_type
+    if envelope.eta is not None and (headers is None or "eta" not in headers):
+        # A message without Celery's headers: its due time in integer milliseconds.
+        headers = {**(headers or {}), ETA_HEADER: math.ceil(envelope.eta * 1000)}
     if envelope.resent:
         headers = {**(headers or {}), RESENT_HEADER: 1}
     return encode_properties(
-        content_type=envelope.content_type,
+        content_type=content_type,
+        content_encoding=_ENCODINGS.get(content_type, "binary"),
         headers=headers,
         delivery_mode=2,  # persistent
-        priority=envelope.priority,
+        priority=envelope.priority or 0,
+        correlation_id=envelope.id,
+        reply_to=envelope.reply_to,
         message_id=envelope.id,
     )
 

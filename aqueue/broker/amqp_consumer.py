@@ -7,6 +7,12 @@ is re-opened with its QoS and queues, and this consumer starts consuming on it a
 the old channel cannot be settled any more (RabbitMQ has put them back and delivers them again, with
 ``redelivered`` set), so acknowledging one raises :class:`DeliveryLost`.
 
+Each delivery carries the message's headers and its ``reply_to`` and ``priority`` for the codec. One
+whose ``eta`` header (Celery's ISO 8601 time; ``x-aqueue-eta`` in milliseconds for a message without
+Celery's headers) has not come yet goes to a delay queue instead of being handed out. ``reject()``
+publishes a copy to the dead-letter queue in the background and acknowledges the delivery once
+RabbitMQ confirmed the copy (if that fails, the delivery goes back to the queue).
+
 A message no delivery can be made of is dead-lettered and logged, never fatal. That includes message
 properties or header names that are not UTF-8: pamqp refuses to decode them and aiormq then drops the
 whole connection, after which RabbitMQ delivers the same message again at once, so one such message
@@ -23,7 +29,8 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
 
 import aiormq
@@ -33,10 +40,13 @@ from aio_pika.abc import AbstractRobustChannel
 from aiormq.exceptions import ChannelInvalidStateError
 from pamqp import commands as spec
 
+from aqueue.broker import amqp_table
+from aqueue.broker.amqp_table import UNREADABLE_HEADERS
 from aqueue.broker.amqp_wire import Outbox
 from aqueue.broker.base import Consumer, Delivery
 from aqueue.exceptions import DeliveryLost, OperationalError
 from aqueue.message import Envelope
+from aqueue.protocol import BROKER_HEADERS
 
 if TYPE_CHECKING:
     from aqueue.broker.amqp import AMQPBroker
@@ -56,12 +66,14 @@ RESENT_HEADER = "x-aqueue-resent"
 landed: the consumer hands it out as a redelivery, so the worker checks it did not run already."""
 
 
-UNREADABLE_HEADERS = "x-aqueue-unreadable-headers"
-"""The only header of a message whose header table is not UTF-8 text; its value is the raw table."""
 
 
 def _tolerate_non_utf8() -> None:
-    """Decode short strings and header tables that are not UTF-8 instead of failing the connection."""
+    """Decode short strings and header tables that are not UTF-8 instead of failing the connection.
+
+    Tables are decoded by :mod:`aqueue.broker.amqp_table`, which does so itself; where it could not be
+    installed (another pamqp layout), pamqp's own decoder is wrapped to do the same.
+    """
     methods: dict[str, Any] = getattr(pamqp.decode, "METHODS", {})
     strict_short, strict_table = methods.get("shortstr"), methods.get("table")
     if strict_short is None or strict_table is None:
@@ -80,15 +92,37 @@ def _tolerate_non_utf8() -> None:
             size = int.from_bytes(value[:4], "big")
             return size + 4, {UNREADABLE_HEADERS: value[4 : size + 4]}
 
-    methods["shortstr"], methods["table"] = short_str, field_table
+    methods["shortstr"] = short_str
+    if not amqp_table.install():
+        methods["table"] = field_table
 
 
 _tolerate_non_utf8()
 
 
-def eta_of(headers: dict[str, Any] | None) -> float | None:
-    value = (headers or {}).get(ETA_HEADER)
-    return value / 1000 if isinstance(value, int) else None
+def eta_of(headers: Mapping[str, Any] | None) -> float | None:
+    """The due time of a message with these headers (Unix time), or None (none, or unreadable)."""
+    if not headers:
+        return None
+    value = headers.get("eta")
+    if value is None:
+        value = headers.get(ETA_HEADER)
+        return value / 1000 if isinstance(value, int) else None
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return None  # the codec says what is wrong with it
+    if not isinstance(value, datetime):
+        return None
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+
+
+def _forwarded(headers: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``headers`` without those RabbitMQ added, for sending the message on."""
+    if not headers:
+        return headers
+    return {k: v for k, v in headers.items() if not k.startswith(BROKER_HEADERS)}
 
 
 def _wake(arrived: asyncio.Future[None]) -> None:
@@ -107,6 +141,7 @@ class AMQPConsumer(Consumer):
         self._start_lock = asyncio.Lock()
         self._inbox: deque[tuple[str, Outbox, int, aiormq.abc.DeliveredMessage]] = deque()
         self._arrived: asyncio.Future[None] | None = None
+        self._dead_lettering: set[asyncio.Task[None]] = set()
 
     async def _start(self) -> None:
         async with self._start_lock:
@@ -116,7 +151,7 @@ class AMQPConsumer(Consumer):
             try:
                 with self.broker._errors("consume from"):
                     for name in self.queues:
-                        arguments = await self.broker._queue_arguments(name)
+                        arguments = await self.broker.layout.queue(name)
                         await channel.declare_queue(
                             name, durable=True, arguments=arguments, passive=arguments is None
                         )
@@ -185,33 +220,26 @@ class AMQPConsumer(Consumer):
                         properties.content_type or "",
                         again,
                         (outbox, tag),
+                        headers,
+                        {"reply_to": properties.reply_to, "priority": properties.priority},
                     )
                 )
             except Exception as exc:  # a message no delivery can be made of must not stop the consumer
                 log.error("Rejecting unreadable message (delivery tag %d) from queue %r: %r", tag, queue, exc)
-                with contextlib.suppress(ChannelInvalidStateError):
-                    outbox.nack(tag, False)
+                self._dead_letter_soon(_unreadable(queue, message, tag), outbox, tag)
         return out
 
     async def _hop(
         self, queue: str, outbox: Outbox, tag: int, message: aiormq.abc.DeliveredMessage, eta: float
     ) -> None:
         """Send an early message back to a delay queue for the time left, then drop this copy."""
-        properties = message.header.properties
-        envelope = Envelope(
-            properties.message_id or "",
-            queue,
-            message.body,
-            properties.content_type or "",
-            eta,
-            properties.priority,
-        )
+        envelope = _envelope(queue, message, eta)
         try:
             await self.broker.publish([envelope])
             outbox.ack(tag)
         except (OperationalError, ChannelInvalidStateError) as exc:
             # Unsettled, it goes back to the queue when this channel closes.
-            log.warning("Could not delay message %s again: %s", properties.message_id, exc)
+            log.warning("Could not delay message %s again: %s", envelope.id, exc)
 
     def _lost(self, delivery: Delivery) -> bool:
         outbox: Outbox = delivery.tag[0]
@@ -226,7 +254,39 @@ class AMQPConsumer(Consumer):
             raise DeliveryLost(f"Message {delivery.id} was not acknowledged: its channel closed") from exc
 
     async def _reject(self, delivery: Delivery) -> None:
-        self._nack(delivery, requeue=False)
+        outbox, tag = delivery.tag
+        properties = delivery.properties or {}
+        envelope = Envelope(
+            delivery.id,
+            delivery.queue,
+            delivery.body,
+            delivery.content_type,
+            priority=properties.get("priority"),
+            headers=_forwarded(delivery.headers),
+            reply_to=properties.get("reply_to"),
+        )
+        self._dead_letter_soon(envelope, outbox, tag)
+
+    def _dead_letter_soon(self, envelope: Envelope, outbox: Outbox, tag: int) -> None:
+        job = asyncio.get_running_loop().create_task(self._dead_letter(envelope, outbox, tag))
+        self._dead_lettering.add(job)
+        job.add_done_callback(self._dead_lettering.discard)
+
+    async def _dead_letter(self, envelope: Envelope, outbox: Outbox, tag: int) -> None:
+        """Copy to the dead-letter queue, then acknowledge; give the message back if the copy failed."""
+        try:
+            await self.broker.dead_letter(envelope)
+        except (OperationalError, ChannelInvalidStateError) as exc:
+            log.error("Could not dead-letter message %s: %s; it goes back to the queue", envelope.id, exc)
+            with contextlib.suppress(ChannelInvalidStateError):
+                outbox.nack(tag, requeue=True)
+            return
+        try:
+            outbox.ack(tag)
+        except ChannelInvalidStateError:
+            log.info(
+                "Message %s was dead-lettered, but its channel closed: it is delivered again", envelope.id
+            )
 
     async def _requeue(self, delivery: Delivery) -> None:
         self._nack(delivery, requeue=True)
@@ -242,6 +302,8 @@ class AMQPConsumer(Consumer):
     async def aclose(self) -> None:
         """Stop consuming; RabbitMQ takes back every delivery not settled yet."""
         await super().aclose()
+        if self._dead_lettering:
+            await asyncio.wait(self._dead_lettering, timeout=_FLUSH_TIMEOUT)
         channel, self._channel = self._channel, None
         outbox, self._outbox = self._outbox, None
         self._inbox.clear()
@@ -256,3 +318,30 @@ class AMQPConsumer(Consumer):
         if not channel.is_closed:
             with self.broker._errors("stop consuming from"):
                 await channel.close()
+
+
+def _unreadable(queue: str, message: aiormq.abc.DeliveredMessage, tag: int) -> Envelope:
+    """A message no delivery could be made of, as an envelope for its dead-letter queue: its body as it
+    came, with what of its properties can be read, and without headers that cannot."""
+    try:
+        properties = message.header.properties
+        message_id, content_type = properties.message_id, properties.content_type
+    except Exception:
+        message_id = content_type = None
+    return Envelope(message_id or f"delivery-{tag}", queue, message.body, content_type or "")
+
+
+def _envelope(queue: str, message: aiormq.abc.DeliveredMessage, eta: float | None = None) -> Envelope:
+    """The delivered message as an envelope to send on: body, properties and headers as they came."""
+    properties = message.header.properties
+    headers = properties.headers
+    return Envelope(
+        properties.message_id or str((headers or {}).get("id", "")),
+        queue,
+        message.body,
+        properties.content_type or "",
+        eta,
+        properties.priority,
+        _forwarded(headers),
+        reply_to=properties.reply_to,
+    )

@@ -17,7 +17,8 @@ connection's write queue once:
 
 The frames of publishes, acks and nacks are encoded here with ``struct`` (``encode_properties`` for
 the content header's properties); what comes out is byte for byte what pamqp marshals, at a
-fraction of the cost. Other frames still go through aiormq.
+fraction of the cost, except the headers table, which is laid out as py-amqp (Celery's client) lays
+it out (:mod:`aqueue.broker.amqp_table`). Other frames still go through aiormq.
 
 An outbox belongs to one aiormq channel. When that channel closes, the futures of publishes not yet
 confirmed fail with ``ChannelInvalidStateError``; acknowledgements not yet written are dropped, and
@@ -30,14 +31,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 from aio_pika.abc import AbstractRobustChannel
 from aiormq import Channel
 from aiormq.abc import ChannelFrame
 from aiormq.exceptions import ChannelInvalidStateError
-from pamqp.encode import field_table
+
+from aqueue.broker.amqp_table import encode_table
 
 __all__ = ["Outbox", "encode_properties"]
 
@@ -71,7 +73,8 @@ def _frame(kind: int, channel: int, payload: bytes) -> bytes:
 
 _PROPERTY_CODES: tuple[tuple[int, Callable[[Any], bytes]], ...] = (
     (0x8000, _short),  # content-type
-    (0x2000, field_table),  # headers
+    (0x4000, _short),  # content-encoding
+    (0x2000, encode_table),  # headers
     (0x1000, _OCTET.pack),  # delivery-mode
     (0x0800, _OCTET.pack),  # priority
     (0x0400, _short),  # correlation-id
@@ -86,7 +89,8 @@ _PROPERTY_CODES: tuple[tuple[int, Callable[[Any], bytes]], ...] = (
 def encode_properties(
     *,
     content_type: str | None = None,
-    headers: dict[str, Any] | None = None,
+    content_encoding: str | None = None,
+    headers: Mapping[str, Any] | None = None,
     delivery_mode: int | None = None,
     priority: int | None = None,
     correlation_id: str | None = None,
@@ -98,6 +102,7 @@ def encode_properties(
     """The property flags and property list of a basic content header, as AMQP 0-9-1 lays them out."""
     values = (
         content_type,
+        content_encoding,
         headers,
         delivery_mode,
         priority,

@@ -34,7 +34,8 @@ class Delivery:
     """One message handed to a consumer, to be settled once."""
 
     __slots__ = (
-        "_consumer", "body", "content_type", "headers", "id", "queue", "redelivered", "settled", "tag",
+        "_consumer", "body", "content_type", "headers", "id", "properties", "queue", "redelivered",
+        "settled", "tag",
     )  # fmt: skip
 
     def __init__(
@@ -47,12 +48,15 @@ class Delivery:
         redelivered: bool = False,
         tag: Any = None,
         headers: dict[str, Any] | None = None,
+        properties: dict[str, Any] | None = None,
     ) -> None:
         self._consumer = consumer
         self.id, self.queue, self.body, self.content_type = id, queue, body, content_type
         self.redelivered, self.tag, self.settled = redelivered, tag, False
         self.headers = headers
         """The headers carried beside the body, for the broker's codec (``None`` on native layouts)."""
+        self.properties = properties
+        """The wire's own fields for the codec (``reply_to``, ``priority``; ``None`` on native layouts)."""
 
     async def ack(self) -> None:
         """The message is done with: remove it from the broker.

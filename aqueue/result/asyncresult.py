@@ -184,9 +184,11 @@ class AsyncResult(Generic[R]):
 
     def _exception(self) -> BaseException:
         assert self._meta is not None
+        stored = self._meta.result
         if self._meta.status == states.REVOKED:
-            return TaskRevokedError(f"Task {self.id} was revoked: {self._meta.result}")
-        return exception_from_result(self._meta.result)
+            why = exception_from_result(stored) if isinstance(stored, dict) else stored
+            return TaskRevokedError(f"Task {self.id} was revoked: {why}")
+        return exception_from_result(stored)
 
     def __repr__(self) -> str:
         return f"<AsyncResult: {self.id}>"

@@ -17,8 +17,9 @@ import anyio
 
 from aqueue import states
 from aqueue._compat import AsyncResource
-from aqueue.exceptions import DecodeError, TimeoutError
+from aqueue.exceptions import DecodeError, TaskRevokedError, TimeoutError
 from aqueue.message import Message
+from aqueue.result.failure import exception_to_result
 from aqueue.serialization import Serializer, get_serializer
 
 __all__ = ["ChordJoin", "ResultBackend", "TaskMeta"]
@@ -26,7 +27,14 @@ __all__ = ["ChordJoin", "ResultBackend", "TaskMeta"]
 
 @dataclass(slots=True)
 class TaskMeta:
-    """A task's state as stored: for FAILURE, ``result`` holds exc_type, exc_module and exc_message."""
+    """A task's state as stored: for FAILURE, ``result`` holds exc_type, exc_module and exc_message.
+
+    It is stored in Celery's layout (``to_dict``), so that Celery clients and workers read and write the
+    same states: ``status``, ``result``, ``traceback``, ``children``, ``date_done``, ``group_id`` and
+    ``parent_id`` when the task has them, and ``task_id``. A REVOKED state's result is Celery's
+    ``TaskRevokedError`` with the reason. ``name`` is kept in memory only (Celery stores it only with
+    ``result_extended``).
+    """
 
     task_id: str
     status: str = states.PENDING
@@ -34,23 +42,48 @@ class TaskMeta:
     traceback: str | None = None
     date_done: str | None = None
     name: str | None = None
+    children: list[Any] | None = None
+    group_id: str | None = None
+    parent_id: str | None = None
 
     @property
     def ready(self) -> bool:
         return self.status in states.READY_STATES
 
+    def complete(self, request: Message | None) -> None:
+        """Fill in what storing adds: the time a ready state was reached, the request's group and parent."""
+        if self.date_done is None and self.ready:
+            self.date_done = now_iso()
+        if request is not None:
+            self.group_id = self.group_id or request.group
+            self.parent_id = self.parent_id or request.parent_id
+
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "task_id": self.task_id,
+        """The state in Celery's layout (see the class docstring)."""
+        result = self.result
+        if self.status == states.REVOKED and not isinstance(result, dict):
+            result = exception_to_result(TaskRevokedError(result))
+        data = {
             "status": self.status,
-            "result": self.result,
+            "result": result,
             "traceback": self.traceback,
+            "children": self.children or [],
             "date_done": self.date_done,
-            "name": self.name,
         }
+        if self.group_id:
+            data["group_id"] = self.group_id
+        if self.parent_id:
+            data["parent_id"] = self.parent_id
+        data["task_id"] = self.task_id
+        return data
 
     @classmethod
     def from_dict(cls, data: Any) -> TaskMeta:
+        """A state stored in Celery's layout (by aqueue or by Celery).
+
+        Raises:
+            DecodeError: ``data`` is not a stored state.
+        """
         try:
             return cls(
                 data["task_id"],
@@ -59,9 +92,12 @@ class TaskMeta:
                 data.get("traceback"),
                 data.get("date_done"),
                 data.get("name"),
+                data.get("children"),
+                data.get("group_id"),
+                data.get("parent_id"),
             )
-        except (KeyError, TypeError) as exc:
-            raise DecodeError(f"Not a stored task result: {exc}") from exc
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise DecodeError(f"Not a stored task result: {exc!r}") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,8 +136,7 @@ class ResultBackend(AsyncResource, ABC):
 
     async def store(self, meta: TaskMeta, request: Message | None = None) -> None:
         """Record ``meta``; ``request`` is the message being run, when there is one."""
-        if meta.date_done is None and meta.ready:
-            meta.date_done = now_iso()
+        meta.complete(request)
         await self._set(meta.task_id, self.serializer.dumps(meta.to_dict()), meta)
 
     async def get(self, task_id: str) -> TaskMeta:

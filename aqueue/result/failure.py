@@ -1,4 +1,15 @@
-"""Exceptions to stored data and back: rebuild only exception classes that import safely."""
+"""Exceptions to stored data and back, in Celery's layout; rebuild only exception classes that import safely.
+
+A failure is stored as Celery stores it: ``{"exc_type": <qualified class name>, "exc_message": <the
+exception's args>, "exc_module": <its module>}``, an argument that is not plain data (str, numbers,
+bools, None, and lists and dicts of those) kept as its ``repr``. So a Celery client rebuilds what an
+aqueue worker stored, and the other way round.
+
+aqueue's exceptions that Celery has too (``NotRegistered``, ``TaskRevokedError``, ``TimeLimitExceeded``,
+``Retry``, ...) are stored under Celery's module names (``celery.exceptions``, ``billiard.exceptions``),
+so that a Celery client gets its own class; reading, those names give aqueue's classes, with no import of
+Celery.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +18,58 @@ import sys
 import traceback
 from typing import Any
 
+from aqueue import exceptions
 from aqueue.exceptions import TaskError
 
 __all__ = ["exception_from_result", "exception_to_result", "format_traceback"]
 
 _PLAIN = (str, int, float, bool, type(None))
+_CELERY = {
+    "NotRegistered": "celery.exceptions",
+    "TaskRevokedError": "celery.exceptions",
+    "MaxRetriesExceededError": "celery.exceptions",
+    "TimeoutError": "celery.exceptions",
+    "Retry": "celery.exceptions",
+    "Ignore": "celery.exceptions",
+    "Reject": "celery.exceptions",
+    "ChordError": "celery.exceptions",
+    "TimeLimitExceeded": "billiard.exceptions",
+    "SoftTimeLimitExceeded": "billiard.exceptions",
+}
+"""aqueue's exceptions with a Celery namesake, and the module Celery stores that namesake under."""
+_AS_CELERY: dict[type[BaseException], str] = {
+    cls: module
+    for name, module in _CELERY.items()
+    if isinstance(cls := getattr(exceptions, name, None), type)
+}
+_FROM_CELERY: dict[tuple[str, str], type[BaseException]] = {
+    (module, cls.__name__): cls for cls, module in _AS_CELERY.items()
+} | {("celery.exceptions", cls.__name__): cls for cls in _AS_CELERY}  # Celery re-exports billiard's
 
 
 def exception_to_result(exc: BaseException) -> dict[str, Any]:
-    """What is stored for a failed task: the class, its module, its message and arguments."""
+    """What is stored for a failed task: Celery's ``exc_type``, ``exc_message`` (the args), ``exc_module``."""
     cls = type(exc)
-    plain = exc.args and all(isinstance(a, _PLAIN) for a in exc.args)
-    args = list(exc.args) if plain else [str(exc)]
-    return {"exc_type": cls.__qualname__, "exc_module": cls.__module__, "exc_message": args}
+    args = [arg if _is_plain(arg) else repr(arg) for arg in exc.args]
+    if not args and (text := str(exc)):
+        args = [text]  # an exception whose message is not in its args (pydantic's ValidationError, ...)
+    return {
+        "exc_type": cls.__qualname__,
+        "exc_message": args,
+        "exc_module": _AS_CELERY.get(cls, cls.__module__),
+    }
+
+
+def _is_plain(value: Any, depth: int = 0) -> bool:
+    if isinstance(value, _PLAIN):
+        return True
+    if depth > 8:
+        return False
+    if isinstance(value, list | tuple):
+        return all(_is_plain(item, depth + 1) for item in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v, depth + 1) for k, v in value.items())
+    return False
 
 
 def format_traceback(exc: BaseException) -> str:
@@ -27,10 +77,11 @@ def format_traceback(exc: BaseException) -> str:
 
 
 def exception_from_result(result: Any) -> BaseException:
-    """Rebuild the exception stored by :func:`exception_to_result`.
+    """Rebuild the exception stored by :func:`exception_to_result` (or by Celery).
 
     The original class is used when its module is already imported or imports cleanly and the name is
-    an Exception subclass there; anything else comes back as :class:`TaskError` with the type name.
+    an Exception subclass there (Celery's namesakes of aqueue's exceptions give aqueue's); anything else
+    comes back as :class:`TaskError` with the type name.
     """
     if not isinstance(result, dict):
         return TaskError("Exception", None, str(result))
@@ -39,7 +90,9 @@ def exception_from_result(result: Any) -> BaseException:
     if not isinstance(args, list | tuple):
         args = [args]
     message = " ".join(str(a) for a in args) if len(args) != 1 else str(args[0])
-    cls = _find_class(module, exc_type)
+    cls = _FROM_CELERY.get((module, exc_type)) if isinstance(module, str) else None
+    if cls is None:
+        cls = _find_class(module, exc_type)
     if cls is not None:
         try:
             return cls(*args)

@@ -1,12 +1,14 @@
 """redis:// and rediss:// — task states as Redis keys; waiters are woken by pub/sub, not by polling.
 
-A task's state lives at ``P celery-task-meta-<task id>`` (``P`` is ``global_keyprefix``; the name is
-Celery's), expiring after ``expires`` seconds (the ``result_expires`` setting) when that is set.
-Storing a ready state also PUBLISHes it on a channel of the same name.
+A task's state lives at ``P celery-task-meta-<task id>`` (``P`` is ``global_keyprefix``), expiring after
+``expires`` seconds (the ``result_expires`` setting) when that is set. The key, its JSON and the rest
+are Celery's: storing a state also PUBLISHes it on a channel of the same name, and a key that holds a
+SUCCESS is never overwritten (a task delivered twice does not replace its success), so Celery clients
+read what aqueue workers store and the other way round.
 
 Round trips are coalesced: what is issued in one event loop turn goes out in one round trip of at
-most three commands: one Lua call for every store (SET with the TTL, and PUBLISH for ready
-states), one DEL, one MGET. Whatever is issued while it is in flight gathers for the next one. The
+most three commands: one Lua call for every store (GET to keep a SUCCESS, SET with the TTL, and
+PUBLISH), one DEL, one MGET. Whatever is issued while it is in flight gathers for the next one. The
 worker stores results one by one; each caller's await resolves when its own write is done.
 
 ``wait`` shares ONE pub/sub connection per backend between all waiters: a waiter subscribes to its
@@ -87,7 +89,8 @@ class RedisBackend(ResultBackend):
         parse(url, kinds=("redis", "rediss"), role="result backend")
         self.prefix = global_keyprefix
         ttl_ms = int(expires * 1000) if expires and expires > 0 else 0
-        self._batcher = _Batcher(_connection(url, client_name), ttl_ms, socket_timeout)
+        readable = self.serializer.name if self.serializer.name in ("json", "msgpack") else ""
+        self._batcher = _Batcher(_connection(url, client_name), ttl_ms, readable, socket_timeout)
         self._listener = _Listener(_connection(url, client_name), url, socket_timeout)
 
     def key(self, task_id: str) -> str:
@@ -102,7 +105,7 @@ class RedisBackend(ResultBackend):
         await self._batcher.aclose()
 
     async def _set(self, task_id: str, data: bytes, meta: TaskMeta) -> None:
-        await self._run("store", self._batcher.store(self.key(task_id), data, meta.ready))
+        await self._run("store", self._batcher.store(self.key(task_id), data))
 
     async def _get(self, task_id: str) -> bytes | None:
         data: bytes | None = await self._run("get", self._batcher.get(self.key(task_id)))
@@ -174,18 +177,18 @@ class _Batcher:
     flight the next batch gathers. One connection is enough: batches go one after the other.
     """
 
-    def __init__(self, conn: AbstractConnection, ttl_ms: int, timeout: float) -> None:
-        self.conn, self.ttl_ms, self.timeout = conn, ttl_ms, timeout
-        self._stores: list[tuple[str, bytes, bool, asyncio.Future[Any]]] = []
+    def __init__(self, conn: AbstractConnection, ttl_ms: int, format: str, timeout: float) -> None:
+        self.conn, self.ttl_ms, self.format, self.timeout = conn, ttl_ms, format, timeout
+        self._stores: list[tuple[str, bytes, asyncio.Future[Any]]] = []
         self._deletes: list[tuple[str, asyncio.Future[Any]]] = []
         self._gets: list[tuple[str, asyncio.Future[Any]]] = []
         self._pings: list[asyncio.Future[Any]] = []
         self._calls: list[tuple[Command, asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
-    def store(self, key: str, data: bytes, publish: bool) -> asyncio.Future[Any]:
+    def store(self, key: str, data: bytes) -> asyncio.Future[Any]:
         future = self._future()
-        self._stores.append((key, data, publish, future))
+        self._stores.append((key, data, future))
         return future
 
     def get(self, key: str) -> asyncio.Future[Any]:
@@ -245,9 +248,16 @@ class _Batcher:
 
     def _take_stores(self) -> tuple[Command, Callable[[Any], None]]:
         stores, self._stores = self._stores[:_MAX_BATCH], self._stores[_MAX_BATCH:]
-        keys = [key for key, _, _, _ in stores]
-        flags = "".join("1" if publish else "0" for _, _, publish, _ in stores)
-        command = ("EVAL", _STORE, len(keys), *keys, self.ttl_ms, flags, *(data for _, data, _, _ in stores))
+        keys = [key for key, _, _ in stores]
+        command = (
+            "EVAL",
+            _STORE,
+            len(keys),
+            *keys,
+            self.ttl_ms,
+            self.format,
+            *(data for _, data, _ in stores),
+        )
         return (command if stores else ()), functools.partial(_settle, [f for *_, f in stores], None)
 
     def _take_deletes(self) -> tuple[Command, Callable[[Any], None]]:

@@ -2,15 +2,18 @@
 
 Each backend object (one per client process) owns one exclusive, auto-delete reply queue, declared
 by ``connect()``. ``prepare()`` sets ``reply_to`` of every message this process publishes to that
-queue and remembers the task id. In the worker, ``store()`` publishes each state (STARTED, RETRY,
-SUCCESS, FAILURE, ...) to the message's ``reply_to`` through the default exchange, with the task id
-as ``correlation_id``; replies are not persistent, since the reply queue is not durable either, and
-``expires`` becomes their TTL. States stored during one event-loop turn for the same client travel
-as one message: a single state exactly as Celery's rpc backend sends it, several as a list with the
+queue, remembers the task id, and adds the header ``aqueue_rpc_batch`` (which Celery ignores) to say
+that this client reads batched replies. In the worker, ``store()`` publishes each state (STARTED,
+RETRY, SUCCESS, FAILURE, ...) to the message's ``reply_to`` through the default exchange, exactly as
+Celery's rpc backend does: the state in Celery's layout as the body, the task id as
+``correlation_id``, not persistent (delivery mode 1). So a Celery client's ``result.get()`` reads an
+aqueue worker's replies, and an aqueue client reads a Celery worker's. States stored during one
+event-loop turn for a client whose message carried the header travel as one message, a list with the
 AMQP ``type`` ``aqueue.rpc.batch`` (so a busy worker sends one reply per client per turn, not one per
-task). Replies are published with confirms, and ``store()`` returns once RabbitMQ confirmed its
-reply; the worker acknowledges the task only after that. One consumer on the reply queue keeps the
-latest state of each task id in memory and wakes whoever waits for it.
+task); any other client gets one message per state. Replies are published with confirms, and
+``store()`` returns once RabbitMQ confirmed its reply; the worker acknowledges the task only after
+that. One consumer on the reply queue keeps the latest state of each task id in memory and wakes
+whoever waits for it.
 
 Limits, as in Celery: only the process that sent a task receives its states, so ``wait()`` on any
 other id raises at once instead of waiting forever, and ``get()`` elsewhere says PENDING; states sent
@@ -40,20 +43,24 @@ from aqueue.broker.amqp_wire import Outbox, encode_properties
 from aqueue.exceptions import AqueueError, ImproperlyConfigured, OperationalError, SerializationError
 from aqueue.exceptions import TimeoutError as WaitTimeout
 from aqueue.message import Message
-from aqueue.result.base import ResultBackend, TaskMeta, now_iso
+from aqueue.result.base import ResultBackend, TaskMeta
 from aqueue.serialization import serializer_for
 from aqueue.urls import mask_password
 
-__all__ = ["RPCBackend"]
+__all__ = ["BATCH_HEADER", "RPCBackend"]
 
 _BATCH = "aqueue.rpc.batch"
 """The AMQP ``type`` of a reply message carrying a list of states (for several tasks) instead of one."""
+BATCH_HEADER = "aqueue_rpc_batch"
+"""The task message header by which a client says that it reads batched replies."""
 _Reply = tuple[dict[str, Any], bytes, "asyncio.Future[None]", int]
 """A state to send, encoded, who waits for its confirm, and how many sends the connection dropped under."""
 
 log = logging.getLogger(__name__)
 
 _AMQP_SCHEMES = ("amqp://", "amqps://", "pyamqp://")
+_BATCHES: dict[str, Any] = {BATCH_HEADER: True}
+"""The headers of a message that had none: one mapping shared by all (the codec only reads it)."""
 _SAFE_CONTENT = frozenset({"application/json", "application/x-msgpack"})
 _RECONNECTING = (aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError)
 _ERRORS: tuple[type[BaseException], ...] = (
@@ -108,11 +115,10 @@ class RPCBackend(ResultBackend):
         self._waiters: defaultdict[str, set[asyncio.Future[None]]] = defaultdict(set)
         self._channel: AbstractRobustChannel | None = None
         self._outbox: Outbox | None = None
-        self._outgoing: dict[str, list[_Reply]] = {}
+        self._outgoing: dict[tuple[str, bool], list[_Reply]] = {}
+        """States to send, by reply queue and whether its client reads batches."""
         self._sending: asyncio.Task[None] | None = None
         self._filling = False
-        # RabbitMQ's per-message TTL: milliseconds, as a string.
-        self._expiration = None if expires is None else str(max(0, round(expires * 1000)))
         self._lock = asyncio.Lock()
 
     async def connect(self) -> None:
@@ -142,10 +148,11 @@ class RPCBackend(ResultBackend):
         await self.broker.aclose()
 
     def prepare(self, message: Message) -> None:
-        """Ask for ``message``'s states to be sent to this client's reply queue (unless it names one:
-        a workflow step sent by a worker replies to the client that sent the workflow)."""
+        """Ask for ``message``'s states to be sent to this client's reply queue, batched, unless it names
+        another (a workflow step sent by a worker replies, unbatched, to the client that sent the workflow)."""
         if not message.reply_to:
             message.reply_to = self.reply_to
+            message.headers = {**message.headers, BATCH_HEADER: True} if message.headers else _BATCHES
         if message.id not in self._sent:
             self._sent[message.id] = None
             while len(self._sent) > self.max_tasks:
@@ -155,14 +162,14 @@ class RPCBackend(ResultBackend):
         """Send ``meta`` to the client that sent ``request``; nothing to do when it asked for no reply."""
         if request is None or not request.reply_to:
             return
-        if meta.date_done is None and meta.ready:
-            meta.date_done = now_iso()
+        meta.complete(request)
         state = meta.to_dict()
         body = self.serializer.dumps(state)  # a result that cannot be encoded raises here, for this task only
         if self._channel is None:
             await self.connect()
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._outgoing.setdefault(request.reply_to, []).append((state, body, waiter, 0))
+        batches = bool(request.headers and request.headers.get(BATCH_HEADER))
+        self._outgoing.setdefault((request.reply_to, batches), []).append((state, body, waiter, 0))
         self._send_soon()
         with self._errors("send a result to"):
             await waiter
@@ -201,53 +208,59 @@ class RPCBackend(ResultBackend):
         finally:
             self._sending = None
 
-    def _publish(self, outbox: Outbox, outgoing: dict[str, list[_Reply]]) -> None:
-        """One message per reply queue; each waiter is settled by its message's confirm."""
-        for reply_to, replies in outgoing.items():
-            try:
-                confirmed = outbox.publish("", reply_to, *self._reply(replies))
-            except _RECONNECTING as exc:
-                self._again(reply_to, replies, exc)
-                continue
-            if confirmed is None:
-                _settle([waiter for *_, waiter, _ in replies], None)
-            else:
-                confirmed.add_done_callback(functools.partial(self._confirmed, reply_to, replies))
+    def _publish(self, outbox: Outbox, outgoing: dict[tuple[str, bool], list[_Reply]]) -> None:
+        """One message per batch-reading client, else one per state; confirms settle the waiters."""
+        for key, replies in outgoing.items():
+            reply_to, batches = key
+            for sent in [replies] if batches else [[reply] for reply in replies]:
+                try:
+                    confirmed = outbox.publish("", reply_to, *self._reply(sent))
+                except _RECONNECTING as exc:
+                    self._again(key, sent, exc)
+                    continue
+                if confirmed is None:
+                    _settle([waiter for *_, waiter, _ in sent], None)
+                else:
+                    confirmed.add_done_callback(functools.partial(self._confirmed, key, sent))
 
     def _reply(self, replies: list[_Reply]) -> tuple[bytes, bytes]:
-        """One reply message: a single state as Celery's rpc backend sends it, or several in a batch."""
-        content_type, expiration = self.serializer.content_type, self._expiration
+        """One reply message: a single state exactly as Celery's rpc backend sends it, or a batch."""
+        content_type = self.serializer.content_type
+        encoding = "utf-8" if content_type == "application/json" else "binary"
         if len(replies) == 1:
             state, body, _, _ = replies[0]
-            # Not persistent (delivery mode 1): the reply queue is not durable either.
+            # Not persistent (delivery mode 1), as Celery's (result_persistent is off by default).
             properties = encode_properties(
                 content_type=content_type,
+                content_encoding=encoding,
                 delivery_mode=1,
+                priority=0,
                 correlation_id=state["task_id"],
-                expiration=expiration,
             )
             return properties, body
         properties = encode_properties(
-            content_type=content_type, delivery_mode=1, expiration=expiration, message_type=_BATCH
+            content_type=content_type, content_encoding=encoding, delivery_mode=1, message_type=_BATCH
         )
         if content_type == "application/json":
             return properties, b"[" + b",".join(body for _, body, _, _ in replies) + b"]"
         return properties, self.serializer.dumps([state for state, _, _, _ in replies])
 
-    def _confirmed(self, reply_to: str, replies: list[_Reply], confirmed: asyncio.Future[Any]) -> None:
+    def _confirmed(
+        self, key: tuple[str, bool], replies: list[_Reply], confirmed: asyncio.Future[Any]
+    ) -> None:
         exc = None if confirmed.cancelled() else confirmed.exception()
         if isinstance(exc, _RECONNECTING):
-            self._again(reply_to, replies, exc)
+            self._again(key, replies, exc)
         else:
             _settle([waiter for *_, waiter, _ in replies], exc)
 
-    def _again(self, reply_to: str, replies: list[_Reply], exc: BaseException) -> None:
+    def _again(self, key: tuple[str, bool], replies: list[_Reply], exc: BaseException) -> None:
         """Send once more after a reconnect the replies whose send the connection dropped under."""
         failed = [waiter for *_, waiter, attempts in replies if attempts]
         _settle(failed, exc)
         retry = [(state, body, waiter, 1) for state, body, waiter, attempts in replies if not attempts]
         if retry:
-            self._outgoing.setdefault(reply_to, []).extend(retry)
+            self._outgoing.setdefault(key, []).extend(retry)
             self._send_soon()
 
     async def get(self, task_id: str) -> TaskMeta:

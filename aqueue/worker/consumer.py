@@ -50,7 +50,9 @@ class ConsumerLoop:
         async for delivery in self.intake:
             try:
                 try:
-                    message = decode(delivery.body, delivery.content_type, delivery.headers, accepted)
+                    message = decode(
+                        delivery.body, delivery.content_type, delivery.headers, accepted, delivery.properties
+                    )
                 except (ContentDisallowed, DecodeError) as exc:
                     await self._bad(delivery, exc)
                     continue

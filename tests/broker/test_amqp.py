@@ -6,15 +6,18 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
+import aiormq
 import pytest
 
 from aqueue.broker.amqp import AMQPBroker, amqp_url, delay_bucket_ms
 from aqueue.broker.base import Consumer, Delivery
 from aqueue.exceptions import ImproperlyConfigured, InvalidURL, OperationalError
 from aqueue.message import Envelope
+from aqueue.queues import QueueDeclarations
 from tests.conftest import rabbitmqctl, require_server
 
 URL = "amqp://guest:guest@127.0.0.1:5672//"
@@ -182,20 +185,64 @@ async def test_prefetch_is_the_qos_window(broker: AMQPBroker, queue: str) -> Non
 
 
 async def test_reject_dead_letters(broker: AMQPBroker, queue: str) -> None:
-    # Given a received message
-    await broker.publish(envelopes(queue, 1))
+    # Given a received message with headers
+    envelope = Envelope(
+        "m0", queue, b"body 0", JSON, priority=3, headers={"task": "t", "id": "m0"}, reply_to="r"
+    )
+    await broker.publish([envelope])
     async with broker.consume([queue], prefetch=1) as consumer:
         delivery = await receive(consumer)
         # When it is rejected
         await delivery.reject()
 
-    # Then it waits in the dead-letter queue, and not in the queue
-    async def dead() -> bool:
-        message = await get_one(broker, f"{queue}.dead")
-        return message is not None and message.body == b"body 0"
+        # Then a copy, headers and properties included, waits in the dead-letter queue
+        async def dead() -> bool:
+            return await ready_count(broker, f"{queue}.dead") == 1
 
-    await until(dead)
+        await until(dead)
+    copy = await get_one(broker, f"{queue}.dead")
+    assert copy is not None
+    assert (copy.body, copy.headers, copy.priority, copy.reply_to) == (b"body 0", envelope.headers, 3, "r")
+    # And the original was acknowledged once the copy was confirmed: nothing is left in the queue
     assert await ready_count(broker, queue) == 0
+
+
+async def test_a_policy_sends_what_a_celery_worker_rejects_to_the_dead_letter_queue(
+    broker: AMQPBroker, queue: str
+) -> None:
+    # Given the queue, and the policy the README gives for it (a policy does not change its declaration)
+    await broker.publish(envelopes(queue, 1))
+    policy = f"dead-letters-{queue}"
+    definition = f'{{"dead-letter-exchange": "", "dead-letter-routing-key": "{queue}.dead"}}'
+    await rabbitmqctl("set_policy", "--apply-to", "queues", policy, f"^{queue}$", definition)
+    try:
+        # When a consumer rejects the message without requeueing it, as a Celery worker rejects a task
+        # it cannot run
+        channel = await broker.channel()
+        try:
+            declared = await channel.declare_queue(queue, durable=True, robust=False)
+            message = await declared.get(no_ack=False, timeout=5)
+            await message.reject(requeue=False)
+        finally:
+            await channel.close()
+        # Then RabbitMQ puts it in the dead-letter queue
+        await until(lambda: _equals(ready_count(broker, f"{queue}.dead"), 1))
+    finally:
+        await rabbitmqctl("clear_policy", policy)
+
+
+async def test_queues_are_declared_without_arguments_as_celery_declares_them(
+    broker: AMQPBroker, queue: str
+) -> None:
+    # Given a published message
+    await broker.publish(envelopes(queue, 1))
+    # Then a declaration without arguments, Celery's, agrees with the queue and its dead-letter queue
+    channel = await broker.channel()
+    try:
+        for name in (queue, f"{queue}.dead"):
+            await channel.declare_queue(name, durable=True, robust=False)
+    finally:
+        await channel.close()
 
 
 async def test_requeue_redelivers(broker: AMQPBroker, queue: str) -> None:
@@ -263,9 +310,9 @@ async def test_without_publisher_confirms(queue: str) -> None:
 async def test_existing_queue_with_other_arguments_is_used_as_is(
     broker: AMQPBroker, queue: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Given a queue declared elsewhere without a dead-letter exchange, as Celery declares its queues
+    # Given a queue declared elsewhere with an argument this broker does not declare
     channel = await broker.channel()
-    await channel.declare_queue(queue, durable=True, robust=False)
+    await channel.declare_queue(queue, durable=True, robust=False, arguments={"x-max-length": 100})
     await channel.close()
     # When publishing to it and consuming from it
     await broker.publish(envelopes(queue, 1))
@@ -313,6 +360,118 @@ async def test_eta_flood_does_not_fill_the_prefetch_window(broker: AMQPBroker, q
     # Then the due message comes at once
     assert delivery.id == "now"
     assert time.monotonic() - started < 1.0
+
+
+async def test_a_celery_eta_header_is_honoured(broker: AMQPBroker, queue: str) -> None:
+    # Given a message with Celery's eta header (ISO 8601), due in 1.2 s, published straight to the queue
+    # as a Celery client publishes it
+    eta = time.time() + 1.2
+    headers = {"task": "tasks.add", "id": "c0", "eta": datetime.fromtimestamp(eta, UTC).isoformat()}
+    await broker.publish([Envelope("c0", queue, b"[[], {}, {}]", JSON, headers=headers)])
+    async with broker.consume([queue], prefetch=4) as consumer:
+        # When it is received, then not before its eta, with its headers
+        delivery = await receive(consumer, timeout=5)
+        received_at = time.time()
+        await delivery.ack()
+    assert eta <= received_at < eta + 1.0
+    assert delivery.headers is not None and delivery.headers["eta"] == headers["eta"]
+
+
+# -- quorum queues ------------------------------------------------------------------------------
+
+
+def quorum_broker(**declarations: Any) -> AMQPBroker:
+    return AMQPBroker(
+        URL, queues=QueueDeclarations(default_type="quorum", missing_type="quorum", **declarations)
+    )
+
+
+@pytest.fixture
+async def quorum(queue: str) -> AsyncIterator[AMQPBroker]:
+    require_server("amqp")
+    async with quorum_broker() as b:
+        yield b
+        await b.delete_queue(queue)
+        await b.delete_queue(f"{queue}-classic")
+
+
+async def queue_type(broker: AMQPBroker, name: str) -> str:
+    """``quorum`` when a quorum declaration of ``name`` agrees with it, else ``classic``."""
+    channel = await broker.channel()
+    try:
+        await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"}, robust=False)
+        return "quorum"
+    except aiormq.exceptions.ChannelPreconditionFailed:
+        return "classic"
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+async def test_quorum_queues_and_their_dead_letters_are_quorum_queues(quorum: AMQPBroker, queue: str) -> None:
+    # Given a message in a quorum queue
+    await quorum.publish(envelopes(queue, 1))
+    # Then the queue and its dead-letter queue are quorum queues, as Celery declares them
+    assert [await queue_type(quorum, name) for name in (queue, f"{queue}.dead")] == ["quorum", "quorum"]
+    # And a rejected message reaches the dead-letter queue
+    async with quorum.consume([queue], prefetch=1) as consumer:
+        await (await receive(consumer)).reject()
+        await until(lambda: _equals(ready_count(quorum, f"{queue}.dead"), 1))
+    assert await ready_count(quorum, queue) == 0
+
+
+async def test_one_consumer_takes_from_classic_and_quorum_queues(quorum: AMQPBroker, queue: str) -> None:
+    # Given a classic and a quorum queue, a message in each
+    classic = f"{queue}-classic"
+    quorum.layout.declarations = QueueDeclarations(default_queue=queue, default_type="quorum")
+    await quorum.publish([Envelope("q", queue, b"", JSON), Envelope("c", classic, b"", JSON)])
+    assert [await queue_type(quorum, name) for name in (queue, classic)] == ["quorum", "classic"]
+    # When one consumer (one channel, its own prefetch: no global QoS, which quorum queues refuse) takes both
+    async with quorum.consume([queue, classic], prefetch=2) as consumer:
+        got = {(await receive(consumer)).id for _ in range(2)}
+    # Then it got both
+    assert got == {"q", "c"}
+
+
+async def test_countdowns_on_a_quorum_queue_wait_in_quorum_delay_queues(
+    quorum: AMQPBroker, queue: str
+) -> None:
+    # Given a message due in 1.2 s on a quorum queue
+    eta = time.time() + 1.2
+    await quorum.publish(envelopes(queue, 1, eta=eta))
+    # Then it waits in a quorum delay queue, which dead-letters at least once
+    (ttl,) = quorum.layout.delays[queue]
+    channel = await quorum.channel()
+    try:
+        arguments = {
+            "x-queue-type": "quorum", "x-message-ttl": ttl, "x-expires": ttl + 600_000,
+            "x-dead-letter-exchange": queue, "x-dead-letter-routing-key": queue,
+            "x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish",
+        }  # fmt: skip
+        await channel.declare_queue(f"{queue}.delay.{ttl}", durable=True, arguments=arguments, robust=False)
+    finally:
+        await channel.close()
+    # And it is delivered, not before its time
+    async with quorum.consume([queue], prefetch=1) as consumer:
+        delivery = await receive(consumer, timeout=5)
+        received_at = time.time()
+        await delivery.ack()
+    assert eta <= received_at < eta + 1.0
+
+
+async def test_a_quorum_queue_is_declared_without_priorities(
+    queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given task_queue_max_priority with quorum queues, which RabbitMQ 3 gives no priorities
+    require_server("amqp")
+    async with quorum_broker(max_priority=5) as broker:
+        try:
+            # When a message is published, then the queue is declared without x-max-priority, with a warning
+            await broker.publish([Envelope("p", queue, b"", JSON, priority=5)])
+            assert await ready_count(broker, queue) == 1
+            assert "quorum queue: RabbitMQ 3 has no priorities" in caplog.text
+        finally:
+            await broker.delete_queue(queue)
 
 
 # -- broadcast ----------------------------------------------------------------------------------

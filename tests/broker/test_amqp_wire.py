@@ -191,7 +191,7 @@ async def test_after_its_channel_closes_the_consumer_hands_out_fresh_copies_only
             "correlation_id": "c1",
             "expiration": "60000",
         },
-        {"content_type": "application/x-msgpack", "headers": {"x-aqueue-eta": 1764000000123}, "priority": 9},
+        {"content_type": "application/x-msgpack", "content_encoding": "binary", "priority": 9},
         {"reply_to": "aqueue.reply.ab", "message_type": "aqueue.rpc.batch", "delivery_mode": 1},
     ],
 )

@@ -222,11 +222,13 @@ class Project:
         """Run ``python -m aqueue -A tasks ARGS`` here and return what it printed."""
         return await self.run([sys.executable, "-m", "aqueue", "-A", "tasks", *args], timeout)
 
-    async def run(self, argv: list[str], timeout: float = 30.0) -> CliResult:
+    async def run(
+        self, argv: list[str], timeout: float = 30.0, env: dict[str, str] | None = None
+    ) -> CliResult:
         proc = await asyncio.create_subprocess_exec(
             *argv,
             cwd=self.root,
-            env=subprocess_env(),
+            env=env or subprocess_env(),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,

@@ -195,10 +195,17 @@ async def test_ten_thousand_tasks_none_lost_none_duplicated(fleet_project: Proje
 async def test_sigkill_mid_task_is_run_by_the_other_worker(fleet_project: Project) -> None:
     # Given: acks_late (on Redis a claim lapses after 2 s; RabbitMQ redelivers when the connection
     # drops), two workers, and a 2 s task running on one of them
-    write_tasks(fleet_project, task_acks_late=True, broker_transport_options={"visibility_timeout": 2})
-    workers = [await fleet_project.start_worker("-c", "1", "-n", f"w{i}@fleet") for i in (1, 2)]
-    mark = fleet_project.root / "runs.txt"
-    async with fleet_project.app() as client:
+    await sigkill_mid_task_is_run_by_the_other_worker(
+        fleet_project, task_acks_late=True, broker_transport_options={"visibility_timeout": 2}
+    )
+
+
+async def sigkill_mid_task_is_run_by_the_other_worker(project: Project, **settings: Any) -> None:
+    """With ``settings``, two workers, a 2 s task running on one of them: killed, the other runs it."""
+    write_tasks(project, **settings)
+    workers = [await project.start_worker("-c", "1", "-n", f"w{i}@fleet") for i in (1, 2)]
+    mark = project.root / "runs.txt"
+    async with project.app() as client:
         result = await client.send_task("tasks.slow", [2, str(mark)])
         (first,) = await wait_for_lines(mark, 1)
         victim = worker_with_pid(workers, int(first.split()[1]))

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import amqp.serialization  # type: ignore[import-untyped]
+import amqp.serialization
 import anyio
 import pytest
 

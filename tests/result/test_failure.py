@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from aqueue.exceptions import NotRegistered, TaskError
+from aqueue import states
+from aqueue.exceptions import NotRegistered, TaskError, TaskRevokedError, TimeLimitExceeded
+from aqueue.result.base import TaskMeta
 from aqueue.result.failure import exception_from_result, exception_to_result, format_traceback
 
 
@@ -131,3 +133,55 @@ def test_format_traceback_names_the_exception_and_the_line() -> None:
     assert text.startswith("Traceback (most recent call last):")
     assert 'raise ModuleError("traced")' in text
     assert text.rstrip().endswith("ModuleError: traced")
+
+
+def test_celerys_namesakes_are_stored_under_celerys_modules() -> None:
+    assert exception_to_result(NotRegistered("tasks.x")) == {
+        "exc_type": "NotRegistered",
+        "exc_message": ["tasks.x"],
+        "exc_module": "celery.exceptions",
+    }
+    assert exception_to_result(TimeLimitExceeded("late"))["exc_module"] == "billiard.exceptions"
+
+
+@pytest.mark.parametrize(
+    ("stored", "expected"),
+    [
+        (
+            {"exc_type": "TimeLimitExceeded", "exc_module": "billiard.exceptions", "exc_message": [300.0]},
+            TimeLimitExceeded,
+        ),
+        (
+            {"exc_type": "TimeLimitExceeded", "exc_module": "celery.exceptions", "exc_message": [300.0]},
+            TimeLimitExceeded,
+        ),
+        (
+            {"exc_type": "TaskRevokedError", "exc_module": "celery.exceptions", "exc_message": ["expired"]},
+            TaskRevokedError,
+        ),
+        (
+            {"exc_type": "NotRegistered", "exc_module": "celery.exceptions", "exc_message": ["tasks.x"]},
+            NotRegistered,
+        ),
+    ],
+)
+def test_celerys_exceptions_come_back_as_aqueues(
+    stored: dict[str, object], expected: type[Exception]
+) -> None:
+    assert type(exception_from_result(stored)) is expected
+
+
+def test_an_argument_that_is_not_plain_data_is_kept_as_its_repr() -> None:
+    assert exception_to_result(ValueError("bad", {"ok": [1]}, object))["exc_message"] == [
+        "bad",
+        {"ok": [1]},
+        repr(object),
+    ]
+
+
+def test_a_revoked_state_is_stored_as_celerys_task_revoked_error() -> None:
+    assert TaskMeta("t", states.REVOKED, "expired").to_dict()["result"] == {
+        "exc_type": "TaskRevokedError",
+        "exc_message": ["expired"],
+        "exc_module": "celery.exceptions",
+    }

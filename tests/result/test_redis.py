@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,8 +16,10 @@ import redis.asyncio as aioredis
 
 from aqueue import states
 from aqueue.exceptions import OperationalError, TimeoutError
+from aqueue.message import Message
 from aqueue.result import from_url
 from aqueue.result.base import TaskMeta
+from aqueue.result.failure import exception_from_result, exception_to_result
 from aqueue.result.redis import RedisBackend
 
 URL = "redis://127.0.0.1:6379/0"
@@ -65,6 +70,77 @@ async def test_result_is_a_celery_named_key_that_expires(backend: RedisBackend, 
     key = f"{backend.prefix}celery-task-meta-{tid}"
     assert await raw.exists(key)
     assert 0 < await raw.pttl(key) <= 60_000
+
+
+GOLDEN = json.loads((Path(__file__).parent.parent / "golden" / "celery.json").read_text())["redis"]
+
+
+async def test_a_state_is_stored_as_celerys_json(backend: RedisBackend, raw: aioredis.Redis) -> None:
+    # Given a success stored for a task of a group, sent by another task
+    tid = uuid.uuid4().hex
+    request = Message(tid, "tasks.add", (20, 22), group="g-1", parent_id="p-1")
+    await backend.store(TaskMeta(tid, states.SUCCESS, 42), request)
+    # Then the key holds Celery's layout: its keys in Celery's order, group and parent before the id
+    stored = json.loads(await raw.get(backend.key(tid)) or "null")
+    celery = json.loads(GOLDEN["success"])
+    assert list(stored) == [*list(celery)[:-1], "group_id", "parent_id", "task_id"]
+    assert {k: stored[k] for k in ("status", "result", "traceback", "children", "task_id")} == {
+        "status": "SUCCESS", "result": 42, "traceback": None, "children": [], "task_id": tid,
+    }  # fmt: skip
+    assert (stored["group_id"], stored["parent_id"]) == ("g-1", "p-1")
+    assert datetime.fromisoformat(stored["date_done"]).tzinfo is not None
+
+
+@pytest.mark.parametrize("label", ["success", "failure"])
+async def test_what_celery_stored_is_read(label: str, backend: RedisBackend, raw: aioredis.Redis) -> None:
+    # Given a state a Celery worker stored
+    celery = json.loads(GOLDEN[label])
+    await raw.set(backend.key(celery["task_id"]), GOLDEN[label], ex=60)
+    # When it is read, then it is Celery's state, with its exception rebuilt
+    meta = await backend.get(celery["task_id"])
+    assert (meta.status, meta.traceback, meta.date_done) == (
+        celery["status"],
+        celery["traceback"],
+        celery["date_done"],
+    )
+    if label == "failure":
+        rebuilt = exception_from_result(meta.result)
+        assert type(rebuilt) is ValueError and rebuilt.args == ("bad", 42)
+    else:
+        assert meta.result == 42
+
+
+@pytest.mark.parametrize("serializer", ["json", "msgpack"])
+async def test_a_success_is_never_overwritten(serializer: str, make_backend: Factory) -> None:
+    # Given a task whose success is stored
+    backend = await make_backend(serializer=serializer, expires=60)
+    tid = uuid.uuid4().hex
+    await backend.store(TaskMeta(tid, states.SUCCESS, 8))
+    # When a second run of it (a redelivered copy) stores another state
+    await backend.store(TaskMeta(tid, states.STARTED, {"pid": 1}))
+    await backend.store(TaskMeta(tid, states.FAILURE, exception_to_result(ValueError("late"))))
+    # Then the success stays
+    meta = await backend.get(tid)
+    assert (meta.status, meta.result) == (states.SUCCESS, 8)
+
+
+async def test_every_state_is_published_as_celery_publishes_it(
+    backend: RedisBackend, raw: aioredis.Redis
+) -> None:
+    # Given a subscriber on a task's channel, as a Celery client's result consumer subscribes
+    tid = uuid.uuid4().hex
+    pubsub = raw.pubsub()
+    await pubsub.subscribe(backend.key(tid))
+    try:
+        assert (await pubsub.get_message(timeout=2))["type"] == "subscribe"
+        # When the task starts, then succeeds
+        await backend.store(TaskMeta(tid, states.STARTED, {"pid": 1, "hostname": "w"}))
+        await backend.store(TaskMeta(tid, states.SUCCESS, 8))
+        # Then both states are published, not only the ready one
+        published = [await pubsub.get_message(timeout=2) for _ in range(2)]
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+    assert [json.loads(m["data"])["status"] for m in published if m] == [states.STARTED, states.SUCCESS]
 
 
 async def test_without_expires_results_are_kept(make_backend: Factory, raw: aioredis.Redis) -> None:

@@ -7,11 +7,14 @@ runs, as a worker process would.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import aio_pika
 import pytest
 
 from aqueue import states
@@ -20,6 +23,7 @@ from aqueue.exceptions import TimeoutError as AqueueTimeoutError
 from aqueue.message import Message, decode_message, encode_message
 from aqueue.result import from_url
 from aqueue.result.base import TaskMeta
+from aqueue.result.failure import exception_from_result, exception_to_result
 from aqueue.result.rpc import RPCBackend
 from aqueue.serialization import get_serializer
 from tests.conftest import rabbitmqctl, require_server
@@ -75,7 +79,7 @@ async def test_worker_store_reaches_the_waiting_client(client: RPCBackend, worke
     await worker.store(TaskMeta(request.id, states.SUCCESS, 8, name=request.task), request)
     # Then the client's wait returns the success, with its result and completion time
     meta = await client.wait(request.id, timeout=5)
-    assert (meta.status, meta.result, meta.name) == (states.SUCCESS, 8, "tasks.add")
+    assert (meta.status, meta.result) == (states.SUCCESS, 8)
     assert meta.date_done is not None
     assert (await client.get(request.id)).status == states.SUCCESS
 
@@ -277,3 +281,77 @@ async def reply_queue_exists(client: RPCBackend) -> bool:
     except Exception:
         return False
     return True
+
+
+GOLDEN = json.loads((Path(__file__).parent.parent / "golden" / "celery.json").read_text())["messages"]
+
+
+async def test_a_client_that_did_not_ask_for_batches_gets_celerys_replies(worker: RPCBackend) -> None:
+    # Given a reply queue of a client that sends Celery's messages (no batch header), and three of its tasks
+    channel = await worker.broker.channel()
+    reply_queue = f"celery-client-{uuid.uuid4().hex[:8]}"
+    declared = await channel.declare_queue(reply_queue, auto_delete=True, robust=False)
+    requests = [Message(str(uuid.uuid4()), "tasks.add", (i, i), reply_to=reply_queue) for i in range(3)]
+    try:
+        # When the worker stores their results in one loop turn, one of them a failure
+        await asyncio.gather(
+            worker.store(TaskMeta(requests[0].id, states.SUCCESS, 0), requests[0]),
+            worker.store(TaskMeta(requests[1].id, states.SUCCESS, 2), requests[1]),
+            worker.store(
+                TaskMeta(requests[2].id, states.FAILURE, exception_to_result(ValueError("boom", 42)), "tb"),
+                requests[2],
+            ),
+        )
+        replies = [await declared.get(no_ack=True, timeout=5) for _ in range(3)]
+    finally:
+        await channel.queue_delete(reply_queue)
+        await channel.close()
+    # Then each state came as a message of its own, with the properties Celery's rpc backend gives it
+    celery = GOLDEN["rpc_success"]["properties"]
+    for reply, request in zip(replies, requests, strict=True):
+        assert (
+            reply.content_type,
+            reply.content_encoding,
+            int(reply.delivery_mode or 0),
+            reply.priority,
+        ) == (
+            celery["content_type"],
+            celery["content_encoding"],
+            celery["delivery_mode"],
+            celery["priority"],
+        )
+        assert (reply.correlation_id, reply.type, reply.expiration) == (request.id, None, None)
+    # And bodies in Celery's layout, key for key
+    bodies = [json.loads(reply.body) for reply in replies]
+    assert [list(body) for body in bodies] == [list(json.loads(GOLDEN["rpc_success"]["body"]))] * 3
+    assert bodies[2]["result"] == {
+        "exc_type": "ValueError",
+        "exc_message": ["boom", 42],
+        "exc_module": "builtins",
+    }
+
+
+async def test_a_celery_workers_reply_is_read(client: RPCBackend) -> None:
+    # Given a task sent by this client, and Celery's reply to it as a Celery worker publishes it
+    message = sent_by(client)
+    reply = json.loads(GOLDEN["rpc_failure"]["body"]) | {"task_id": message.id}
+    channel = await client.broker.channel()
+    try:
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                json.dumps(reply).encode(),
+                content_type="application/json",
+                content_encoding="utf-8",
+                correlation_id=message.id,
+                delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+            ),
+            routing_key=client.reply_to,
+        )
+    finally:
+        await channel.close()
+    # Then the client's wait returns Celery's failure, with the exception Celery stored
+    meta = await client.wait(message.id, timeout=5)
+    assert meta.status == states.FAILURE
+    assert meta.traceback is not None and "ValueError" in meta.traceback
+    rebuilt = exception_from_result(meta.result)
+    assert type(rebuilt) is ValueError and rebuilt.args == ("boom", 42)
