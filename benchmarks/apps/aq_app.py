@@ -20,3 +20,16 @@ async def noop() -> None:
 @app.task
 async def sleep50() -> None:
     await asyncio.sleep(SLEEP)
+
+
+# For the workflows: a chain of inc from 0, a chord's callback counting the header's results.
+
+
+@app.task
+async def inc(x: int) -> int:
+    return x + 1
+
+
+@app.task
+async def count(results: list[object]) -> int:
+    return len(results)

@@ -20,3 +20,16 @@ def noop() -> None:
 @app.task
 def sleep50() -> None:
     time.sleep(SLEEP)
+
+
+# For the workflows: a chain of inc from 0, a chord's callback counting the header's results.
+
+
+@app.task
+def inc(x: int) -> int:
+    return x + 1
+
+
+@app.task
+def count(results: list[object]) -> int:
+    return len(results)

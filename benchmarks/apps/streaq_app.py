@@ -32,3 +32,19 @@ async def noop() -> None:
 @worker.task
 async def sleep50() -> None:
     await asyncio.sleep(SLEEP)
+
+
+# For the workflows: a pipeline of inc from 0; done runs after the chord's header (without its results).
+
+
+@worker.task
+async def inc(x: int) -> int:
+    return x + 1
+
+
+@worker.task
+async def done() -> None:
+    return None
+
+
+TASKS = {"noop": noop, "sleep50": sleep50, "inc": inc, "done": done}
