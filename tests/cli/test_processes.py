@@ -147,7 +147,8 @@ async def test_tasks_run_in_two_processes_and_sigterm_drains_both(project: Proje
         assert set(runs(folder, "start")["long0"] + runs(folder, "start")["long1"]) == children
 
         # Then: both finish their task, and the parent exits 0 once both have stopped
-        assert await parent.stop(signal.SIGTERM, timeout=30) == 0
+        code = await parent.stop(signal.SIGTERM, timeout=30)
+        assert code == 0, parent.log
         assert {await r.get(timeout=5) for r in long} == children
     assert parent.log.count("SIGTERM received: warm shutdown") == 3
     assert not (project.root / "w.pid").exists()
@@ -179,7 +180,8 @@ async def test_a_killed_child_is_replaced_and_its_acks_late_task_runs_again(
     assert sorted(runs(folder, "start")["t"]) == sorted([victim, survivor])
     assert runs(folder, "done") == {"t": [survivor]}
     assert len(children_of(parent.pid)) == 2
-    assert await parent.stop(signal.SIGTERM, timeout=30) == 0
+    code = await parent.stop(signal.SIGTERM, timeout=30)
+    assert code == 0, parent.log
 
 
 async def test_recycling_by_task_count_loses_no_task(project: Project, folder: Path) -> None:
@@ -198,7 +200,8 @@ async def test_recycling_by_task_count_loses_no_task(project: Project, folder: P
     assert len(set(pids)) >= 6
     assert "took its 4 tasks (max tasks per child)" in parent.log
     assert "(recycled)" in parent.log
-    assert await parent.stop(signal.SIGTERM, timeout=30) == 0
+    code = await parent.stop(signal.SIGTERM, timeout=30)
+    assert code == 0, parent.log
 
 
 async def test_max_memory_per_child_alone_runs_one_recycled_process(
@@ -219,7 +222,8 @@ async def test_max_memory_per_child_alone_runs_one_recycled_process(
         second = await (await client.send_task("tasks.where", [2, 0, str(folder)])).get(timeout=30)
     assert first != second
     assert "is over the max memory per child (1 KiB)" in parent.log
-    assert await parent.stop(signal.SIGTERM, timeout=30) == 0
+    code = await parent.stop(signal.SIGTERM, timeout=30)
+    assert code == 0, parent.log
 
 
 async def test_a_second_sigint_kills_every_process_at_once(sqlite_project: Project, folder: Path) -> None:
