@@ -8,6 +8,7 @@ replies ``{'error': ...}``; a message that is not a request is logged and ignore
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import logging
 import os
@@ -31,6 +32,9 @@ if TYPE_CHECKING:
     from aqueue.worker.worker import Worker
 
 __all__ = ["COMMANDS", "ControlServer"]
+
+REPLY_TIMEOUT = 5.0
+"""Seconds a remote control reply may take to publish before it is dropped."""
 
 logger = logging.getLogger("aqueue.worker")
 
@@ -361,4 +365,12 @@ class ControlServer:
         headers = {"ticket": ticket, "clock": CLOCK.forward()}
         body = pydantic_core.to_json({self.worker.hostname: reply}, fallback=safe_repr)
         message = ExchangeMessage(body, headers, str(reply_to.get("routing_key") or ""))
-        await self.worker.app.broker.send_to_exchange(exchange, message)
+        try:
+            async with asyncio.timeout(REPLY_TIMEOUT):  # the asker has long given up by then
+                await self.worker.app.broker.send_to_exchange(exchange, message)
+        except TimeoutError:
+            logger.warning(
+                "Dropped a remote control reply to %s: the broker took over %.0fs.",
+                exchange.name,
+                REPLY_TIMEOUT,
+            )

@@ -28,6 +28,9 @@ __all__ = ["Worker", "default_hostname"]
 
 logger = logging.getLogger("aqueue.worker")
 
+PART_STOP_TIMEOUT = 5.0
+"""Seconds the consumer, remote control and monitoring loops get to end once cancelled."""
+
 
 def default_hostname() -> str:
     return f"aqueue@{socket.gethostname()}"
@@ -217,7 +220,17 @@ class Worker:
             return
         for part in self._parts:
             part.cancel()
-        await asyncio.gather(*self._parts, return_exceptions=True)
+        if self._parts:
+            # A part is cancelled where it waits for the broker; one that the broker keeps waiting
+            # (a channel close that gets no answer) must not hold the shutdown.
+            _, stuck = await asyncio.wait(self._parts, timeout=PART_STOP_TIMEOUT)
+            if stuck:
+                logger.warning(
+                    "%s: %d worker part(s) did not stop within %.0fs; going on with the shutdown.",
+                    self.hostname,
+                    len(stuck),
+                    PART_STOP_TIMEOUT,
+                )
         if self._loop is not None:
             self._loop.executor.close()
         running = self._loop.running if self._loop else set()
