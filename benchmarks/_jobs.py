@@ -278,8 +278,11 @@ class Job:
             r.close()
         if self.lib.broker == "amqp":
             reset_vhost(self.lib.vhost)
-        for path in self.datadir.glob(f"{self.lib.db}-*.db*"):
-            path.unlink()
+        for path in self.datadir.glob(f"{self.lib.db}-*.db*"):  # the databases and their wake-up folders
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
         if self.lib.broker == "sqlite":
             self._create_files()
 
