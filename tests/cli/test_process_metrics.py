@@ -76,6 +76,11 @@ def multiproc_dir(pid: int) -> Path:
     return Path(found.decode())
 
 
+def file_owners(folder: Path) -> set[str]:
+    """Whose files the metrics folder holds: pids, and "archive"."""
+    return {path.stem.rsplit("_", 1)[1] for path in folder.glob("*.db")}
+
+
 async def test_one_endpoint_adds_up_both_processes_and_survives_a_kill(
     project: Project, folder: Path
 ) -> None:
@@ -151,6 +156,7 @@ async def test_counts_add_up_across_recycled_processes(project: Project, folder:
     project.write_tasks(WHERE, worker_metrics_address="127.0.0.1", worker_metrics_port=port)
     parent = await start_processes(project, "--processes", "2", "-c", "2", "--max-tasks-per-child", "4")
     url = f"http://127.0.0.1:{port}/metrics"
+    metrics_dir = multiproc_dir(min(children_of(parent.pid)))
 
     async with project.app() as client:
         # When: 24 tasks run, in at least six processes one after the other
@@ -163,6 +169,16 @@ async def test_counts_add_up_across_recycled_processes(project: Project, folder:
     assert by_task(samples, "aqueue_tasks_succeeded_total", "tasks.where") == 24
     assert by_task(samples, "aqueue_tasks_received_total", "tasks.where") == 24
     assert by_task(samples, "aqueue_task_runtime_seconds_count", "tasks.where") == 24
+
+    # And: the files of the gone processes were folded into one archive per type, and removed
+    await until(lambda: file_owners(metrics_dir) <= {"archive", *map(str, children_of(parent.pid))})
+    assert {p.name for p in metrics_dir.glob("*_archive.db")} == {
+        "counter_archive.db",
+        "histogram_archive.db",
+    }
+    samples = await scrape(url)
+    assert by_task(samples, "aqueue_tasks_succeeded_total", "tasks.where") == 24
+    assert samples[("aqueue_task_runtime_seconds_bucket", (("le", "+Inf"), ("task", "tasks.where")))] == 24
     assert await parent.stop(signal.SIGTERM, timeout=30) == 0, parent.log
 
 
