@@ -1,9 +1,10 @@
 """What monitoring costs: W1 on Redis with a worker plain, with ``-E`` (events), and with ``--metrics-port``.
 
-    python benchmarks/monitoring.py [--tasks 10000] [--runs 3] [--redis redis://127.0.0.1:6379/9]
+    python benchmarks/monitoring.py [--tasks 10000] [--runs 3] [--redis redis://127.0.0.1:6379/9] [--processes N]
 
 W1 as in run.py: N no-op tasks sent by one asyncio producer (windows of 100) to one worker process
-(``-c 100``), every result collected; the figure is tasks/s from the first send to the last result.
+(``-c 100``; with ``--processes N``, N of them under one parent, which then serves the one ``/metrics``),
+every result collected; the figure is tasks/s from the first send to the last result.
 The three modes run interleaved (run 1: plain, events, metrics; run 2: ...), each figure is the median
 over the runs, and the ratios are to the plain worker of the same run set. With ``-E``, a process of
 its own reads every event during the run (``aqueue events --json``), as Flower would. Runs in this
@@ -61,11 +62,13 @@ async def w1(app: App, n: int) -> float:
     return n / (time.perf_counter() - started)
 
 
-def run_one(folder: Path, mode: list[str], n: int) -> float:
+def run_one(folder: Path, mode: list[str], n: int, worker_processes: int | None = None) -> float:
     aqueue = [sys.executable, "-m", "aqueue", "-A", "mon_tasks"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), str(REPO)])}
     quiet = {"cwd": folder, "env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    processes = [subprocess.Popen([*aqueue, "worker", "-c", "100", "-l", "warning", *mode], **quiet)]  # type: ignore[call-overload]
+    scale = ["--processes", str(worker_processes)] if worker_processes else []
+    worker = [*aqueue, "worker", "-c", "100", "-l", "warning", *scale, *mode]
+    processes = [subprocess.Popen(worker, **quiet)]  # type: ignore[call-overload]
     if "-E" in mode:
         processes.append(subprocess.Popen([*aqueue, "events", "--json"], **quiet))  # type: ignore[call-overload]
     try:
@@ -93,6 +96,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=10_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/9")
+    parser.add_argument("--processes", type=int, help="run each worker as --processes N")
     args = parser.parse_args()
     prefix = f"monbench-{uuid.uuid4().hex[:8]}:"
     options = {"global_keyprefix": prefix}
@@ -103,12 +107,13 @@ def main() -> None:
         try:
             for run in range(args.runs):
                 for mode, flags in MODES.items():
-                    figures[mode].append(run_one(folder, flags, args.tasks))
+                    figures[mode].append(run_one(folder, flags, args.tasks, args.processes))
                     print(f"run {run + 1} {mode}: {figures[mode][-1]:,.0f} tasks/s", file=sys.stderr)
         finally:
             _delete_keys(args.redis, prefix)
     plain = statistics.median(figures["plain"])
-    print(f"\nW1 on Redis, {args.tasks:,} no-op tasks, median of {args.runs} interleaved run(s)\n")
+    shape = f", --processes {args.processes}" if args.processes else ""
+    print(f"\nW1 on Redis{shape}, {args.tasks:,} no-op tasks, median of {args.runs} interleaved run(s)\n")
     print("| worker | W1 tasks/s | ratio to plain |\n|---|---:|---:|")
     for mode, values in figures.items():
         median = statistics.median(values)
