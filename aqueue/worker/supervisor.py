@@ -108,7 +108,8 @@ class Supervisor:
         processes: how many children run at once.
         hostname: the worker's name, for the log.
         environment: variables added to this process's environment for every child.
-        on_exit: called with the pid of each child that has exited, before it is replaced.
+        on_exit: called with the pid of each child that has exited, before it is replaced (an exception
+            it raises is logged).
     """
 
     def __init__(
@@ -188,9 +189,16 @@ class Supervisor:
         finally:
             child.writer.close()
         self.children.discard(child)
-        if self.on_exit is not None:
-            self.on_exit(child.process.pid)
+        self._report_exit(child)
         self._exited(child, code)
+
+    def _report_exit(self, child: _Child) -> None:
+        if self.on_exit is None:
+            return
+        try:
+            self.on_exit(child.process.pid)
+        except Exception:  # a failing hook must not keep the child from being replaced
+            logger.exception("Cannot clean up after %s.", child)
 
     def _heard(self, child: _Child, word: bytes) -> None:
         if word == b"ready":
