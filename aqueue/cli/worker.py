@@ -225,6 +225,8 @@ def _child_command(ctx: click.Context, hostname: str, statedb: str, with_beat: b
     for name in _FORWARDED:
         if ctx.params[name] is not None:
             argv += [f"--{name.replace('_', '-')}", str(ctx.params[name])]
+    if ctx.params["task_events"]:
+        argv.append("-E")
     return lambda index, fd: [
         *argv,
         *(["-B"] if with_beat and index == 1 else []),
