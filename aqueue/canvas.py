@@ -11,7 +11,10 @@ in their messages under Celery's protocol v2 names, and the worker that finishes
 - a **chord** sends its header as a group whose members carry the callback (``chord``, holding
   ``chord_size``); the result backend counts the header's results, and the worker whose task
   completes the count sends the callback with the results, in header order;
-- ``link`` and ``link_error`` go in ``callbacks`` and ``errbacks``.
+- ``link`` and ``link_error`` go in ``callbacks`` and ``errbacks``; on a workflow they are placed as
+  Celery 5.7 places them: a chain's ``link`` on its last step and its ``link_error`` on every step; a
+  chord's both on its callback (not on the header tasks: a failed header task fails the callback with
+  ``ChordError``, and that calls the callback's errbacks).
 
 Every task id is chosen when the workflow is sent ("frozen"), so the client's result handles exist at
 once: a chain's result is its last step's, with ``parent`` the step before; a chord's is its
@@ -194,9 +197,15 @@ class Signature(dict[str, Any], Generic[R]):
         return self
 
     def _add_option(self, name: str, value: Mapping[str, Any]) -> None:
-        existing = self.options.get(name)
-        listed = [] if existing is None else [existing] if isinstance(existing, Mapping) else list(existing)
-        self.options[name] = [*listed, value]
+        self.options[name] = [*_listed(self.options.get(name)), value]
+
+    def _linked(self, callbacks: list[Mapping[str, Any]], errbacks: list[Mapping[str, Any]]) -> Signature[R]:
+        """A copy with ``callbacks`` added to its ``link`` and ``errbacks`` to its ``link_error``."""
+        linked = self.clone()
+        for name, added in (("link", callbacks), ("link_error", errbacks)):
+            if added:
+                linked.options[name] = [*_listed(linked.options.get(name)), *added]
+        return linked
 
     def _merge(
         self, args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None, options: Mapping[str, Any] | None
@@ -274,6 +283,16 @@ def signature(
         Signature.__init__(made, varies, app=app)
         return made
     return Signature(varies, *args, app=app, **kwargs)
+
+
+def _listed(value: Any) -> list[Mapping[str, Any]]:
+    """A ``link`` or ``link_error`` option as a list: none, one signature, or several."""
+    return [] if value is None else [value] if isinstance(value, Mapping) else list(value)
+
+
+def _pop_links(options: dict[str, Any]) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:
+    """Take ``link`` and ``link_error`` out of ``options``: a workflow places them on its own tasks."""
+    return _listed(options.pop("link", None)), _listed(options.pop("link_error", None))
 
 
 def _signatures(tasks: Iterable[Any], app: App | None) -> list[Signature[Any]]:
@@ -375,6 +394,11 @@ class chain(Signature[Any]):
         result: AnyResult = self.freeze(options.pop("task_id", None))
         options = {**{k: v for k, v in self.options.items() if k != "task_id"}, **options}
         steps: list[Signature[Any]] = self.kwargs["tasks"]
+        callbacks, errbacks = _pop_links(options)
+        if callbacks or errbacks:  # as Celery: link on the last step, link_error on every step
+            steps = [step._linked([], errbacks) for step in steps[:-1]] + [
+                steps[-1]._linked(callbacks, errbacks)
+            ]
         # The options that place the chain in an outer workflow belong to its last step.
         last = steps[-1]._last()
         for name in _PLACEMENT:
@@ -518,6 +542,10 @@ class chord(Signature[Any]):
         result = self.freeze(options.pop("task_id", None))
         body = self.body
         assert body is not None
+        options = {**{k: v for k, v in self.options.items() if k != "task_id"}, **options}
+        callbacks, errbacks = _pop_links(options)
+        if callbacks or errbacks:  # as Celery: on the callback, not on the header tasks
+            body = body._linked(callbacks, errbacks)
         last = body._last()
         for name in (
             "chain",
@@ -531,10 +559,8 @@ class chord(Signature[Any]):
             body._send(([],), {}, {k: v for k, v in options.items() if k in ("parent_id", "root_id")})
             return result
         callback = {**dict(body), "chord_size": len(header)}
-        own = {k: v for k, v in self.options.items() if k != "task_id"}
         for index, member in enumerate(header):
             placed = {
-                **own,
                 **options,
                 "group_id": self.options["task_id"],
                 "group_index": index,
