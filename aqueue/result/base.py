@@ -107,7 +107,8 @@ class ChordJoin:
     parts: list[TaskMeta] | None
     """Every header task's state, in header order, once all have reported; else ``None``."""
     first: bool
-    """This report completed the chord: its task sends the callback."""
+    """This report completed the chord, or is a copy of the one that did (same index): its task sends
+    the callback. A copy of any other part is not first, so it never sends the callback."""
     sent: bool
     """The callback was sent already (:meth:`ResultBackend.chord_sent`)."""
 
@@ -179,7 +180,8 @@ class ResultBackend(AsyncResource, ABC):
         """Record the final state of the header task at ``index`` of the ``size`` of chord ``group_id``.
 
         A part reported twice counts once. The report that makes the count complete is told it is
-        ``first``, and only that one; every report after completion gets the parts too.
+        ``first``, and so is a copy of it (the same index: its worker may have died before sending the
+        callback), and no other; every report after completion gets the parts too.
         """
         if meta.date_done is None:
             meta.date_done = now_iso()

@@ -15,7 +15,8 @@ __all__ = ["MemoryBackend"]
 class _Chord:
     def __init__(self) -> None:
         self.parts: dict[int, bytes] = {}
-        self.fired = False
+        self.fired: int | None = None
+        """The index of the part whose report completed the join."""
 
 
 class _Store:
@@ -59,8 +60,9 @@ class MemoryBackend(ResultBackend):
         chord.parts.setdefault(index, data)
         if len(chord.parts) < size:
             return False, False, None
-        first, chord.fired = not chord.fired, True
-        return first, False, [chord.parts[i] for i in sorted(chord.parts)]
+        if chord.fired is None:
+            chord.fired = index
+        return chord.fired == index, False, [chord.parts[i] for i in sorted(chord.parts)]
 
     async def _chord_sent(self, group_id: str) -> None:
         self._shared.chords.pop(group_id, None)

@@ -31,7 +31,6 @@ import builtins
 import contextlib
 import functools
 import logging
-import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -118,7 +117,7 @@ class RedisBackend(ResultBackend):
         self, group_id: str, index: int, size: int, data: bytes, ttl: float
     ) -> tuple[bool, bool, list[bytes] | None]:
         keys = (f"{self.prefix}chord-parts-{group_id}", f"{self.prefix}chord-{group_id}")
-        command = ("EVAL", _CHORD, 2, *keys, index, data, size, max(1, int(ttl * 1000)), uuid.uuid4().hex)
+        command = ("EVAL", _CHORD, 2, *keys, index, data, size, max(1, int(ttl * 1000)), index)
         reply = await self._run("join a chord", self._batcher.call(command))
         if not reply[0]:
             return False, False, None

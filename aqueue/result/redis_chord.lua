@@ -2,9 +2,10 @@
 --
 -- KEYS[1] hash of the parts (field: the task's index in the header), KEYS[2] hash of the chord's flags
 -- ARGV[1] index, ARGV[2] the encoded state, ARGV[3] chord size, ARGV[4] time to live (ms),
--- ARGV[5] a token unique to this report (so a report sent again after a lost reply is still first)
+-- ARGV[5] the index again, as the report's token: a copy of the report that completed the join (sent
+-- again after a lost reply, or redelivered after its worker died) is still first, and no other is
 -- Returns {0} while parts are missing; once complete {1, first, sent, part 0, part 1, ...}, where
--- first is 1 for the one report that claimed the callback, sent 1 once it was sent.
+-- first is 1 for the report that completed the join (and its copies), sent 1 once it was sent.
 local parts, flags = KEYS[1], KEYS[2]
 redis.call('HSETNX', parts, ARGV[1], ARGV[2])
 redis.call('PEXPIRE', parts, ARGV[4])

@@ -200,7 +200,10 @@ def _prune(db: sqlite3.Connection) -> None:
 def _chord_join(
     group_id: str, index: int, size: int, data: bytes, expires_at: float, db: sqlite3.Connection
 ) -> tuple[bool, bool, list[bytes] | None]:
-    """One transaction: the part (unless there), then, once complete, the claim of the callback."""
+    """One transaction: the part (unless there), then, once complete, the claim of the callback.
+
+    ``fired`` is 1 + the index of the part whose report completed the join (0 before).
+    """
     with transaction(db):
         db.execute(
             "INSERT OR IGNORE INTO aqueue_chord_parts (group_id, idx, data, expires_at) VALUES (?, ?, ?, ?)",
@@ -215,9 +218,13 @@ def _chord_join(
             "INSERT OR IGNORE INTO aqueue_chords (group_id, fired, sent, expires_at) VALUES (?, 0, 0, ?)",
             (group_id, expires_at),
         )
-        first = db.execute("UPDATE aqueue_chords SET fired = 1 WHERE group_id = ? AND fired = 0", (group_id,))
-        (sent,) = db.execute("SELECT sent FROM aqueue_chords WHERE group_id = ?", (group_id,)).fetchone()
-        return first.rowcount == 1, bool(sent), [bytes(row[0]) for row in rows]
+        db.execute(
+            "UPDATE aqueue_chords SET fired = ? WHERE group_id = ? AND fired = 0", (index + 1, group_id)
+        )
+        fired, sent = db.execute(
+            "SELECT fired, sent FROM aqueue_chords WHERE group_id = ?", (group_id,)
+        ).fetchone()
+        return fired == index + 1, bool(sent), [bytes(row[0]) for row in rows]
 
 
 def _chord_sent(group_id: str, db: sqlite3.Connection) -> None:
