@@ -79,7 +79,8 @@ class Workflow:
             return
         size = int(body.get("chord_size") or 0)
         join = await self.backend.chord_join(group_id, message.group_index, size, meta)
-        if join.parts is None or join.sent or not join.first:
+        mine = join.first or (recovering and join.completed_by == message.group_index)
+        if join.parts is None or join.sent or not mine:
             return
         callback = signature(body, app=self.app)
         if recovering and callback.id is not None and (await self.backend.get(callback.id)).ready:
