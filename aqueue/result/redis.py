@@ -116,13 +116,13 @@ class RedisBackend(ResultBackend):
 
     async def _chord_join(
         self, group_id: str, index: int, size: int, data: bytes, ttl: float
-    ) -> tuple[bool, bool, list[bytes] | None]:
+    ) -> tuple[bool, bool, int | None, list[bytes] | None]:
         keys = (f"{self.prefix}chord-parts-{group_id}", f"{self.prefix}chord-{group_id}")
         command = ("EVAL", _CHORD, 2, *keys, index, data, size, max(1, int(ttl * 1000)), uuid.uuid4().hex)
         reply = await self._run("join a chord", self._batcher.call(command))
         if not reply[0]:
-            return False, False, None
-        return bool(reply[1]), bool(reply[2]), list(reply[3:])
+            return False, False, None, None
+        return bool(reply[1]), bool(reply[2]), int(reply[3]), list(reply[4:])
 
     async def _chord_sent(self, group_id: str) -> None:
         command = ("HSET", f"{self.prefix}chord-{group_id}", "sent", "1")
