@@ -333,6 +333,26 @@ async def test_link_error_on_a_chord_goes_on_its_callback(app: App, t: Tasks) ->
     assert called[body.id] == ("CanvasError", "boom", True)
 
 
+async def test_a_group_refuses_link_options_and_places_link_methods_as_celery(app: App, t: Tasks) -> None:
+    # Given link options on a group: refused, as Celery refuses them
+    with pytest.raises(TypeError, match="use a chord"):
+        group(t.add.s(1, 1)).apply_async(link=t.record.s())
+    with pytest.raises(TypeError, match="on each task"):
+        group(t.add.s(1, 1)).apply_async(link_error=t.on_error.s())
+    async with worker(app):
+        # When link() and link_error() are called on groups
+        flow = group(t.add.s(1, 1), t.add.s(2, 2))
+        flow.link(t.record.s("first"))
+        failing = group(t.fail.s(), t.fail.s())
+        failing.link_error(t.on_error.s())
+        assert await flow.delay().get(timeout=WAIT) == [2, 4]
+        failed = failing.delay()
+        await until(lambda: len(t.ran("on_error")) >= 2 and len(t.ran("record")) >= 1)
+    # Then the callback ran once, immutable (on the first member), and the errback once per member
+    assert t.ran("record") == [("first",)]
+    assert sorted(row[0] for row in t.ran("on_error")) == sorted(r.id for r in failed.results)
+
+
 # Rows: map, starmap, chunks -----------------------------------------------------------------------
 
 

@@ -128,10 +128,37 @@ class group(Signature[Any]):
         results = [member.freeze() for member in self.tasks]
         return GroupResult(group_id, results, backend=self.app.backend)
 
+    def link(self, callback: Mapping[str, Any]) -> Mapping[str, Any]:
+        """As Celery: on the first member only, made immutable; a callback after the whole group is a chord."""
+        self.tasks[0].link(signature(callback, app=self._app).clone().set(immutable=True))
+        return callback
+
+    def link_error(self, errback: Mapping[str, Any]) -> Mapping[str, Any]:
+        """As Celery: on every member, so the errback may run once per failed member."""
+        for member in self.tasks:
+            member.link_error(signature(errback, app=self._app).clone())
+        return errback
+
+    def _linked(self, callbacks: list[Mapping[str, Any]], errbacks: list[Mapping[str, Any]]) -> group:
+        linked = self.clone()
+        for callback in callbacks:
+            linked.link(callback)
+        for errback in errbacks:
+            linked.link_error(errback)
+        return linked  # type: ignore[return-value]
+
     def apply_async(  # type: ignore[override]
         self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None, **options: Any
     ) -> GroupResult:
         """Send every member, with partial arguments and options; returns the :class:`GroupResult`."""
+        if options.get("link") is not None:
+            raise TypeError(
+                "Cannot add link to group: use a chord (chord(group)(callback) or group | callback)"
+            )
+        if options.get("link_error") is not None:
+            raise TypeError(
+                "Cannot add link_error to group: set it on each task (task.s().on_error(errback))"
+            )
         result: GroupResult = _apply(self, args, kwargs, {k: v for k, v in options.items() if v is not None})
         return result
 
