@@ -21,7 +21,7 @@ a connection of its own, so the blocking read never holds a pooled connection. W
 pending for it in the group until settled:
 
 - ack is ``XACK`` + ``XDEL`` (streams do not grow); the acks of one loop turn go out in one
-  pipeline, and acks arriving while it is in flight go in the next one;
+  round trip, and acks arriving while it is in flight go in the next one;
 - reject copies the entry to the dead-letter stream, requeue re-adds it to its stream marked
   ``redelivered``; either way the original is acknowledged and deleted, in one Lua script;
 - a settle that fails (an outage) keeps the entry held and marked: the consumer keeps renewing it,
@@ -46,7 +46,7 @@ entry without a ``body`` or a ``content_type``, or whose ``id`` or ``content_typ
 becomes no delivery: the consumer moves it to the dead-letter stream as it is and logs it once, by its
 stream id. This is checked on the slow path only: the fast path decodes inside a ``try``.
 
-Publishing. A publish is one pipeline of ``XADD`` (``ZADD`` for a delayed envelope), which ends by
+Publishing. A publish is one write of ``XADD`` (``ZADD`` for a delayed envelope), which ends by
 setting a marker key of its own (expiring a few seconds later). redis-py's silent retries are off
 for this broker's connections: a command whose reply was lost may have been applied, and sending it
 again would store a batch twice. When the reply of a publish is lost, the marker says whether the
@@ -59,8 +59,10 @@ ETA. ``publish`` puts an envelope whose ``eta`` is ahead in the sorted set; cons
 ones to the stream (Lua, atomic) at least every 0.5 s while fetching, and their blocking reads
 end by then. A due message thus waits at most about 0.5 s once a consumer of its queue has room.
 
-Connections (redis.asyncio, RESP2, hiredis when installed): one bounded pool per broker,
-``max_connections`` (default 20) connections shared by publish, acks, renewals and scripts,
+Connections (redis.asyncio, RESP2, hiredis when installed): one connection per broker for publishes
+and acks, whose round trips go one after another (what comes while one is in flight goes in the next
+write: :class:`aqueue._redis.Line`, which spares the hot path redis-py's pool and pipelines); one
+bounded pool, ``max_connections`` (default 20) connections shared by renewals, scripts and the rest,
 waiting up to 20 s for a free one; plus one connection per open consumer and one per open
 ``subscribe``. A reply is awaited at most ``socket_timeout`` (default 10 s), under
 ``asyncio.timeout`` rather than redis-py's own socket timeout (see ``_pool``). Redis errors become
@@ -100,7 +102,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from aqueue._redis import connection_kwargs
+from aqueue._redis import Line, connection_kwargs, pack
 from aqueue.broker.base import Broker, Consumer, Delivery
 from aqueue.broker.exchange import Exchange, ExchangeMessage, Listener
 from aqueue.exceptions import ImproperlyConfigured, OperationalError
@@ -172,7 +174,10 @@ class RedisBroker(Broker):
         self._scripts = {name: self._client.register_script(source) for name, source in _LUA.items()}
         self._consumers: set[_RedisConsumer] = set()
         self._marker = f"{global_keyprefix}aqueue.published.{uuid.uuid4().hex}."
+        self._marker_ms = int((self.command_timeout + 5) * 1000)
         self._batches = itertools.count()
+        self._line = Line(self._connection(self.client_name), self.command_timeout)
+        """Publishes and acks: one connection, round trips one after another (see aqueue._redis)."""
 
     def stream_key(self, queue: str) -> str:
         """The key of ``queue``'s stream."""
@@ -189,10 +194,12 @@ class RedisBroker(Broker):
     async def connect(self) -> None:
         async with self._errors("connect"):
             await self._client.ping()
+            await self._line.connect()
 
     async def aclose(self) -> None:
         for consumer in list(self._consumers):
             await consumer._shutdown()
+        await self._line.aclose()
         await self._client.aclose()
 
     async def publish(self, envelopes: Sequence[Envelope]) -> None:
@@ -200,29 +207,31 @@ class RedisBroker(Broker):
             return
         now = time.time()
         marker = f"{self._marker}{next(self._batches)}"
-        async with self._client.pipeline(transaction=False) as pipe:
-            for e in envelopes:
-                fields = (b"body", e.body, b"content_type", e.content_type, b"id", e.id, b"priority")
-                priority = b"" if e.priority is None else e.priority
-                if e.eta is not None and e.eta > now:
-                    # The same member again if this is a retry: a sorted set keeps one.
-                    pipe.execute_command("ZADD", self.delayed_key(e.queue), e.eta, _pack(*fields, priority))
-                elif e.resent:
-                    pipe.execute_command("XADD", self.stream_key(e.queue), "*", *fields, priority, *_RESENT)
-                else:
-                    pipe.execute_command("XADD", self.stream_key(e.queue), "*", *fields, priority)
-            pipe.execute_command("SET", marker, b"", "PX", int((self.command_timeout + 5) * 1000))
-            async with self._errors("publish"):
-                try:
-                    await pipe.execute()
-                except _LOST as exc:
-                    if not await self._landed(marker):
-                        raise
-                    logger.warning(
-                        "Redis broker %s: the reply to a publish of %d message(s) was lost (%s), but they "
-                        "were stored: not sending them again",
-                        mask_password(self.url), len(envelopes), exc,
-                    )  # fmt: skip
+        commands = [self._publish_command(e, now) for e in envelopes]
+        commands.append(pack(b"SET", marker, b"", b"PX", self._marker_ms))
+        async with self._errors("publish"):
+            try:
+                replies = await self._line.send(b"".join(commands), len(commands))
+            except _LOST as exc:
+                if not await self._landed(marker):
+                    raise
+                logger.warning(
+                    "Redis broker %s: the reply to a publish of %d message(s) was lost (%s), but they "
+                    "were stored: not sending them again",
+                    mask_password(self.url), len(envelopes), exc,
+                )  # fmt: skip
+                return
+            _raise_first_error(replies)
+
+    def _publish_command(self, e: Envelope, now: float) -> bytes:
+        fields = (b"body", e.body, b"content_type", e.content_type, b"id", e.id, b"priority")
+        priority = b"" if e.priority is None else e.priority
+        if e.eta is not None and e.eta > now:
+            # The same member again if this is a retry: a sorted set keeps one.
+            return pack(b"ZADD", self.delayed_key(e.queue), e.eta, _pack(*fields, priority))
+        if e.resent:
+            return pack(b"XADD", self.stream_key(e.queue), b"*", *fields, priority, *_RESENT)
+        return pack(b"XADD", self.stream_key(e.queue), b"*", *fields, priority)
 
     async def _landed(self, marker: str) -> bool:
         """Whether the batch whose last command set ``marker`` was applied (its reply was lost)."""
@@ -559,11 +568,10 @@ class _RedisConsumer(Consumer):
             self._flusher = None
 
     async def _send_acks(self, ids: dict[bytes, list[bytes]]) -> None:
-        async with self.client.pipeline(transaction=False) as pipe:
-            for key, entry_ids in ids.items():
-                pipe.execute_command("XACK", key, GROUP, *entry_ids)
-                pipe.execute_command("XDEL", key, *entry_ids)
-            await pipe.execute()
+        commands = []
+        for key, entry_ids in ids.items():
+            commands += [pack(b"XACK", key, GROUP, *entry_ids), pack(b"XDEL", key, *entry_ids)]
+        _raise_first_error(await self.broker._line.send(b"".join(commands), len(commands)))
 
     async def _reject(self, delivery: Delivery) -> None:
         await self._settle(delivery, self.broker.dead_key(delivery.queue), "")
@@ -694,6 +702,13 @@ def _gone(exc: ResponseError) -> bool:
 
 def _text(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__  # a timeout says nothing by itself
+
+
+def _raise_first_error(replies: list[Any]) -> None:
+    """Raise the first error reply of a round trip, as a pipeline does."""
+    for reply in replies:
+        if isinstance(reply, ResponseError):
+            raise reply
 
 
 def _retrieved(future: asyncio.Future[None]) -> None:

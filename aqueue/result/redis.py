@@ -40,10 +40,10 @@ from typing import Any
 
 from redis.asyncio.connection import AbstractConnection, Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from aqueue._redis import connection_kwargs
+from aqueue._redis import connection_kwargs, exchange
 from aqueue.exceptions import OperationalError, TimeoutError
 from aqueue.result.base import ResultBackend, TaskMeta
 from aqueue.urls import mask_password, parse
@@ -304,16 +304,8 @@ async def _round_trip(conn: AbstractConnection, commands: list[Command]) -> list
     """
     for attempt in (1, 2):
         try:
-            await conn.send_packed_command(conn.pack_commands(commands), False)
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(await conn.read_response())
-                except ResponseError as exc:
-                    replies.append(exc)
-            return replies
+            return await exchange(conn, conn.pack_commands(commands), len(commands))
         except _LOST:
-            await conn.disconnect()
             if attempt == 2:
                 raise
     raise AssertionError("unreachable")
