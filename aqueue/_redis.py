@@ -73,7 +73,7 @@ async def exchange(conn: AbstractConnection, packed: bytes | list[bytes], count:
     would be read by the next caller; the next send reconnects.
     """
     try:
-        await conn.send_packed_command(packed, False)
+        await conn.send_packed_command(packed)  # a health check only with health_check_interval
         replies: list[Any] = []
         for _ in range(count):
             try:

@@ -209,19 +209,19 @@ class RedisBroker(Broker):
         marker = f"{self._marker}{next(self._batches)}"
         commands = [self._publish_command(e, now) for e in envelopes]
         commands.append(pack(b"SET", marker, b"", b"PX", self._marker_ms))
-        async with self._errors("publish"):
-            try:
-                replies = await self._line.send(b"".join(commands), len(commands))
-            except _LOST as exc:
-                if not await self._landed(marker):
-                    raise
-                logger.warning(
-                    "Redis broker %s: the reply to a publish of %d message(s) was lost (%s), but they "
-                    "were stored: not sending them again",
-                    mask_password(self.url), len(envelopes), exc,
-                )  # fmt: skip
-                return
-            _raise_first_error(replies)
+        # No timeout of its own here: the line waits for a reply at most command_timeout seconds.
+        try:
+            _raise_first_error(await self._line.send(b"".join(commands), len(commands)))
+        except _LOST as exc:  # TimeoutError included
+            if not await self._landed(marker):
+                raise self._failed("publish", exc) from exc
+            logger.warning(
+                "Redis broker %s: the reply to a publish of %d message(s) was lost (%s), but they "
+                "were stored: not sending them again",
+                mask_password(self.url), len(envelopes), exc,
+            )  # fmt: skip
+        except RedisError as exc:
+            raise self._failed("publish", exc) from exc
 
     def _publish_command(self, e: Envelope, now: float) -> bytes:
         fields = (b"body", e.body, b"content_type", e.content_type, b"id", e.id, b"priority")
@@ -236,7 +236,8 @@ class RedisBroker(Broker):
     async def _landed(self, marker: str) -> bool:
         """Whether the batch whose last command set ``marker`` was applied (its reply was lost)."""
         try:
-            return bool(await self._client.exists(marker))
+            async with asyncio.timeout(self.command_timeout):
+                return bool(await self._client.exists(marker))
         except _LOST:
             return False
 
@@ -330,9 +331,10 @@ class RedisBroker(Broker):
             async with asyncio.timeout(self.command_timeout):
                 yield
         except (RedisError, TimeoutError) as exc:
-            raise OperationalError(
-                f"Redis broker {mask_password(self.url)}: {action} failed: {exc!r}"
-            ) from exc
+            raise self._failed(action, exc) from exc
+
+    def _failed(self, action: str, exc: BaseException) -> OperationalError:
+        return OperationalError(f"Redis broker {mask_password(self.url)}: {action} failed: {exc!r}")
 
 
 class _RedisConsumer(Consumer):
@@ -421,9 +423,9 @@ class _RedisConsumer(Consumer):
     async def _read(self, n: int, block: float) -> list[Delivery]:
         conn = self._conn
         await conn.send_packed_command(
-            conn.pack_command(
-                "XREADGROUP", "GROUP", GROUP, self.name, "COUNT", n, "BLOCK", max(1, int(block * 1000)),
-                "STREAMS", *self.keys, *(">" for _ in self.keys),
+            pack(
+                b"XREADGROUP", b"GROUP", GROUP, self.name, b"COUNT", n, b"BLOCK", max(1, int(block * 1000)),
+                b"STREAMS", *self.keys, *(b">" for _ in self.keys),
             )
         )  # fmt: skip
         reply = await conn.read_response()
@@ -553,8 +555,7 @@ class _RedisConsumer(Consumer):
             while self._acks is not None:
                 (ids, done), self._acks = self._acks, None
                 try:
-                    async with asyncio.timeout(self.broker.command_timeout):
-                        await self._send_acks(ids)
+                    await self._send_acks(ids)  # the line waits for a reply at most command_timeout s
                 except (RedisError, TimeoutError) as exc:
                     for key, entry_ids in ids.items():
                         self._marked[key].update(entry_ids)
