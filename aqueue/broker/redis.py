@@ -360,7 +360,7 @@ class _RedisConsumer(Consumer):
         self._started = self._stranded = False
         self._next_reclaim = self._next_eta = 0.0
         self._renewer: asyncio.Task[None] | None = None
-        self._acks: tuple[dict[bytes, list[bytes]], asyncio.Future[None]] | None = None
+        self._acks: tuple[dict[bytes, list[bytes]], list[asyncio.Future[None]]] | None = None
         self._flusher: asyncio.Task[None] | None = None
 
     async def _fetch(self, n: int) -> Sequence[Delivery]:
@@ -543,28 +543,36 @@ class _RedisConsumer(Consumer):
 
     async def _ack(self, delivery: Delivery) -> None:
         if self._acks is None:
-            self._acks = ({}, asyncio.get_running_loop().create_future())
+            self._acks = ({}, [])
             if self._flusher is None:
                 self._flusher = asyncio.create_task(self._flush_acks())
-        ids, done = self._acks
+        ids, waiters = self._acks
         ids.setdefault(self._key_of[delivery.queue], []).append(delivery.tag)
-        await asyncio.shield(done)
+        # A future per ack rather than one shared and shielded: cancelling a waiter cancels its own only.
+        done = asyncio.get_running_loop().create_future()
+        waiters.append(done)
+        await done
 
     async def _flush_acks(self) -> None:
         try:
             while self._acks is not None:
-                (ids, done), self._acks = self._acks, None
+                (ids, waiters), self._acks = self._acks, None
                 try:
                     await self._send_acks(ids)  # the line waits for a reply at most command_timeout s
                 except (RedisError, TimeoutError) as exc:
                     for key, entry_ids in ids.items():
                         self._marked[key].update(entry_ids)
-                    done.set_exception(self._error("ack", exc))
-                    done.add_done_callback(_retrieved)
+                    error = self._error("ack", exc)
+                    for done in waiters:
+                        if not done.done():
+                            done.set_exception(error)
+                            done.add_done_callback(_retrieved)
                 else:
                     for key, entry_ids in ids.items():
                         self._owned[key].difference_update(entry_ids)
-                    done.set_result(None)
+                    for done in waiters:
+                        if not done.done():
+                            done.set_result(None)
         finally:
             self._flusher = None
 
