@@ -20,7 +20,7 @@ from redis.exceptions import DataError, ResponseError
 from aqueue.exceptions import InvalidURL
 from aqueue.urls import mask_password
 
-__all__ = ["Line", "connection_kwargs", "exchange", "pack"]
+__all__ = ["Line", "connection_kwargs", "exchange", "pack", "read_replies"]
 
 
 def connection_kwargs(url: str, **options: Any) -> dict[str, Any]:
@@ -74,15 +74,20 @@ async def exchange(conn: AbstractConnection, packed: bytes | list[bytes], count:
     """
     try:
         await conn.send_packed_command(packed)  # a health check only with health_check_interval
-        replies: list[Any] = []
-        for _ in range(count):
-            try:
-                replies.append(await conn.read_response())
-            except ResponseError as exc:
-                replies.append(exc)
+        return await read_replies(conn, count)
     except BaseException:
         await conn.disconnect(nowait=True)
         raise
+
+
+async def read_replies(conn: AbstractConnection, count: int) -> list[Any]:
+    """The next ``count`` replies on ``conn``; an error reply is returned in its place, not raised."""
+    replies: list[Any] = []
+    for _ in range(count):
+        try:
+            replies.append(await conn.read_response())
+        except ResponseError as exc:
+            replies.append(exc)
     return replies
 
 

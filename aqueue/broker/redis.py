@@ -102,7 +102,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from aqueue._redis import Line, connection_kwargs, pack
+from aqueue._redis import Line, connection_kwargs, pack, read_replies
 from aqueue.broker.base import Broker, Consumer, Delivery
 from aqueue.broker.exchange import Exchange, ExchangeMessage, Listener
 from aqueue.exceptions import ImproperlyConfigured, OperationalError
@@ -362,6 +362,8 @@ class _RedisConsumer(Consumer):
         self._renewer: asyncio.Task[None] | None = None
         self._acks: tuple[dict[bytes, list[bytes]], list[asyncio.Future[None]]] | None = None
         self._flusher: asyncio.Task[None] | None = None
+        self._reading = False
+        """Between deciding to read and writing the read: acks then go in the same write."""
 
     async def _fetch(self, n: int) -> Sequence[Delivery]:
         if self._overflow:
@@ -422,12 +424,32 @@ class _RedisConsumer(Consumer):
 
     async def _read(self, n: int, block: float) -> list[Delivery]:
         conn = self._conn
-        await conn.send_packed_command(
+        # One loop turn first: the runs just handed out ack in it, and those acks go in this write.
+        self._reading = True
+        try:
+            await asyncio.sleep(0)
+        except BaseException:
+            self._reading = False
+            if self._acks is not None and self._flusher is None:
+                self._flusher = asyncio.create_task(self._flush_acks())
+            raise
+        self._reading = False
+        acks, self._acks = self._acks, None
+        commands = self._ack_commands(acks[0]) if acks is not None else []
+        commands.append(
             pack(
                 b"XREADGROUP", b"GROUP", GROUP, self.name, b"COUNT", n, b"BLOCK", max(1, int(block * 1000)),
                 b"STREAMS", *self.keys, *(b">" for _ in self.keys),
             )
         )  # fmt: skip
+        try:
+            await conn.send_packed_command(b"".join(commands))
+            if acks is not None:
+                self._acks_done(*acks, await read_replies(conn, len(commands) - 1))
+        except BaseException as exc:
+            if acks is not None:
+                self._acks_done(*acks, exc)
+            raise
         reply = await conn.read_response()
         if not reply:
             return []
@@ -544,7 +566,7 @@ class _RedisConsumer(Consumer):
     async def _ack(self, delivery: Delivery) -> None:
         if self._acks is None:
             self._acks = ({}, [])
-            if self._flusher is None:
+            if self._flusher is None and not self._reading:  # else they go with the next read
                 self._flusher = asyncio.create_task(self._flush_acks())
         ids, waiters = self._acks
         ids.setdefault(self._key_of[delivery.queue], []).append(delivery.tag)
@@ -557,30 +579,48 @@ class _RedisConsumer(Consumer):
         try:
             while self._acks is not None:
                 (ids, waiters), self._acks = self._acks, None
+                commands = self._ack_commands(ids)
                 try:
-                    await self._send_acks(ids)  # the line waits for a reply at most command_timeout s
+                    # The line waits for a reply at most command_timeout seconds.
+                    replies = await self.broker._line.send(b"".join(commands), len(commands))
                 except (RedisError, TimeoutError) as exc:
-                    for key, entry_ids in ids.items():
-                        self._marked[key].update(entry_ids)
-                    error = self._error("ack", exc)
-                    for done in waiters:
-                        if not done.done():
-                            done.set_exception(error)
-                            done.add_done_callback(_retrieved)
+                    self._acks_done(ids, waiters, exc)
                 else:
-                    for key, entry_ids in ids.items():
-                        self._owned[key].difference_update(entry_ids)
-                    for done in waiters:
-                        if not done.done():
-                            done.set_result(None)
+                    self._acks_done(ids, waiters, replies)
         finally:
             self._flusher = None
 
-    async def _send_acks(self, ids: dict[bytes, list[bytes]]) -> None:
+    def _ack_commands(self, ids: dict[bytes, list[bytes]]) -> list[bytes]:
         commands = []
         for key, entry_ids in ids.items():
             commands += [pack(b"XACK", key, GROUP, *entry_ids), pack(b"XDEL", key, *entry_ids)]
-        _raise_first_error(await self.broker._line.send(b"".join(commands), len(commands)))
+        return commands
+
+    def _acks_done(
+        self,
+        ids: dict[bytes, list[bytes]],
+        waiters: list[asyncio.Future[None]],
+        outcome: list[Any] | BaseException,
+    ) -> None:
+        """Settle the waiters of acks sent: ``outcome`` is the replies, or why there are none."""
+        if isinstance(outcome, BaseException):
+            failure: BaseException | None = outcome
+        else:
+            failure = next((reply for reply in outcome if isinstance(reply, ResponseError)), None)
+        if failure is not None:
+            for key, entry_ids in ids.items():
+                self._marked[key].update(entry_ids)
+            exc = self._error("ack", failure)
+            for done in waiters:
+                if not done.done():
+                    done.set_exception(exc)
+                    done.add_done_callback(_retrieved)
+            return
+        for key, entry_ids in ids.items():
+            self._owned[key].difference_update(entry_ids)
+        for done in waiters:
+            if not done.done():
+                done.set_result(None)
 
     async def _reject(self, delivery: Delivery) -> None:
         await self._settle(delivery, self.broker.dead_key(delivery.queue), "")

@@ -167,6 +167,40 @@ async def test_acks_of_one_loop_turn_share_one_round_trip(broker: RedisBroker, r
     assert await raw.xlen(broker.stream_key("q")) == 0
 
 
+async def test_the_ack_of_a_delivery_just_handed_out_goes_with_the_next_read(
+    broker: RedisBroker, raw: aioredis.Redis
+) -> None:
+    # Given a consumer that hands out a delivery and goes straight back to reading, as a worker does
+    first_sent, second_sent = envelopes(2)
+    await broker.publish([first_sent])
+    line_sends: list[int] = []
+    real_send = broker._line.send
+
+    async def counting_send(packed: bytes, count: int) -> list[Any]:
+        line_sends.append(count)
+        return await real_send(packed, count)
+
+    async with broker.consume(["q"], prefetch=10) as consumer:
+        first = await receive(consumer)
+        acked: list[asyncio.Future[None]] = []
+
+        async def hand_out_and_read_on() -> Delivery:
+            # When its run, which starts in the next loop turn, acknowledges it while the consumer reads on
+            acked.append(asyncio.ensure_future(first.ack()))
+            return await consumer.receive()
+
+        broker._line.send = counting_send  # type: ignore[method-assign]
+        reading = asyncio.ensure_future(hand_out_and_read_on())
+        await asyncio.sleep(0.1)
+        await asyncio.wait_for(acked[0], 5)
+        broker._line.send = real_send  # type: ignore[method-assign]
+        # Then the ack went in the consumer's own write, not on the broker's line, and took effect
+        assert line_sends == []
+        assert await raw.xlen(broker.stream_key("q")) == 0
+        await broker.publish([second_sent])
+        assert (await asyncio.wait_for(reading, 5)).id == "m1"
+
+
 async def test_concurrent_publishes_share_the_line_and_each_gets_its_own_error(
     broker: RedisBroker, raw: aioredis.Redis
 ) -> None:
