@@ -21,7 +21,9 @@ a connection of its own, so the blocking read never holds a pooled connection. W
 pending for it in the group until settled:
 
 - ack is ``XACK`` + ``XDEL`` (streams do not grow); the acks of one loop turn go out in one
-  round trip, and acks arriving while it is in flight go in the next one;
+  round trip, and acks arriving while it is in flight go in the next one. Acks made in the loop
+  turn before the consumer's next read (a run acknowledging the delivery just handed out) go in
+  that read's write, ahead of its ``XREADGROUP``;
 - reject copies the entry to the dead-letter stream, requeue re-adds it to its stream marked
   ``redelivered``; either way the original is acknowledged and deleted, in one Lua script;
 - a settle that fails (an outage) keeps the entry held and marked: the consumer keeps renewing it,
