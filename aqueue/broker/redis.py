@@ -87,7 +87,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -109,6 +109,8 @@ from aqueue.rates import Rate
 from aqueue.urls import mask_password, parse
 
 if TYPE_CHECKING:
+    from redis.asyncio.client import Pipeline
+
     from aqueue.broker.redis_exchange import RedisExchanges
 
 __all__ = ["RedisBroker"]
@@ -199,7 +201,6 @@ class RedisBroker(Broker):
         if not envelopes:
             return
         now = time.time()
-        marker = f"{self._marker}{next(self._batches)}"
         async with self._client.pipeline(transaction=False) as pipe:
             for e in envelopes:
                 fields = (b"body", e.body, b"content_type", e.content_type, b"id", e.id, b"priority")
@@ -211,18 +212,23 @@ class RedisBroker(Broker):
                     pipe.execute_command("XADD", self.stream_key(e.queue), "*", *fields, priority, *_RESENT)
                 else:
                     pipe.execute_command("XADD", self.stream_key(e.queue), "*", *fields, priority)
-            pipe.execute_command("SET", marker, b"", "PX", int((self.command_timeout + 5) * 1000))
-            async with self._errors("publish"):
-                try:
-                    await pipe.execute()
-                except _LOST as exc:
-                    if not await self._landed(marker):
-                        raise
-                    logger.warning(
-                        "Redis broker %s: the reply to a publish of %d message(s) was lost (%s), but they "
-                        "were stored: not sending them again",
-                        mask_password(self.url), len(envelopes), exc,
-                    )  # fmt: skip
+            await self._send_marked(pipe, len(envelopes))
+
+    async def _send_marked(self, pipe: Pipeline, count: int) -> None:
+        """Send a publish of ``count`` envelopes ending by setting a marker, which says if a lost reply landed."""
+        marker = f"{self._marker}{next(self._batches)}"
+        pipe.execute_command("SET", marker, b"", "PX", int((self.command_timeout + 5) * 1000))
+        async with self._errors("publish"):
+            try:
+                await pipe.execute()
+            except _LOST as exc:
+                if not await self._landed(marker):
+                    raise
+                logger.warning(
+                    "Redis broker %s: the reply to a publish of %d message(s) was lost (%s), but they "
+                    "were stored: not sending them again",
+                    mask_password(self.url), count, exc,
+                )  # fmt: skip
 
     async def _landed(self, marker: str) -> bool:
         """Whether the batch whose last command set ``marker`` was applied (its reply was lost)."""
@@ -513,13 +519,9 @@ class _RedisConsumer(Consumer):
         self._stranded = False
 
     async def _renew_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.broker.visibility_timeout / 3)
-            try:
-                async with asyncio.timeout(self.broker.command_timeout):
-                    await self._renew()
-            except (RedisError, TimeoutError) as exc:
-                logger.debug("Renewing the claims of %s failed: %s", self.name, exc)
+        await renew_forever(
+            self.name, self.broker.visibility_timeout / 3, self.broker.command_timeout, self._renew
+        )
 
     async def _renew(self) -> None:
         async with self.client.pipeline(transaction=False) as pipe:
@@ -640,6 +642,19 @@ class _Backoff:
 async def _subscribe(conn: AbstractConnection, channel: bytes, command: str = "SUBSCRIBE") -> None:
     await conn.send_command(command, channel)
     await conn.read_response()
+
+
+async def renew_forever(
+    name: str, every: float, timeout: float, renew: Callable[[], Awaitable[None]]
+) -> None:
+    """Call ``renew`` every ``every`` seconds, each call bounded by ``timeout``; a failure is logged, not fatal."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            async with asyncio.timeout(timeout):
+                await renew()
+        except (RedisError, TimeoutError) as exc:
+            logger.debug("Renewing the claims of %s failed: %s", name, exc)
 
 
 def _pool(url: str, max_connections: int, options: dict[str, Any]) -> BlockingConnectionPool:

@@ -1,0 +1,262 @@
+"""The consumer of kombu's Redis lists: take in Lua, hold as kombu's QoS holds, renew, give back.
+
+See :mod:`aqueue.broker.redis_kombu` for the layout and the protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import json
+import logging
+import os
+import re
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import pydantic_core
+from redis.exceptions import RedisError
+
+from aqueue.broker.base import Consumer, Delivery
+from aqueue.broker.redis import _LOST, _Backoff, _text, renew_forever
+from aqueue.broker.redis_kombu import opened, redelivered
+from aqueue.exceptions import OperationalError
+from aqueue.urls import mask_password
+
+if TYPE_CHECKING:
+    from aqueue.broker.redis_kombu import KombuRedisBroker
+
+__all__ = ["KombuConsumer"]
+
+logger = logging.getLogger("aqueue.broker.redis")
+
+_BLOCK = 1.0
+"""Longest wait for a message of a consumer of one queue (its first list wakes it at once)."""
+_BLOCK_SEVERAL = 0.1
+"""Longest wait of a consumer of several queues: only the first queue's first list wakes it at once."""
+_CHUNK = 500
+
+
+class KombuConsumer(Consumer):
+    def __init__(self, broker: KombuRedisBroker, queues: Sequence[str], prefetch: int) -> None:
+        super().__init__(queues, prefetch)
+        self.broker, self.client = broker, broker._client
+        host = re.sub(r"[^\w.-]", "_", socket.gethostname())
+        self.name = f"aqueue-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._suffix = {q: f',"",{json.dumps(q)}]' for q in self.queues}
+        """What follows the payload in kombu's unacked value: anonymous exchange, the queue as routing key."""
+        self._held: dict[str, tuple[bytes, str]] = {}
+        """Tag -> (payload, queue) of every message taken and not yet settled (renewed while here)."""
+        self._waiting: list[tuple[float, int, Delivery]] = []
+        """Taken messages whose eta is ahead, by eta."""
+        self._order = itertools.count()
+        self._failed_acks: set[str] = set()
+        self._turn = 0
+        self._conn = broker._connection(self.name)
+        self._backoff = _Backoff(f"consumer {self.name}", broker.url)
+        self._renewer: asyncio.Task[None] | None = None
+        self._next_restore = 0.0
+        self._restore_every = min(5.0, max(0.05, broker.claim_timeout / 2))
+        self._block = _BLOCK if len(self.queues) == 1 else _BLOCK_SEVERAL
+
+    async def _fetch(self, n: int) -> Sequence[Delivery]:
+        try:
+            async with asyncio.timeout(self.broker.command_timeout + _BLOCK):
+                if self._renewer is None:
+                    await self._start()
+                if self._failed_acks:
+                    await self._settle_acks(list(self._failed_acks))
+                now = time.time()
+                if time.monotonic() >= self._next_restore:
+                    self._next_restore = time.monotonic() + self._restore_every
+                    await self.broker.restore_stale(self._held)
+                out = self._due(n, now)
+                if len(out) < n:
+                    out += await self._take(n - len(out), now)
+                if not out:
+                    await self._wait()
+        except _LOST as exc:  # TimeoutError included
+            await self._backoff.lost(self._conn, exc)
+            return []
+        except RedisError as exc:
+            raise self._error("fetch", exc) from exc
+        self._backoff.ok()
+        return out
+
+    async def _start(self) -> None:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for queue in self.queues:
+                self.broker._bind(pipe, queue)
+            await pipe.execute()
+        self.broker._kombu_consumers.add(self)
+        self._renewer = asyncio.create_task(self._renew_forever())
+
+    def _due(self, n: int, now: float) -> list[Delivery]:
+        out: list[Delivery] = []
+        while self._waiting and len(out) < n and self._waiting[0][0] <= now:
+            out.append(heapq.heappop(self._waiting)[2])
+        return out
+
+    async def _take(self, n: int, now: float) -> list[Delivery]:
+        broker, queues = self.broker, self.queues
+        order = queues[self._turn :] + queues[: self._turn]  # round robin, as kombu's default
+        self._turn = (self._turn + 1) % len(queues)
+        lists = [(broker.list_key(q, step), q) for step in broker.priority_steps for q in order]
+        keys = [key for key, _ in lists] + [broker.dead_key(q) for _, q in lists]
+        keys += [broker.unacked_key, broker.index_key, broker.claims_key]
+        args: list[Any] = [n, repr(now), len(lists), *(self._suffix[q] for _, q in lists)]
+        reply = await broker._kombu_scripts["take"](keys=keys, args=args)
+        out: list[Delivery] = []
+        for i in range(0, len(reply), 3):
+            queue, item, tag = lists[int(reply[i]) - 1][1], reply[i + 1], reply[i + 2].decode()
+            if not tag:
+                _unreadable(queue, item, "no delivery tag")
+                continue
+            delivery = await self._delivery(queue, item, tag)
+            if delivery is None:
+                continue
+            eta = _eta(delivery.headers)
+            if eta is not None and eta > now:
+                heapq.heappush(self._waiting, (eta, next(self._order), delivery))
+            else:
+                out.append(delivery)
+        return out
+
+    async def _delivery(self, queue: str, item: bytes, tag: str) -> Delivery | None:
+        self._held[tag] = (item, queue)
+        envelope, again = opened(queue, item)
+        if not envelope.content_type:
+            await self._give_back(tag, self.broker.dead_key(queue), item, "LPUSH")
+            _unreadable(queue, item, "not a kombu envelope with a body and a content type")
+            return None
+        properties = {"reply_to": envelope.reply_to, "priority": envelope.priority}
+        return Delivery(
+            self,
+            envelope.id,
+            queue,
+            envelope.body,
+            envelope.content_type,
+            again,
+            tag,
+            envelope.headers,
+            properties,
+        )
+
+    async def _wait(self) -> None:
+        now, block = time.time(), self._block
+        if self._waiting:
+            block = min(block, self._waiting[0][0] - now)
+        block = max(0.01, min(block, self._next_restore - time.monotonic()))
+        key = self.broker.list_key(self.queues[0], 0)
+        # BLMOVE of a list onto its own tail leaves it as it is: a wait for a message, taking nothing.
+        await self._conn.send_command("BLMOVE", key, key, "RIGHT", "RIGHT", f"{block:.3f}")
+        await self._conn.read_response()
+
+    async def _renew_forever(self) -> None:
+        broker = self.broker
+        await renew_forever(self.name, broker.claim_timeout / 3, broker.command_timeout, self._renew)
+
+    async def _renew(self) -> None:
+        tags, now = list(self._held), time.time()
+        async with self.client.pipeline(transaction=False) as pipe:
+            for i in range(0, len(tags), _CHUNK):
+                scores = dict.fromkeys(tags[i : i + _CHUNK], now)
+                pipe.zadd(self.broker.claims_key, scores, xx=True)
+                pipe.zadd(self.broker.index_key, scores, xx=True)
+            if len(pipe):
+                await pipe.execute()
+
+    async def _ack(self, delivery: Delivery) -> None:
+        try:
+            async with asyncio.timeout(self.broker.command_timeout):
+                await self._settle_acks([delivery.tag])
+        except (RedisError, TimeoutError) as exc:
+            # Still held and renewed: the ack is sent again before the next fetch.
+            self._failed_acks.add(delivery.tag)
+            raise self._error("ack", exc) from exc
+
+    async def _settle_acks(self, tags: list[str]) -> None:
+        broker = self.broker
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hdel(broker.unacked_key, *tags)
+            pipe.zrem(broker.index_key, *tags)
+            pipe.zrem(broker.claims_key, *tags)
+            await pipe.execute()
+        for tag in tags:
+            self._held.pop(tag, None)
+            self._failed_acks.discard(tag)
+
+    async def _reject(self, delivery: Delivery) -> None:
+        item, queue = self._held[delivery.tag]
+        await self._settling(delivery.tag, self.broker.dead_key(queue), item, "LPUSH")
+
+    async def _requeue(self, delivery: Delivery) -> None:
+        item, queue = self._held[delivery.tag]
+        again = pydantic_core.to_json(redelivered(pydantic_core.from_json(item)))
+        priority = (delivery.properties or {}).get("priority")
+        target = self.broker.list_key(queue, priority if type(priority) is int else None)
+        await self._settling(delivery.tag, target, again, "RPUSH")
+
+    async def _settling(self, tag: str, target: str, payload: bytes, push: str) -> None:
+        try:
+            async with asyncio.timeout(self.broker.command_timeout):
+                await self._give_back(tag, target, payload, push)
+        except (RedisError, TimeoutError) as exc:
+            # No longer renewed: once its claim runs out, any consumer gives it back to its list.
+            self._held.pop(tag, None)
+            raise self._error("settle", exc) from exc
+
+    async def _give_back(self, tag: str, target: str, payload: bytes, push: str) -> None:
+        """Move a held message to ``target`` (its list, or its dead-letter list), unless settled since."""
+        broker = self.broker
+        item, queue = self._held.pop(tag)
+        value = b"[" + item + self._suffix[queue].encode()
+        keys = [broker.unacked_key, broker.index_key, broker.claims_key, target]
+        await broker._kombu_scripts["restore"](keys=keys, args=[tag, value, payload, push])
+
+    async def aclose(self) -> None:
+        """Stop consuming: give back what was taken and not handed out, those waiting for their eta too."""
+        try:
+            await super().aclose()
+            while self._waiting:
+                await heapq.heappop(self._waiting)[2].requeue()
+        finally:
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        self.broker._kombu_consumers.discard(self)
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+            self._renewer = None
+        await self._conn.disconnect()
+
+    def _error(self, action: str, exc: BaseException) -> OperationalError:
+        url = mask_password(self.broker.url)
+        return OperationalError(f"Redis broker {url}: {action} failed for consumer {self.name}: {_text(exc)}")
+
+
+def _unreadable(queue: str, item: bytes, why: str) -> None:
+    logger.error(
+        "Rejecting unreadable message of queue %r: %s (%r). It was not run and has been dead-lettered.",
+        queue, why, item[:200],
+    )  # fmt: skip
+
+
+def _eta(headers: dict[str, Any] | None) -> float | None:
+    """The eta header of Celery's message as a unix time; None when absent or unreadable (the codec says)."""
+    value = headers.get("eta") if headers else None
+    if not isinstance(value, str):
+        return None
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
