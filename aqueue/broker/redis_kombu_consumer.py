@@ -160,7 +160,8 @@ class KombuConsumer(Consumer):
 
     async def _renew_forever(self) -> None:
         broker = self.broker
-        await renew_forever(self.name, broker.claim_timeout / 3, broker.command_timeout, self._renew)
+        every = min(broker.claim_timeout, broker.visibility_timeout) / 3  # either may give a message back
+        await renew_forever(self.name, every, broker.command_timeout, self._renew)
 
     async def _renew(self) -> None:
         tags, now = list(self._held), time.time()
