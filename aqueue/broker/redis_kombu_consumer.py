@@ -24,7 +24,7 @@ import pydantic_core
 from redis.exceptions import RedisError
 
 from aqueue.broker.base import Consumer, Delivery
-from aqueue.broker.redis import _LOST, _Backoff, _text, renew_forever
+from aqueue.broker.redis import _LOST, _Backoff, _retrieved, _text, renew_forever
 from aqueue.broker.redis_kombu import opened, redelivered
 from aqueue.exceptions import OperationalError
 from aqueue.urls import mask_password
@@ -57,6 +57,8 @@ class KombuConsumer(Consumer):
         """Taken messages whose eta is ahead, by eta."""
         self._order = itertools.count()
         self._failed_acks: set[str] = set()
+        self._acks: tuple[list[str], asyncio.Future[None]] | None = None
+        self._flushers: set[asyncio.Task[None]] = set()
         self._turn = 0
         self._conn = broker._connection(self.name)
         self._backoff = _Backoff(f"consumer {self.name}", broker.url)
@@ -174,17 +176,34 @@ class KombuConsumer(Consumer):
                 await pipe.execute()
 
     async def _ack(self, delivery: Delivery) -> None:
+        # The acks of one loop turn go out in one pipeline.
+        if self._acks is None:
+            self._acks = ([], asyncio.get_running_loop().create_future())
+            flusher = asyncio.create_task(self._flush_acks())
+            self._flushers.add(flusher)
+            flusher.add_done_callback(self._flushers.discard)
+        tags, done = self._acks
+        tags.append(delivery.tag)
+        await asyncio.shield(done)
+
+    async def _flush_acks(self) -> None:
+        await asyncio.sleep(0)
+        assert self._acks is not None
+        (tags, done), self._acks = self._acks, None
         try:
             async with asyncio.timeout(self.broker.command_timeout):
-                await self._settle_acks([delivery.tag])
+                await self._settle_acks(tags)
         except (RedisError, TimeoutError) as exc:
-            # Still held and renewed: the ack is sent again before the next fetch.
-            self._failed_acks.add(delivery.tag)
-            raise self._error("ack", exc) from exc
+            # Still held and renewed: the acks are sent again before the next fetch.
+            self._failed_acks.update(tags)
+            done.set_exception(self._error("ack", exc))
+            done.add_done_callback(_retrieved)
+        else:
+            done.set_result(None)
 
     async def _settle_acks(self, tags: list[str]) -> None:
         broker = self.broker
-        async with self.client.pipeline(transaction=True) as pipe:
+        async with self.client.pipeline(transaction=False) as pipe:
             pipe.hdel(broker.unacked_key, *tags)
             pipe.zrem(broker.index_key, *tags)
             pipe.zrem(broker.claims_key, *tags)
@@ -232,6 +251,8 @@ class KombuConsumer(Consumer):
 
     async def _shutdown(self) -> None:
         self.broker._kombu_consumers.discard(self)
+        if self._flushers:
+            await asyncio.wait(self._flushers, timeout=self.broker.command_timeout)
         if self._renewer is not None:
             self._renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):

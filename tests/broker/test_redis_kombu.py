@@ -27,12 +27,12 @@ import redis.asyncio as aioredis
 from aqueue import App
 from aqueue.broker import from_url
 from aqueue.broker.redis_kombu import KombuRedisBroker, opened
-from aqueue.exceptions import ImproperlyConfigured
+from aqueue.exceptions import ImproperlyConfigured, OperationalError
 from aqueue.message import Envelope
 from aqueue.protocol import CELERY
-from tests.broker.test_redis import nothing_for, receive
+from tests.broker.test_redis import kill_client, nothing_for, receive
 from tests.cli.conftest import subprocess_env
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, RedisServer
 from tests.golden.calls import OPTIONS
 
 URL = f"{REDIS_URL}/0"
@@ -378,3 +378,54 @@ def test_the_layout_is_chosen_by_a_transport_option() -> None:
         KombuRedisBroker(URL, priority_steps=[3, 6])
     with pytest.raises(ImproperlyConfigured, match="Did you mean 'visibility_timeout'"):
         KombuRedisBroker(URL, visibilty_timeout=5)
+
+
+# Outages --------------------------------------------------------------------------------------------
+
+
+async def test_an_idle_consumer_survives_a_client_kill_and_logs_once(
+    broker: KombuRedisBroker, raw: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a consumer waiting on an empty queue
+    async with broker.consume(["q"], prefetch=10) as consumer:
+        name = consumer.name  # type: ignore[attr-defined]
+        receiving = asyncio.ensure_future(receive(consumer))
+        await asyncio.sleep(0.3)
+        # When the server kills its connection, and then messages arrive
+        caplog.set_level(logging.INFO, logger="aqueue.broker.redis")
+        assert await kill_client(raw, name) == 1
+        await broker.publish([Envelope(f"m{i}", "q", b"[[], {}, {}]", JSON) for i in range(3)])
+        # Then it reconnects and receives them
+        got: set[str] = set()
+        for _ in range(3):
+            delivery = await receiving if not got else await receive(consumer)
+            got.add(delivery.id)
+            await delivery.ack()
+    assert got == {"m0", "m1", "m2"}
+    warnings = [r for r in caplog.records if r.name == "aqueue.broker.redis" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "reconnecting" in warnings[0].getMessage()
+
+
+async def test_an_ack_that_fails_in_an_outage_is_sent_again_and_never_runs_twice(
+    private_redis: RedisServer,
+) -> None:
+    # Given a held message, on a private Redis
+    url = f"{private_redis.url}/0"
+    async with KombuRedisBroker(url, claim_timeout=3.0, socket_timeout=0.5) as broker:
+        await broker.publish([Envelope("m1", "q", b"[[], {}, {}]", JSON)])
+        async with broker.consume(["q"], prefetch=1) as consumer, broker.consume(["q"], prefetch=1) as other:
+            delivery = await receive(consumer)
+            # When its ack fails, because Redis takes no writes for a second
+            admin = aioredis.Redis.from_url(url)
+            try:
+                await admin.client_pause(1000, all=False)  # writes only
+                with pytest.raises(OperationalError, match="ack failed"):
+                    await delivery.ack()
+                # Then no other consumer gets it (it is still held, and renewed)
+                await nothing_for(other, 4.0)
+                # And the next fetch sends the ack again: nothing is left held
+                await nothing_for(consumer, 0.5)
+                assert await admin.hlen("unacked") == 0
+                assert await admin.llen("q") == 0
+            finally:
+                await admin.aclose()
