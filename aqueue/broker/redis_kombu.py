@@ -67,6 +67,11 @@ logger = logging.getLogger("aqueue.broker.redis")
 
 PRIORITY_STEPS = (0, 3, 6, 9)
 _LUA = {name: (Path(__file__).parent / f"redis_kombu_{name}.lua").read_text() for name in ("take", "restore")}
+_KOMBU_ONLY = (
+    "unacked_mutex_key", "unacked_mutex_expire", "unacked_restore_limit", "unacked_restore_interval",
+    "unacked_restore_throttle", "socket_keepalive_options", "retry_on_timeout",
+)  # fmt: skip
+"""kombu's options of how its own restore sweeps and connections work: accepted, and ignored here."""
 _ENCODINGS = {"application/json": "utf-8"}
 """kombu's content-encoding of each content type; every other one is ``binary``."""
 
@@ -112,7 +117,10 @@ class KombuRedisBroker(RedisBroker):
         priority_steps: kombu's priority lists (default ``[0, 3, 6, 9]``; Celery's side must agree).
         unacked_key, unacked_index_key: kombu's names of the held messages' hash and sorted set.
         options: ``global_keyprefix``, ``max_connections`` and the connection options of
-            :class:`~aqueue.broker.redis.RedisBroker`.
+            :class:`~aqueue.broker.redis.RedisBroker`; kombu's ``unacked_mutex_*``, ``unacked_restore_*``,
+            ``socket_keepalive_options`` and ``retry_on_timeout`` are accepted and ignored (aqueue gives
+            messages back in atomic scripts, without kombu's mutex); ``sep`` and ``ack_emulation`` only
+            with kombu's defaults.
 
     Raises:
         InvalidURL: the URL is not a usable redis URL.
@@ -142,6 +150,13 @@ class KombuRedisBroker(RedisBroker):
         ):
             raise ImproperlyConfigured(
                 f"priority_steps must be increasing integers starting at 0, as kombu's, not {priority_steps!r}."
+            )
+        for name in _KOMBU_ONLY:
+            options.pop(name, None)
+        if options.get("sep", SEP) != SEP or options.pop("ack_emulation", True) is not True:
+            raise ImproperlyConfigured(
+                "kombu's layout is shared with Celery only with kombu's defaults of sep ('\\x06\\x16') "
+                "and ack_emulation (True)."
             )
         super().__init__(url, visibility_timeout=visibility_timeout, **options)
         self.claim_timeout, self.priority_steps = float(claim_timeout), steps

@@ -378,6 +378,12 @@ def test_the_layout_is_chosen_by_a_transport_option() -> None:
         KombuRedisBroker(URL, priority_steps=[3, 6])
     with pytest.raises(ImproperlyConfigured, match="Did you mean 'visibility_timeout'"):
         KombuRedisBroker(URL, visibilty_timeout=5)
+    with pytest.raises(ImproperlyConfigured, match="sep"):
+        KombuRedisBroker(URL, sep=":")
+    # A Celery app's tuning of kombu's own restore sweeps is accepted as it is
+    KombuRedisBroker(
+        URL, unacked_restore_interval=5, unacked_mutex_expire=60, queue_order_strategy="priority"
+    )
 
 
 # Outages --------------------------------------------------------------------------------------------
