@@ -178,9 +178,6 @@ class KombuRedisBroker(RedisBroker):
         """Every list of ``queue``, highest step (first taken) first."""
         return [self.list_key(queue, step) for step in self.priority_steps]
 
-    def dead_key(self, queue: str) -> str:
-        return f"{self.prefix}{queue}.dead"
-
     async def aclose(self) -> None:
         for consumer in list(self._kombu_consumers):
             await consumer._shutdown()

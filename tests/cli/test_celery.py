@@ -242,6 +242,21 @@ async def test_a_chain_started_in_aqueue_ends_on_a_celery_worker(mixed: Project)
     await _lines(mark, ["celery 6"])
 
 
+@REDIS_RESULTS
+async def test_celery_and_aqueue_workers_share_a_queue_and_run_each_task_once(mixed: Project) -> None:
+    # Given a Celery worker and an aqueue worker on the same queue
+    await start_celery_worker(mixed)
+    await mixed.start_worker()
+    mark = mixed.root / "runs.txt"
+    # When a Celery client sends 40 tasks
+    calls = [{"task": "tasks.record", "args": [i, str(mark)]} for i in range(40)]
+    results = await celery_client(mixed, calls)
+    # Then every one ran once, on one side or the other, and its result came back
+    assert [r.result for r in results] == list(range(40))
+    runs = mark.read_text().split("\n")[:-1]
+    assert sorted(int(line.split()[1]) for line in runs) == list(range(40))
+
+
 async def _lines(path: Path, expected: list[str], timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
