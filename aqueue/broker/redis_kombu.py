@@ -29,9 +29,9 @@ name, which Celery's side must set alike) and ``S`` kombu's separator ``\\x06\\x
 Taking is one Lua script: up to ``n`` messages popped from the lists in order and recorded in
 ``unacked``, ``unacked_index`` and the claims at once, so a message is never popped without being held
 (kombu's ``BRPOP`` then ``HSET`` loses one whose reply is lost). When there is nothing to take, the
-consumer waits with ``BLMOVE`` of the first queue's list onto itself (which leaves the list as it is)
-for up to 1 s, or 0.1 s when it takes more than one list; a message of another list therefore waits up
-to that long on an idle worker. A message whose ``eta`` is ahead stays held (and renewed) by the
+consumer waits with ``BLMOVE`` of each list onto itself (which leaves the list as it is), one
+connection per list (up to 16; past those, it looks every 0.1 s), and takes as soon as one answers. A
+message whose ``eta`` is ahead stays held (and renewed) by the
 consumer that took it and is handed out when due, as a Celery worker does; a graceful shutdown gives it
 back. ack removes the tag from the three; requeue and a give-back push the message back to the front
 of its list, marked ``redelivered`` as kombu marks it (``headers`` and ``delivery_info``); reject

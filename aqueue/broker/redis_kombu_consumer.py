@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import pydantic_core
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisError
 
 from aqueue.broker.base import Consumer, Delivery
@@ -37,9 +38,10 @@ __all__ = ["KombuConsumer"]
 logger = logging.getLogger("aqueue.broker.redis")
 
 _BLOCK = 1.0
-"""Longest wait for a message of a consumer of one queue (its first list wakes it at once)."""
-_BLOCK_SEVERAL = 0.1
-"""Longest wait of a consumer of several queues: only the first queue's first list wakes it at once."""
+"""Longest wait for a message (the waiting connections wake the consumer as soon as one arrives)."""
+_MAX_WAITERS = 16
+"""Lists waited on at once, each on a connection of its own; a list past these is looked at every 0.1 s."""
+_POLL = 0.1
 _CHUNK = 500
 
 
@@ -60,12 +62,15 @@ class KombuConsumer(Consumer):
         self._acks: tuple[list[str], asyncio.Future[None]] | None = None
         self._flushers: set[asyncio.Task[None]] = set()
         self._turn = 0
-        self._conn = broker._connection(self.name)
+        lists = [broker.list_key(q, step) for step in broker.priority_steps for q in self.queues]
+        self._conns = {key: broker._connection(self.name) for key in lists[:_MAX_WAITERS]}
+        """One connection per list waited on (BLMOVE blocks on one key), so any list wakes the consumer."""
+        self._waiters: dict[str, asyncio.Task[None]] = {}
         self._backoff = _Backoff(f"consumer {self.name}", broker.url)
         self._renewer: asyncio.Task[None] | None = None
         self._next_restore = 0.0
         self._restore_every = min(5.0, max(0.05, broker.claim_timeout / 2))
-        self._block = _BLOCK if len(self.queues) == 1 else _BLOCK_SEVERAL
+        self._block = _BLOCK if len(lists) <= _MAX_WAITERS else _POLL
 
     async def _fetch(self, n: int) -> Sequence[Delivery]:
         try:
@@ -84,7 +89,7 @@ class KombuConsumer(Consumer):
                 if not out:
                     await self._wait()
         except _LOST as exc:  # TimeoutError included
-            await self._backoff.lost(self._conn, exc)
+            await self._backoff.lost(next(iter(self._conns.values())), exc)
             return []
         except RedisError as exc:
             raise self._error("fetch", exc) from exc
@@ -151,14 +156,24 @@ class KombuConsumer(Consumer):
         )
 
     async def _wait(self) -> None:
+        """Wait until a list may have a message, the next eta is due, or it is time to give back stale ones."""
         now, block = time.time(), self._block
         if self._waiting:
             block = min(block, self._waiting[0][0] - now)
         block = max(0.01, min(block, self._next_restore - time.monotonic()))
-        key = self.broker.list_key(self.queues[0], 0)
-        # BLMOVE of a list onto its own tail leaves it as it is: a wait for a message, taking nothing.
-        await self._conn.send_command("BLMOVE", key, key, "RIGHT", "RIGHT", f"{block:.3f}")
-        await self._conn.read_response()
+        for key, conn in self._conns.items():
+            if key not in self._waiters:
+                self._waiters[key] = asyncio.create_task(_wait_on(conn, key))
+        await asyncio.wait(self._waiters.values(), timeout=block, return_when=asyncio.FIRST_COMPLETED)
+        failed: BaseException | None = None
+        for key, waiter in list(self._waiters.items()):
+            if waiter.done():
+                del self._waiters[key]
+                if waiter.exception() is not None:
+                    await self._conns[key].disconnect()
+                    failed = waiter.exception()
+        if failed is not None:
+            raise failed
 
     async def _renew_forever(self) -> None:
         broker = self.broker
@@ -258,11 +273,22 @@ class KombuConsumer(Consumer):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewer
             self._renewer = None
-        await self._conn.disconnect()
+        for waiter in self._waiters.values():
+            waiter.cancel()
+        await asyncio.gather(*self._waiters.values(), return_exceptions=True)
+        self._waiters.clear()
+        for conn in self._conns.values():
+            await conn.disconnect()
 
     def _error(self, action: str, exc: BaseException) -> OperationalError:
         url = mask_password(self.broker.url)
         return OperationalError(f"Redis broker {url}: {action} failed for consumer {self.name}: {_text(exc)}")
+
+
+async def _wait_on(conn: AbstractConnection, key: str) -> None:
+    """Return once ``key`` has a message, or after a second: BLMOVE of a list onto its own tail takes nothing."""
+    await conn.send_command("BLMOVE", key, key, "RIGHT", "RIGHT", _BLOCK)
+    await conn.read_response()
 
 
 def _unreadable(queue: str, item: bytes, why: str) -> None:

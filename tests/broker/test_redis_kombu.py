@@ -399,7 +399,7 @@ async def test_an_idle_consumer_survives_a_client_kill_and_logs_once(
         await asyncio.sleep(0.3)
         # When the server kills its connection, and then messages arrive
         caplog.set_level(logging.INFO, logger="aqueue.broker.redis")
-        assert await kill_client(raw, name) == 1
+        assert await kill_client(raw, name) == 4  # its connections waiting on the lists of its queue
         await broker.publish([Envelope(f"m{i}", "q", b"[[], {}, {}]", JSON) for i in range(3)])
         # Then it reconnects and receives them
         got: set[str] = set()
@@ -435,3 +435,21 @@ async def test_an_ack_that_fails_in_an_outage_is_sent_again_and_never_runs_twice
                 assert await admin.llen("q") == 0
             finally:
                 await admin.aclose()
+
+
+async def test_an_idle_consumer_is_woken_by_any_of_its_lists(broker: KombuRedisBroker) -> None:
+    # Given a consumer of two queues, idle
+    async with broker.consume(["q", "r"], prefetch=1) as consumer:
+        await nothing_for(consumer, 0.3)
+        for queue, priority in (("r", 0), ("q", 9), ("r", 6)):
+            # When a message arrives on any list of either queue
+            receiving = asyncio.ensure_future(receive(consumer))
+            await asyncio.sleep(0.2)
+            sent = time.monotonic()
+            await broker.publish(
+                [Envelope(f"{queue}{priority}", queue, b"[[], {}, {}]", JSON, priority=priority)]
+            )
+            delivery = await receiving
+            # Then it is taken at once, not at the end of a poll interval
+            assert delivery.id == f"{queue}{priority}" and time.monotonic() - sent < 0.25
+            await delivery.ack()
