@@ -50,7 +50,7 @@ from bisect import bisect
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydantic_core
 
@@ -60,6 +60,9 @@ from aqueue.broker.redis_exchange import SEP
 from aqueue.exceptions import ImproperlyConfigured
 from aqueue.message import Envelope
 from aqueue.protocol import CELERY
+
+if TYPE_CHECKING:
+    from aqueue.broker.redis_kombu_consumer import KombuConsumer
 
 __all__ = ["KombuRedisBroker", "kombu_envelope"]
 
@@ -165,7 +168,7 @@ class KombuRedisBroker(RedisBroker):
         self.claims_key = f"{p}aqueue.unacked_claims"
         self._kombu_scripts = {name: self._client.register_script(source) for name, source in _LUA.items()}
         self._bound: set[str] = set()
-        self._kombu_consumers: set[Any] = set()
+        self._kombu_consumers: set[KombuConsumer] = set()
         self._unrestorable: set[str] = set()
 
     def list_key(self, queue: str, priority: int | None = 0) -> str:

@@ -120,27 +120,40 @@ class KombuConsumer(Consumer):
         args: list[Any] = [n, repr(now), len(lists), *(self._suffix[q] for _, q in lists)]
         reply = await broker._kombu_scripts["take"](keys=keys, args=args)
         out: list[Delivery] = []
+        unreadable: list[str] = []
         for i in range(0, len(reply), 3):
             queue, item, tag = lists[int(reply[i]) - 1][1], reply[i + 1], reply[i + 2].decode()
-            if not tag:
+            if not tag:  # the script dead-lettered it
                 _unreadable(queue, item, "no delivery tag")
                 continue
-            delivery = await self._delivery(queue, item, tag)
+            self._held[tag] = (item, queue)
+            delivery = self._delivery(queue, item, tag)
             if delivery is None:
+                unreadable.append(tag)
                 continue
             eta = _eta(delivery.headers)
             if eta is not None and eta > now:
                 heapq.heappush(self._waiting, (eta, next(self._order), delivery))
             else:
                 out.append(delivery)
+        if unreadable:
+            await self._reject_unreadable(unreadable)
         return out
 
-    async def _delivery(self, queue: str, item: bytes, tag: str) -> Delivery | None:
-        self._held[tag] = (item, queue)
+    async def _reject_unreadable(self, tags: list[str]) -> None:
+        for tag in tags:
+            item, queue = self._held[tag]
+            try:
+                await self._give_back(tag, self.broker.dead_key(queue), item, "LPUSH")
+            except RedisError as exc:
+                # No longer renewed: given back to its list once its claim runs out, and read again.
+                logger.debug("Dead-lettering an unreadable message failed: %s", exc)
+                continue
+            _unreadable(queue, item, "not a kombu envelope with a body and a content type")
+
+    def _delivery(self, queue: str, item: bytes, tag: str) -> Delivery | None:
         envelope, again = opened(queue, item)
         if not envelope.content_type:
-            await self._give_back(tag, self.broker.dead_key(queue), item, "LPUSH")
-            _unreadable(queue, item, "not a kombu envelope with a body and a content type")
             return None
         properties = {"reply_to": envelope.reply_to, "priority": envelope.priority}
         return Delivery(
@@ -250,7 +263,7 @@ class KombuConsumer(Consumer):
     async def _give_back(self, tag: str, target: str, payload: bytes, push: str) -> None:
         """Move a held message to ``target`` (its list, or its dead-letter list), unless settled since."""
         broker = self.broker
-        item, queue = self._held.pop(tag)
+        item, queue = self._held.pop(tag)  # whatever the outcome: a give-back that failed is never renewed
         value = b"[" + item + self._suffix[queue].encode()
         keys = [broker.unacked_key, broker.index_key, broker.claims_key, target]
         await broker._kombu_scripts["restore"](keys=keys, args=[tag, value, payload, push])
