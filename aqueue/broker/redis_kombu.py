@@ -287,12 +287,17 @@ class KombuRedisBroker(RedisBroker):
 
 
 def redelivered(payload: dict[str, Any]) -> dict[str, Any]:
-    """``payload`` marked redelivered, as kombu marks a message it gives back."""
+    """``payload`` marked redelivered, as kombu marks a message it gives back, under a new delivery tag.
+
+    (kombu keeps the tag; a new one means a late ack of the old holder cannot remove the new one's hold.)
+    """
     headers, properties = payload.get("headers"), payload.get("properties")
     if isinstance(headers, dict):
         headers["redelivered"] = True
-    if isinstance(properties, dict) and isinstance(properties.get("delivery_info"), dict):
-        properties["delivery_info"]["redelivered"] = True
+    if isinstance(properties, dict):
+        if isinstance(properties.get("delivery_info"), dict):
+            properties["delivery_info"]["redelivered"] = True
+        properties["delivery_tag"] = str(uuid.uuid4())
     return payload
 
 

@@ -308,10 +308,11 @@ async def test_aqueue_gives_back_a_message_a_celery_worker_left(make_broker: Fac
 
     tag = await asyncio.to_thread(take)
     await asyncio.sleep(0.6)
-    # When an aqueue consumer runs, then it gives it back and gets it, redelivered, under the same tag
+    # When an aqueue consumer runs, then it gives it back and gets it, redelivered, under a new tag (so
+    # that a late ack of the old holder cannot remove the new hold)
     async with broker.consume(["q"], prefetch=1) as consumer:
         delivery = await receive(consumer)
-        assert (delivery.id, delivery.redelivered, delivery.tag) == ("m1", True, tag)
+        assert (delivery.id, delivery.redelivered) == ("m1", True) and delivery.tag != tag
         await delivery.ack()
 
 
@@ -453,3 +454,21 @@ async def test_an_idle_consumer_is_woken_by_any_of_its_lists(broker: KombuRedisB
             # Then it is taken at once, not at the end of a poll interval
             assert delivery.id == f"{queue}{priority}" and time.monotonic() - sent < 0.25
             await delivery.ack()
+
+
+async def test_a_late_ack_of_a_stalled_worker_leaves_the_next_holders_hold(
+    broker: KombuRedisBroker, raw: aioredis.Redis, prefix: str
+) -> None:
+    # Given a consumer that took a message and stalled past its claim (it stopped renewing)
+    await broker.publish([Envelope("m1", "q", b"[[], {}, {}]", JSON)])
+    async with broker.consume(["q"], prefetch=1) as stalled, broker.consume(["q"], prefetch=1) as other:
+        first = await receive(stalled)
+        stalled._renewer.cancel()  # type: ignore[attr-defined]
+        # When another consumer takes it again, and then the stalled one acknowledges it
+        again = await receive(other, timeout=10)
+        assert (again.id, again.redelivered) == ("m1", True)
+        await first.ack()
+        # Then the second hold is still there, until its own ack
+        assert await raw.hexists(f"{prefix}unacked", again.tag)
+        await again.ack()
+    assert await raw.hlen(f"{prefix}unacked") == 0
