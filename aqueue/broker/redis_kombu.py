@@ -23,7 +23,9 @@ name, which Celery's side must set alike) and ``S`` kombu's separator ``\\x06\\x
   back while its worker lives (neither by aqueue nor by Celery's workers).
 - ``P_kombu.binding.<queue>`` (and ``P_kombu.binding_permanent.<queue>``): the binding of the queue
   to the exchange of its name, as a Celery client declares it.
-- ``P<queue>.dead``: aqueue's dead letters (a list of envelopes, oldest last; kombu has none).
+- ``P<queue>.dead``: aqueue's dead letters (a list of envelopes, oldest last; kombu has none). A message
+  aqueue gave back ``max_deliveries - 1`` times (counted in its property ``x-aqueue-restores``) goes there
+  the next time its holder vanishes.
 - Celery's exchanges (monitoring events, remote control) as :mod:`aqueue.broker.redis_exchange` says.
 
 Taking is one Lua script: up to ``n`` messages popped from the lists in order and recorded in
@@ -69,6 +71,8 @@ __all__ = ["KombuRedisBroker", "kombu_envelope"]
 logger = logging.getLogger("aqueue.broker.redis")
 
 PRIORITY_STEPS = (0, 3, 6, 9)
+RESTORES = "x-aqueue-restores"
+"""The property counting how often aqueue gave a message back after its holder vanished (kombu keeps no count)."""
 _LUA = {name: (Path(__file__).parent / f"redis_kombu_{name}.lua").read_text() for name in ("take", "restore")}
 _KOMBU_ONLY = (
     "unacked_mutex_key", "unacked_mutex_expire", "unacked_restore_limit", "unacked_restore_interval",
@@ -117,6 +121,8 @@ class KombuRedisBroker(RedisBroker):
         visibility_timeout: kombu's: seconds after which any held message is given back (default 3600,
             as kombu's; set it as the Celery workers on the same Redis do).
         claim_timeout: seconds after which a message an aqueue consumer stopped renewing is given back.
+        max_deliveries: a message taken this many times and never settled (its holders vanished) is
+            dead-lettered instead of given back again (default 10).
         priority_steps: kombu's priority lists (default ``[0, 3, 6, 9]``; Celery's side must agree).
         unacked_key, unacked_index_key: kombu's names of the held messages' hash and sorted set.
         options: ``global_keyprefix``, ``max_connections`` and the connection options of
@@ -254,9 +260,11 @@ class KombuRedisBroker(RedisBroker):
         try:
             payload, exchange, routing_key = pydantic_core.from_json(value)
             queue = await self._destination(str(exchange or ""), str(routing_key or ""))
-            priority = (payload.get("properties") or {}).get("priority")
+            properties = payload["properties"]
+            priority, restores = properties.get("priority"), _int(properties.get(RESTORES)) or 0
+            properties[RESTORES] = restores + 1
             again = pydantic_core.to_json(redelivered(payload))
-        except (ValueError, TypeError, AttributeError) as exc:
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
             if tag not in self._unrestorable:
                 self._unrestorable.add(tag)
                 logger.error(
@@ -264,6 +272,14 @@ class KombuRedisBroker(RedisBroker):
                 )
             return 0
         if queue is None:
+            return 0
+        if restores + 1 >= self.max_deliveries:  # taken that many times, and never settled
+            keys = [self.unacked_key, self.index_key, self.claims_key, self.dead_key(queue)]
+            if await self._kombu_scripts["restore"](keys=keys, args=[tag, value, again, "LPUSH"]):
+                logger.error(
+                    "Message %s of queue %r was taken %d times and never settled: dead-lettered",
+                    tag, queue, restores + 1,
+                )  # fmt: skip
             return 0
         keys = [self.unacked_key, self.index_key, self.claims_key, self.list_key(queue, _int(priority))]
         return int(await self._kombu_scripts["restore"](keys=keys, args=[tag, value, again, "RPUSH"]))

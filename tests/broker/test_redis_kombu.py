@@ -472,3 +472,25 @@ async def test_a_late_ack_of_a_stalled_worker_leaves_the_next_holders_hold(
         assert await raw.hexists(f"{prefix}unacked", again.tag)
         await again.ack()
     assert await raw.hlen(f"{prefix}unacked") == 0
+
+
+async def test_a_message_whose_holders_keep_vanishing_is_dead_lettered(
+    make_broker: Factory, raw: aioredis.Redis, prefix: str
+) -> None:
+    # Given at most two deliveries, and a message that two consumers took and died holding
+    broker = await make_broker(claim_timeout=0.5, max_deliveries=2)
+    await broker.publish([Envelope("poison", "q", b"[[], {}, {}]", JSON)])
+    for _ in range(2):
+        dying = broker.consume(["q"], prefetch=1)
+        delivery = await receive(dying, timeout=10)
+        await dying._shutdown()  # type: ignore[attr-defined]
+    assert delivery.redelivered
+    # When another consumer looks for work once the claim ran out
+    async with broker.consume(["q"], prefetch=1) as consumer:
+        await nothing_for(consumer, 2.0)
+    # Then the message is a dead letter, counted, and nothing holds it
+    [dead] = await broker.dead_letters("q")
+    assert dead.id == "poison"
+    [item] = await raw.lrange(f"{prefix}q.dead", 0, -1)
+    assert json.loads(item)["properties"]["x-aqueue-restores"] == 2
+    assert await raw.hlen(f"{prefix}unacked") == 0
