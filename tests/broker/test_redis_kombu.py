@@ -256,6 +256,7 @@ async def test_a_killed_workers_message_runs_again_after_the_claim_timeout(
             proc.stdout.close()
 
 
+@pytest.mark.slow
 async def test_a_long_task_is_renewed_not_given_back(
     broker: KombuRedisBroker, raw: aioredis.Redis, prefix: str
 ) -> None:
@@ -413,6 +414,7 @@ async def test_an_idle_consumer_survives_a_client_kill_and_logs_once(
     assert len(warnings) == 1 and "reconnecting" in warnings[0].getMessage()
 
 
+@pytest.mark.slow
 async def test_an_ack_that_fails_in_an_outage_is_sent_again_and_never_runs_twice(
     private_redis: RedisServer,
 ) -> None:
@@ -474,6 +476,7 @@ async def test_a_late_ack_of_a_stalled_worker_leaves_the_next_holders_hold(
     assert await raw.hlen(f"{prefix}unacked") == 0
 
 
+@pytest.mark.slow
 async def test_a_message_whose_holders_keep_vanishing_is_dead_lettered(
     make_broker: Factory, raw: aioredis.Redis, prefix: str
 ) -> None:
@@ -494,3 +497,20 @@ async def test_a_message_whose_holders_keep_vanishing_is_dead_lettered(
     [item] = await raw.lrange(f"{prefix}q.dead", 0, -1)
     assert json.loads(item)["properties"]["x-aqueue-restores"] == 2
     assert await raw.hlen(f"{prefix}unacked") == 0
+
+
+@pytest.mark.slow
+async def test_a_message_waiting_for_its_eta_is_renewed_and_handed_out_when_due(
+    broker: KombuRedisBroker,
+) -> None:
+    # Given a message due in 2.5 s (past two claim timeouts), taken by one of two consumers
+    due = time.time() + 2.5
+    await broker.publish([Envelope("later", "q", b"[[], {}, {}]", JSON, eta=due)])
+    async with broker.consume(["q"], prefetch=1) as holder, broker.consume(["q"], prefetch=1) as other:
+        receiving = asyncio.ensure_future(receive(holder, timeout=10))
+        await asyncio.sleep(0.3)
+        # Then the other never gets it, and the holder hands it out once due, not before
+        await nothing_for(other, 2.7)
+        delivery = await receiving
+        assert delivery.id == "later" and not delivery.redelivered and time.time() >= due
+        await delivery.ack()
