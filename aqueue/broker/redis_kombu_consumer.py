@@ -92,6 +92,12 @@ class KombuConsumer(Consumer):
             await self._backoff.lost(next(iter(self._conns.values())), exc)
             return []
         except RedisError as exc:
+            if "WRONGTYPE" in str(exc):
+                raise OperationalError(
+                    f"Redis broker {mask_password(self.broker.url)}: a key of the queues {list(self.queues)} "
+                    "is not a list, as kombu's layout keeps them: is this database (or global_keyprefix) "
+                    "used by aqueue's Streams layout too? Give each layout its own."
+                ) from exc
             raise self._error("fetch", exc) from exc
         self._backoff.ok()
         return out

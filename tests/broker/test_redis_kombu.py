@@ -514,3 +514,14 @@ async def test_a_message_waiting_for_its_eta_is_renewed_and_handed_out_when_due(
         delivery = await receiving
         assert delivery.id == "later" and not delivery.redelivered and time.time() >= due
         await delivery.ack()
+
+
+async def test_a_queue_kept_as_a_stream_is_named_in_the_error(
+    broker: KombuRedisBroker, raw: aioredis.Redis, prefix: str
+) -> None:
+    # Given a queue that aqueue's Streams layout keeps on the same prefix
+    await raw.xadd(f"{prefix}q", {"body": "x"})
+    # When a consumer in kombu's layout takes from it, then the error says what is wrong
+    async with broker.consume(["q"], prefetch=1) as consumer:
+        with pytest.raises(OperationalError, match="is not a list.*Streams layout"):
+            await receive(consumer)
