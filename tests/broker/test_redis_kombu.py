@@ -523,5 +523,5 @@ async def test_a_queue_kept_as_a_stream_is_named_in_the_error(
     await raw.xadd(f"{prefix}q", {"body": "x"})
     # When a consumer in kombu's layout takes from it, then the error says what is wrong
     async with broker.consume(["q"], prefetch=1) as consumer:
-        with pytest.raises(OperationalError, match="is not a list.*Streams layout"):
+        with pytest.raises(OperationalError, match=r"is not a list.*Streams layout"):
             await receive(consumer)
