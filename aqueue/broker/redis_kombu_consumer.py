@@ -85,7 +85,11 @@ class KombuConsumer(Consumer):
                     await self.broker.restore_stale(self._held)
                 out = self._due(n, now)
                 if len(out) < n:
-                    out += await self._take(n - len(out), now)
+                    try:
+                        out += await self._take(n - len(out), now)
+                    except BaseException:  # cancelled too: the due ones wait for the next fetch
+                        self._keep(out, now)
+                        raise
                 if not out:
                     await self._wait()
         except _LOST as exc:  # TimeoutError included
@@ -143,8 +147,17 @@ class KombuConsumer(Consumer):
             else:
                 out.append(delivery)
         if unreadable:
-            await self._reject_unreadable(unreadable)
+            try:
+                await self._reject_unreadable(unreadable)
+            except BaseException:  # cancelled: what was taken waits for the next fetch
+                self._keep(out, now)
+                raise
         return out
+
+    def _keep(self, deliveries: list[Delivery], now: float) -> None:
+        """Keep taken deliveries a fetch could not return, for the next fetch to hand out."""
+        for delivery in deliveries:
+            heapq.heappush(self._waiting, (now, next(self._order), delivery))
 
     async def _reject_unreadable(self, tags: list[str]) -> None:
         for tag in tags:

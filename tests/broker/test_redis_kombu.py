@@ -525,3 +525,29 @@ async def test_a_queue_kept_as_a_stream_is_named_in_the_error(
     async with broker.consume(["q"], prefetch=1) as consumer:
         with pytest.raises(OperationalError, match=r"is not a list.*Streams layout"):
             await receive(consumer)
+
+
+@pytest.mark.slow
+async def test_cancelled_receives_lose_nothing_and_repeat_nothing(broker: KombuRedisBroker) -> None:
+    # Given 30 messages, and a consumer whose receives are cancelled at all sorts of moments
+    sent = [f"m{i}" for i in range(30)]
+    await broker.publish([Envelope(i, "q", b"[[], {}, {}]", JSON) for i in sent])
+    got: list[str] = []
+    async with broker.consume(["q"], prefetch=5) as consumer:
+        for i in range(60):
+            receiving = asyncio.ensure_future(consumer.receive())
+            await asyncio.sleep(0.0003 * (i % 7))
+            receiving.cancel()
+            try:
+                delivery = await receiving
+            except asyncio.CancelledError:
+                continue
+            got.append(delivery.id)
+            await delivery.ack()
+        # Then every message still comes, once
+        while len(got) < len(sent):
+            delivery = await receive(consumer)
+            got.append(delivery.id)
+            await delivery.ack()
+        await nothing_for(consumer, 0.3)
+    assert sorted(got) == sorted(sent)
