@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,11 @@ async def test_aqueue_pushes_celerys_envelopes_to_celerys_lists(
         assert {k: v for k, v in mine["headers"].items() if k not in IDS} == {
             k: v for k, v in celery["headers"].items() if k not in IDS and k != "shadow"
         } | {"shadow": None}
+        for name in ("eta", "expires"):  # times: set in the same places, as ISO 8601 with a zone
+            mine_time, celery_time = mine["headers"][name], celery["headers"][name]
+            assert (mine_time is None) == (celery_time is None)
+            assert mine_time is None or datetime.fromisoformat(mine_time).tzinfo is not None
+        assert ("expiration" in mine["properties"]) == ("expiration" in celery["properties"])
         celery_info = celery["properties"]["delivery_info"] | {"routing_key": queue}
         assert mine["properties"]["delivery_info"] == celery_info
         mine_props = {k: v for k, v in mine["properties"].items() if k not in PROPERTY_IDS}
