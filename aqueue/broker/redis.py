@@ -91,7 +91,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -208,9 +208,12 @@ class RedisBroker(Broker):
         if not envelopes:
             return
         now = time.time()
+        await self._send_marked([self._publish_command(e, now) for e in envelopes], len(envelopes))
+
+    async def _send_marked(self, commands: list[bytes], count: int) -> None:
+        """Send ``commands``, a publish of ``count`` envelopes, then set a marker that says if a lost reply landed."""
         marker = f"{self._marker}{next(self._batches)}"
-        commands = [self._publish_command(e, now) for e in envelopes]
-        commands.append(pack(b"SET", marker, b"", b"PX", self._marker_ms))
+        commands = [*commands, pack(b"SET", marker, b"", b"PX", self._marker_ms)]
         # No timeout of its own here: the line waits for a reply at most command_timeout seconds.
         try:
             _raise_first_error(await self._line.send(b"".join(commands), len(commands)))
@@ -220,7 +223,7 @@ class RedisBroker(Broker):
             logger.warning(
                 "Redis broker %s: the reply to a publish of %d message(s) was lost (%s), but they "
                 "were stored: not sending them again",
-                mask_password(self.url), len(envelopes), exc,
+                mask_password(self.url), count, exc,
             )  # fmt: skip
         except RedisError as exc:
             raise self._failed("publish", exc) from exc
@@ -548,13 +551,9 @@ class _RedisConsumer(Consumer):
         self._stranded = False
 
     async def _renew_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.broker.visibility_timeout / 3)
-            try:
-                async with asyncio.timeout(self.broker.command_timeout):
-                    await self._renew()
-            except (RedisError, TimeoutError) as exc:
-                logger.debug("Renewing the claims of %s failed: %s", self.name, exc)
+        await renew_forever(
+            self.name, self.broker.visibility_timeout / 3, self.broker.command_timeout, self._renew
+        )
 
     async def _renew(self) -> None:
         async with self.client.pipeline(transaction=False) as pipe:
@@ -699,6 +698,19 @@ class _Backoff:
 async def _subscribe(conn: AbstractConnection, channel: bytes, command: str = "SUBSCRIBE") -> None:
     await conn.send_command(command, channel)
     await conn.read_response()
+
+
+async def renew_forever(
+    name: str, every: float, timeout: float, renew: Callable[[], Awaitable[None]]
+) -> None:
+    """Call ``renew`` every ``every`` seconds, each call bounded by ``timeout``; a failure is logged, not fatal."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            async with asyncio.timeout(timeout):
+                await renew()
+        except (RedisError, TimeoutError) as exc:
+            logger.debug("Renewing the claims of %s failed: %s", name, exc)
 
 
 def _pool(url: str, max_connections: int, options: dict[str, Any]) -> BlockingConnectionPool:
