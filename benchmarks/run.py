@@ -24,7 +24,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -276,11 +276,37 @@ def plan(args: argparse.Namespace, sizes: dict[str, int]) -> list[Table]:
     tables = []
     for broker in brokers:
         libs = [lib for lib in mode.tables[broker] if libs_wanted is None or lib.name in libs_wanted]
+        if args.baseline:
+            libs += baseline_rows(libs, args.baseline)
         if libs:
             tables.append(Table(args.mode, broker, libs, workloads, args.runs, sizes))
     if not tables:
         raise SystemExit("no row left: --libs names rows of the table, e.g. 'aqueue,celery'")
     return tables
+
+
+BASELINE_DBS = range(12, 16)
+"""Redis databases (of the private redis-server's 16) and SQLite file numbers of the baseline rows."""
+
+
+def baseline_rows(libs: list[Lib], checkout: Path) -> list[Lib]:
+    """A copy of each aqueue row that runs the aqueue of ``checkout`` (a clone or worktree at another
+    commit), in the same run, interleaved with the others: its ratios to the first row are the change."""
+    checkout = checkout.resolve()
+    if not (checkout / "aqueue" / "__init__.py").is_file():
+        raise SystemExit(f"--baseline {checkout}: not a checkout of aqueue (no aqueue/__init__.py)")
+    found = subprocess.run(
+        ["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    label = found.stdout.strip() if found.returncode == 0 else checkout.name
+    mine = [lib for lib in libs if lib.is_aqueue]
+    if len(mine) > len(BASELINE_DBS):
+        raise SystemExit(f"--baseline copies at most {len(BASELINE_DBS)} aqueue rows: name fewer with --libs")
+    path = ("PYTHONPATH", f"{checkout}{os.pathsep}{APPS}")
+    return [
+        replace(lib, name=f"{lib.name} @ {label}", db=db, extra_env=(*lib.extra_env, path))
+        for lib, db in zip(mine, BASELINE_DBS, strict=False)
+    ]
 
 
 def _arguments() -> argparse.Namespace:
@@ -303,6 +329,12 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--shapes", help="comma-separated producer shapes: burst,serial (default: both)")
     parser.add_argument(
         "--redis-url", help="use this Redis (e.g. redis://127.0.0.1:6379) instead of a private redis-server"
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="also run every aqueue row with the aqueue of this checkout (e.g. a git worktree at an "
+        "earlier commit), interleaved: the before and after of a change in one run",
     )
     parser.add_argument("--markdown", type=Path, help="also write the report to this file")
     parser.add_argument(
