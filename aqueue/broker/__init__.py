@@ -34,7 +34,7 @@ def from_url(
             from aqueue.broker.sqlite import SQLiteBroker
 
             return SQLiteBroker(url, **options)
-        case "redis" | "rediss" as scheme:
+        case "redis" | "rediss" | "sentinel" as scheme:
             with MissingExtra.guard(scheme, "redis"):
                 from aqueue.broker.redis import RedisBroker
             return RedisBroker(url, **options)

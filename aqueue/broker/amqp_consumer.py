@@ -66,8 +66,6 @@ RESENT_HEADER = "x-aqueue-resent"
 landed: the consumer hands it out as a redelivery, so the worker checks it did not run already."""
 
 
-
-
 def _tolerate_non_utf8() -> None:
     """Decode short strings and header tables that are not UTF-8 instead of failing the connection.
 

@@ -1,4 +1,4 @@
-"""redis:// and rediss:// — Redis Streams, one consumer group per queue.
+"""redis://, rediss:// and sentinel:// — Redis Streams, one consumer group per queue.
 
 Keys, with ``P`` the ``global_keyprefix`` option:
 
@@ -63,7 +63,7 @@ Connections (redis.asyncio, RESP2, hiredis when installed): one bounded pool per
 ``max_connections`` (default 20) connections shared by publish, acks, renewals and scripts,
 waiting up to 20 s for a free one; plus one connection per open consumer and one per open
 ``subscribe``. A reply is awaited at most ``socket_timeout`` (default 10 s), under
-``asyncio.timeout`` rather than redis-py's own socket timeout (see ``_pool``). Redis errors become
+``asyncio.timeout`` rather than redis-py's own socket timeout (see :mod:`aqueue._redis`). Redis errors become
 :class:`~aqueue.exceptions.OperationalError`. A consumer whose connection drops logs once,
 reconnects with backoff (0.1 s doubling to 1 s) and goes on; entries whose reply was lost (read
 for it by the server, never received) are given back to the stream.
@@ -92,15 +92,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import redis.asyncio as aioredis
-from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from aqueue._redis import connection_kwargs
+from aqueue._redis import CLIENT_OPTIONS, dedicated_connection, redis_client
 from aqueue.broker.base import Broker, Consumer, Delivery
 from aqueue.broker.exchange import Exchange, ExchangeMessage, Listener
 from aqueue.exceptions import ImproperlyConfigured, OperationalError
@@ -126,8 +125,6 @@ _LOST = (RedisConnectionError, RedisTimeoutError, OSError)
 _SCRIPTS = ("reclaim", "settle", "move_due", "purge", "leave", "take_token", "advance", "bind")
 _LUA = {name: (Path(__file__).parent / f"redis_{name}.lua").read_text() for name in _SCRIPTS}
 _OWN_OPTIONS = ("visibility_timeout", "global_keyprefix", "max_deliveries", "max_connections")
-_CONNECTION_OPTIONS: tuple[str, ...] = ("socket_timeout", "socket_connect_timeout", "socket_keepalive")
-_CONNECTION_OPTIONS += ("health_check_interval", "client_name")
 # Celery transport options that mean nothing here; accepted so that a Celery config works as is.
 _CELERY_ONLY = ("fanout_prefix", "fanout_patterns", "priority_steps", "queue_order_strategy", "sep")
 
@@ -136,14 +133,16 @@ class RedisBroker(Broker):
     """A broker keeping each queue in a Redis stream.
 
     Parameters:
-        url: ``redis://[[user]:password@]host[:port][/db]``, or ``rediss://`` for TLS.
+        url: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` for TLS, or
+            ``sentinel://host:port;sentinel://host:port[/db]`` (see :mod:`aqueue._redis`).
         visibility_timeout: seconds an unsettled delivery of a silent consumer stays claimed.
         global_keyprefix: prepended to every key and channel name.
         max_deliveries: deliveries of one entry before it is dead-lettered instead.
         max_connections: size of the shared connection pool.
         options: ``socket_timeout`` (longest wait for a reply, default 10 s),
             ``socket_connect_timeout``, ``socket_keepalive``, ``health_check_interval``,
-            ``client_name`` (passed to the connections).
+            ``client_name`` (passed to the connections); with Sentinel ``master_name`` (required),
+            ``sentinel_kwargs``, ``min_other_sentinels``.
 
     Raises:
         InvalidURL: the URL is not a usable redis URL.
@@ -160,15 +159,18 @@ class RedisBroker(Broker):
         max_connections: int = 20,
         **options: Any,
     ) -> None:
-        parse(url, kinds=("redis", "rediss"), role="broker")
+        parse(url, kinds=("redis", "rediss", "sentinel"), role="broker")
         _check_positive(visibility_timeout=visibility_timeout, max_deliveries=max_deliveries)
         _check_positive(max_connections=max_connections)
         self.url, self.prefix = url, global_keyprefix
         self.visibility_timeout, self.max_deliveries = float(visibility_timeout), int(max_deliveries)
         self.client_name = str(options.get("client_name") or "aqueue")
         self.command_timeout = float(options.pop("socket_timeout", None) or 10.0)
-        self._pool = _pool(url, max_connections, _connection_options(options))
-        self._client = aioredis.Redis.from_pool(self._pool)
+        # No silent retries: a command whose reply was lost may have been applied (a publish would be
+        # stored twice, a claim lost); every caller handles the failure itself.
+        options = dict(_connection_options(options), max_connections=max_connections)
+        self._client = redis_client(url, options, retry=Retry(NoBackoff(), 0))
+        self._pool = self._client.connection_pool
         self._scripts = {name: self._client.register_script(source) for name, source in _LUA.items()}
         self._consumers: set[_RedisConsumer] = set()
         self._marker = f"{global_keyprefix}aqueue.published.{uuid.uuid4().hex}."
@@ -312,8 +314,7 @@ class RedisBroker(Broker):
                 yield reply[-1]
 
     def _connection(self, name: str) -> AbstractConnection:
-        kwargs = dict(self._pool.connection_kwargs, client_name=name)
-        return self._pool.connection_class(**kwargs)
+        return dedicated_connection(self._client, name)
 
     @contextlib.asynccontextmanager
     async def _errors(self, action: str) -> AsyncIterator[None]:
@@ -322,7 +323,7 @@ class RedisBroker(Broker):
                 yield
         except (RedisError, TimeoutError) as exc:
             raise OperationalError(
-                f"Redis broker {mask_password(self.url)}: {action} failed: {exc!r}"
+                f"Redis broker {mask_password(self.url)}: {action} failed: {type(exc).__name__}: {_text(exc)}"
             ) from exc
 
 
@@ -642,15 +643,8 @@ async def _subscribe(conn: AbstractConnection, channel: bytes, command: str = "S
     await conn.read_response()
 
 
-def _pool(url: str, max_connections: int, options: dict[str, Any]) -> BlockingConnectionPool:
-    # No silent retries: a command whose reply was lost may have been applied (a publish would be
-    # stored twice, a claim lost); every caller handles the failure itself.
-    kwargs = connection_kwargs(url, **options, retry=Retry(NoBackoff(), 0))
-    return BlockingConnectionPool(max_connections=max_connections, timeout=20, **kwargs)
-
-
 def _connection_options(options: dict[str, Any]) -> dict[str, Any]:
-    known = [*_OWN_OPTIONS, *_CONNECTION_OPTIONS, *_CELERY_ONLY]
+    known = [*_OWN_OPTIONS, *CLIENT_OPTIONS, *_CELERY_ONLY]
     for name in options:
         if name not in known:
             closest = difflib.get_close_matches(name, known, n=1, cutoff=0.0)[0]
@@ -658,7 +652,7 @@ def _connection_options(options: dict[str, Any]) -> dict[str, Any]:
                 f"Unknown Redis broker option {name!r}. Did you mean {closest!r}? "
                 f"Known options: {', '.join(sorted(known))}."
             )
-    return {name: value for name, value in options.items() if name in _CONNECTION_OPTIONS}
+    return {name: value for name, value in options.items() if name in CLIENT_OPTIONS}
 
 
 def _check_positive(**values: float) -> None:

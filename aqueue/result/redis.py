@@ -1,4 +1,4 @@
-"""redis:// and rediss:// — task states as Redis keys; waiters are woken by pub/sub, not by polling.
+"""redis://, rediss:// and sentinel:// — task states as Redis keys; waiters are woken by pub/sub, not by polling.
 
 A task's state lives at ``P celery-task-meta-<task id>`` (``P`` is ``global_keyprefix``), expiring after
 ``expires`` seconds (the ``result_expires`` setting) when that is set. The key, its JSON and the rest
@@ -38,12 +38,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from redis.asyncio.connection import AbstractConnection, Connection
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from aqueue._redis import connection_kwargs
+from aqueue._redis import dedicated_connection, redis_client
 from aqueue.exceptions import OperationalError, TimeoutError
 from aqueue.result.base import ResultBackend, TaskMeta
 from aqueue.urls import mask_password, parse
@@ -64,15 +64,19 @@ class RedisBackend(ResultBackend):
     """Task states in Redis.
 
     Parameters:
-        url: ``redis://[[user]:password@]host[:port][/db]``, or ``rediss://`` for TLS.
+        url: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` for TLS, or
+            ``sentinel://host:port;sentinel://host:port[/db]`` (see :mod:`aqueue._redis`).
         serializer: how states are encoded (``json``, ``msgpack``, ``pickle``).
         expires: seconds a stored state lives (``result_expires``); ``None`` or 0 keeps it.
         global_keyprefix: prepended to every key and channel.
         client_name: the name both connections give themselves (``CLIENT LIST`` shows it).
         socket_timeout: the longest wait for a reply, in seconds.
+        sentinel: with a ``sentinel://`` URL, ``master_name`` (required), ``sentinel_kwargs`` and
+            ``min_other_sentinels``.
 
     Raises:
         InvalidURL: the URL is not a usable redis URL.
+        ImproperlyConfigured: a ``sentinel://`` URL without ``master_name``.
     """
 
     def __init__(
@@ -84,14 +88,18 @@ class RedisBackend(ResultBackend):
         global_keyprefix: str = "",
         client_name: str = "aqueue-result",
         socket_timeout: float = 10.0,
+        **sentinel: Any,
     ) -> None:
         super().__init__(url, serializer, expires)
-        parse(url, kinds=("redis", "rediss"), role="result backend")
+        parse(url, kinds=("redis", "rediss", "sentinel"), role="result backend")
         self.prefix = global_keyprefix
         ttl_ms = int(expires * 1000) if expires and expires > 0 else 0
         readable = self.serializer.name if self.serializer.name in ("json", "msgpack") else ""
-        self._batcher = _Batcher(_connection(url, client_name), ttl_ms, readable, socket_timeout)
-        self._listener = _Listener(_connection(url, client_name), url, socket_timeout)
+        self._client = redis_client(url, sentinel, setting="result_backend_transport_options")
+        self._batcher = _Batcher(
+            dedicated_connection(self._client, client_name), ttl_ms, readable, socket_timeout
+        )
+        self._listener = _Listener(dedicated_connection(self._client, client_name), url, socket_timeout)
 
     def key(self, task_id: str) -> str:
         """The key (and channel) of ``task_id``'s state."""
@@ -103,6 +111,7 @@ class RedisBackend(ResultBackend):
     async def aclose(self) -> None:
         await self._listener.aclose()
         await self._batcher.aclose()
+        await self._client.aclose()
 
     async def _set(self, task_id: str, data: bytes, meta: TaskMeta) -> None:
         await self._run("store", self._batcher.store(self.key(task_id), data))
@@ -495,9 +504,3 @@ def _resolve(future: asyncio.Future[Any], result: Any = None, exc: BaseException
 def _retrieved(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
-
-
-def _connection(url: str, client_name: str) -> AbstractConnection:
-    kwargs = connection_kwargs(url, client_name=client_name)
-    connection_class: type[AbstractConnection] = kwargs.pop("connection_class", Connection)
-    return connection_class(**kwargs)

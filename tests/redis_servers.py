@@ -1,0 +1,285 @@
+"""Private Redis deployments for tests: a Sentinel set and a Cluster, on free loopback ports.
+
+Each server runs from a temporary directory of its own, keeps nothing on disk it does not need, and
+is stopped (SIGTERM, then SIGKILL) when the ``async with`` block ends, whatever happened inside. Every
+wait has a timeout, and a server that does not come up fails the test showing its log.
+
+- :func:`sentinel_set`: a master, a replica and three sentinels monitoring ``mymaster``; the
+  master and replica require a password, and so do the sentinels (given to clients in
+  ``sentinel_kwargs``). :meth:`SentinelSet.failover` runs ``SENTINEL FAILOVER`` and waits until every
+  sentinel names the new master and the old one replicates from it.
+- :func:`redis_cluster`: three masters joined by ``redis-cli --cluster create``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.conftest import CI
+
+__all__ = ["Cluster", "RedisProcess", "SentinelSet", "redis_cluster", "require_redis_server", "sentinel_set"]
+
+MASTER_NAME = "mymaster"
+MASTER_PASSWORD = "master-secret"
+SENTINEL_PASSWORD = "sentinel-secret"
+
+
+def require_redis_server() -> None:
+    """Fail under CI, else skip, when ``redis-server`` (and ``redis-cli``) are not installed."""
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        message = "redis-server and redis-cli are not installed (apt-get install redis-server)"
+        if CI:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+async def command(client: aioredis.Redis, *args: Any) -> Any:
+    """A raw command (redis-py's ``execute_command`` is untyped)."""
+    return await client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class RedisProcess:
+    """One ``redis-server`` (or sentinel) process run from a config file in ``root``."""
+
+    def __init__(
+        self, root: Path, config: str, *, sentinel: bool = False, password: str | None = None
+    ) -> None:
+        self.root, self.port, self.password, self.sentinel = root, free_port(), password, sentinel
+        root.mkdir(parents=True, exist_ok=True)
+        self.config = root / ("sentinel.conf" if sentinel else "redis.conf")
+        self.config.write_text(f"port {self.port}\nbind 127.0.0.1\ndir {root}\n{config}")
+        self.log = root / "server.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        argv = ["redis-server", str(self.config), *(["--sentinel"] if self.sentinel else [])]
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+
+    async def wait_ready(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not await self._answers():
+            if (self.proc is not None and self.proc.poll() is not None) or time.monotonic() > deadline:
+                pytest.fail(
+                    f"redis on port {self.port} did not start:\n{self.log.read_text(errors='replace')}"
+                )
+            await asyncio.sleep(0.05)
+
+    def client(self, **kwargs: Any) -> aioredis.Redis:
+        """A plain client of this server (closed by the caller)."""
+        kwargs.setdefault("socket_timeout", 5)
+        return aioredis.Redis(host="127.0.0.1", port=self.port, password=self.password, **kwargs)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL past 5 s; always waits for the process."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    async def _answers(self) -> bool:
+        client = self.client(socket_timeout=0.5, socket_connect_timeout=0.5)
+        try:
+            return bool(await client.ping())
+        except Exception:
+            return False
+        finally:
+            await client.aclose()
+
+
+@dataclass
+class SentinelSet:
+    """A master, a replica and three sentinels; ``url`` and ``options`` are what an app is given."""
+
+    servers: list[RedisProcess]
+    sentinels: list[RedisProcess]
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def url(self, db: int = 0, password: str = MASTER_PASSWORD) -> str:
+        """Celery's form: ``sentinel://:pw@host:port;...;sentinel://:pw@host:port/db``."""
+        auth = f":{password}@" if password else ""
+        parts = [f"sentinel://{auth}127.0.0.1:{s.port}" for s in self.sentinels]
+        return ";".join(parts) + f"/{db}"
+
+    async def master(self) -> RedisProcess:
+        """The server every sentinel names as the master now."""
+        ports = {await self._named_master(s) for s in self.sentinels}
+        assert len(ports) == 1, f"the sentinels disagree on the master: {ports}"
+        port = ports.pop()
+        return next(s for s in self.servers if s.port == port)
+
+    async def failover(self, timeout: float = 30.0) -> RedisProcess:
+        """``SENTINEL FAILOVER``; returns the new master once the sentinels name it and the old one follows."""
+        old = await self.master()
+        new = next(s for s in self.servers if s is not old)
+        deadline = time.monotonic() + timeout
+        client = self.sentinels[0].client()
+        try:
+            # A sentinel refuses (NOGOODSLAVE) until it has fresh INFO from the replica: up to 10 s.
+            while True:
+                try:
+                    await command(client, "SENTINEL", "FAILOVER", MASTER_NAME)
+                    break
+                except aioredis.ResponseError as exc:
+                    if "NOGOODSLAVE" not in str(exc) or time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+        finally:
+            await client.aclose()
+        while not await self._settled(new, old):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the failover to port {new.port} did not complete within {timeout}s")
+            await asyncio.sleep(0.1)
+        return new
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until every sentinel knows the replica and the other two sentinels."""
+        deadline = time.monotonic() + timeout
+        while not all([await self._sees_everything(s) for s in self.sentinels]):
+            if time.monotonic() > deadline:
+                logs = "\n".join(s.log.read_text(errors="replace")[-2000:] for s in self.sentinels)
+                pytest.fail(f"the sentinels did not see each other within {timeout}s:\n{logs}")
+            await asyncio.sleep(0.1)
+
+    async def _named_master(self, sentinel: RedisProcess) -> int:
+        client = sentinel.client()
+        try:
+            _, port = await command(client, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER_NAME)
+            return int(port)
+        finally:
+            await client.aclose()
+
+    async def _sees_everything(self, sentinel: RedisProcess) -> bool:
+        client = sentinel.client(decode_responses=True)
+        try:
+            masters: Any = await client.sentinel_masters()
+            state = masters[MASTER_NAME]
+            return bool(state["num-slaves"] >= 1 and state["num-other-sentinels"] >= 2)
+        except Exception:
+            return False
+        finally:
+            await client.aclose()
+
+    async def _settled(self, new: RedisProcess, old: RedisProcess) -> bool:
+        if any([await self._named_master(s) != new.port for s in self.sentinels]):
+            return False
+        client = old.client(decode_responses=True)
+        try:
+            info = await client.info("replication")
+            return bool(info.get("role") == "slave" and info.get("master_link_status") == "up")
+        except Exception:
+            return False
+        finally:
+            await client.aclose()
+
+
+@asynccontextmanager
+async def sentinel_set(root: Path) -> AsyncIterator[SentinelSet]:
+    """Start a master, a replica and three sentinels under ``root``; stop them all afterwards."""
+    require_redis_server()
+    auth = f"requirepass {MASTER_PASSWORD}\nmasterauth {MASTER_PASSWORD}\nsave ''\nappendonly no\n"
+    master = RedisProcess(root / "master", auth, password=MASTER_PASSWORD)
+    replica = RedisProcess(
+        root / "replica", auth + f"replicaof 127.0.0.1 {master.port}\n", password=MASTER_PASSWORD
+    )
+    monitor = (
+        f"sentinel monitor {MASTER_NAME} 127.0.0.1 {master.port} 2\n"
+        f"sentinel auth-pass {MASTER_NAME} {MASTER_PASSWORD}\n"
+        f"sentinel down-after-milliseconds {MASTER_NAME} 2000\n"
+        f"sentinel failover-timeout {MASTER_NAME} 10000\n"
+        f"requirepass {SENTINEL_PASSWORD}\nsentinel sentinel-pass {SENTINEL_PASSWORD}\n"
+    )
+    sentinels = [
+        RedisProcess(root / f"sentinel-{i}", monitor, sentinel=True, password=SENTINEL_PASSWORD)
+        for i in range(3)
+    ]
+    everything = [master, replica, *sentinels]
+    options = {"master_name": MASTER_NAME, "sentinel_kwargs": {"password": SENTINEL_PASSWORD}}
+    deployment = SentinelSet([master, replica], sentinels, options)
+    try:
+        for server in everything:
+            server.start()
+        for server in everything:
+            await server.wait_ready()
+        await deployment.wait_ready()
+        yield deployment
+    finally:
+        for server in reversed(everything):
+            server.stop()
+
+
+@dataclass
+class Cluster:
+    """Three cluster masters; ``url`` names one of them, as a client's seed."""
+
+    nodes: list[RedisProcess]
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
+
+
+@asynccontextmanager
+async def redis_cluster(root: Path, timeout: float = 30.0) -> AsyncIterator[Cluster]:
+    """Start three masters under ``root`` and join them into a cluster; stop them afterwards."""
+    require_redis_server()
+    config = "cluster-enabled yes\ncluster-config-file nodes.conf\ncluster-node-timeout 5000\nsave ''\nappendonly no\n"
+    nodes = [RedisProcess(root / f"node-{i}", config) for i in range(3)]
+    try:
+        for node in nodes:
+            node.start()
+        for node in nodes:
+            await node.wait_ready()
+        addresses = [f"127.0.0.1:{node.port}" for node in nodes]
+        argv = ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"]
+        created = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+        out, _ = await asyncio.wait_for(created.communicate(), timeout)
+        assert created.returncode == 0, out.decode(errors="replace")
+        deadline = time.monotonic() + timeout
+        while not all([await _cluster_ok(node) for node in nodes]):
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"the cluster did not become ok within {timeout}s:\n{out.decode(errors='replace')}"
+                )
+            await asyncio.sleep(0.1)
+        yield Cluster(nodes)
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+async def _cluster_ok(node: RedisProcess) -> bool:
+    client = node.client(decode_responses=True)
+    try:
+        info = await command(client, "CLUSTER", "INFO")
+        text = info if isinstance(info, str) else str(info)
+        return "cluster_state:ok" in text
+    except Exception:
+        return False
+    finally:
+        await client.aclose()
