@@ -14,6 +14,7 @@ wait has a timeout, and a server that does not come up fails the test showing it
 from __future__ import annotations
 
 import asyncio
+import itertools
 import shutil
 import socket
 import subprocess
@@ -131,34 +132,37 @@ class SentinelSet:
         port = ports.pop()
         return next(s for s in self.servers if s.port == port)
 
-    async def failover(self, timeout: float = 30.0) -> RedisProcess:
-        """``SENTINEL FAILOVER``; returns the new master once the sentinels name it and the old one follows."""
+    async def failover(self, timeout: float = 30.0, *, follow: bool = True) -> RedisProcess:
+        """``SENTINEL FAILOVER``; returns the new master once every sentinel names it, and (``follow``)
+        the old one replicates from it, which the sentinels take 10 to 20 s to arrange."""
         old = await self.master()
         new = next(s for s in self.servers if s is not old)
         deadline = time.monotonic() + timeout
-        client = self.sentinels[0].client()
-        try:
-            # A sentinel refuses (NOGOODSLAVE) until it has fresh INFO from the replica: up to 10 s.
-            while True:
-                try:
-                    await command(client, "SENTINEL", "FAILOVER", MASTER_NAME)
-                    break
-                except aioredis.ResponseError as exc:
-                    if "NOGOODSLAVE" not in str(exc) or time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(0.2)
-        finally:
-            await client.aclose()
-        while not await self._settled(new, old):
+        # A sentinel refuses (NOGOODSLAVE) while its INFO of the replica is over 5 s old (it asks every
+        # 10 s): ask each in turn, one of them usually has fresh INFO.
+        for attempt in itertools.count():
+            client = self.sentinels[attempt % len(self.sentinels)].client()
+            try:
+                await command(client, "SENTINEL", "FAILOVER", MASTER_NAME)
+                break
+            except aioredis.ResponseError as exc:
+                if "NOGOODSLAVE" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            finally:
+                await client.aclose()
+            await asyncio.sleep(0.05)
+        while not await self._settled(new, old if follow else None):
             if time.monotonic() > deadline:
                 pytest.fail(f"the failover to port {new.port} did not complete within {timeout}s")
             await asyncio.sleep(0.1)
         return new
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
-        """Until every sentinel knows the replica and the other two sentinels."""
+        """Until the replica has synced with the master, and every sentinel knows it and the other two."""
         deadline = time.monotonic() + timeout
-        while not all([await self._sees_everything(s) for s in self.sentinels]):
+        while not await self._replicating(self.servers[1]) or not all(
+            [await self._sees_everything(s) for s in self.sentinels]
+        ):
             if time.monotonic() > deadline:
                 logs = "\n".join(s.log.read_text(errors="replace")[-2000:] for s in self.sentinels)
                 pytest.fail(f"the sentinels did not see each other within {timeout}s:\n{logs}")
@@ -183,10 +187,13 @@ class SentinelSet:
         finally:
             await client.aclose()
 
-    async def _settled(self, new: RedisProcess, old: RedisProcess) -> bool:
+    async def _settled(self, new: RedisProcess, old: RedisProcess | None) -> bool:
         if any([await self._named_master(s) != new.port for s in self.sentinels]):
             return False
-        client = old.client(decode_responses=True)
+        return old is None or await self._replicating(old)
+
+    async def _replicating(self, replica: RedisProcess) -> bool:
+        client = replica.client(decode_responses=True)
         try:
             info = await client.info("replication")
             return bool(info.get("role") == "slave" and info.get("master_link_status") == "up")
@@ -201,6 +208,7 @@ async def sentinel_set(root: Path) -> AsyncIterator[SentinelSet]:
     """Start a master, a replica and three sentinels under ``root``; stop them all afterwards."""
     require_redis_server()
     auth = f"requirepass {MASTER_PASSWORD}\nmasterauth {MASTER_PASSWORD}\nsave ''\nappendonly no\n"
+    auth += "repl-diskless-sync-delay 0\n"  # the replica's first sync at once, not 5 s later
     master = RedisProcess(root / "master", auth, password=MASTER_PASSWORD)
     replica = RedisProcess(
         root / "replica", auth + f"replicaof 127.0.0.1 {master.port}\n", password=MASTER_PASSWORD
