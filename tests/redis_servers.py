@@ -7,7 +7,8 @@ wait has a timeout, and a server that does not come up fails the test showing it
 - :func:`sentinel_set`: a master, a replica and three sentinels monitoring ``mymaster``; the
   master and replica require a password, and so do the sentinels (given to clients in
   ``sentinel_kwargs``). :meth:`SentinelSet.failover` runs ``SENTINEL FAILOVER`` and waits until every
-  sentinel names the new master and the old one replicates from it.
+  sentinel names the new master and the old one replicates from it; :meth:`SentinelSet.crash_master`
+  kills the master and waits for the sentinels to promote the replica.
 - :func:`redis_cluster`: three masters joined by ``redis-cli --cluster create``.
 """
 
@@ -154,6 +155,20 @@ class SentinelSet:
         while not await self._settled(new, old if follow else None):
             if time.monotonic() > deadline:
                 pytest.fail(f"the failover to port {new.port} did not complete within {timeout}s")
+            await asyncio.sleep(0.1)
+        return new
+
+    async def crash_master(self, timeout: float = 30.0) -> RedisProcess:
+        """SIGKILL the master; returns the replica once every sentinel names it the master."""
+        old = await self.master()
+        new = next(s for s in self.servers if s is not old)
+        assert old.proc is not None
+        old.proc.kill()
+        old.proc.wait(5)
+        deadline = time.monotonic() + timeout
+        while not await self._settled(new, None):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the sentinels did not promote port {new.port} within {timeout}s")
             await asyncio.sleep(0.1)
         return new
 

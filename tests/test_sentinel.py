@@ -118,15 +118,19 @@ async def test_the_tour_on_sentinel(sentinels: SentinelSet) -> None:
 
 
 @pytest.mark.slow
-async def test_every_redis_user_follows_a_failover(sentinels: SentinelSet) -> None:
+@pytest.mark.parametrize("how", ["SENTINEL FAILOVER", "master killed"])
+async def test_every_redis_user_follows_a_failover(sentinels: SentinelSet, how: str) -> None:
     # Given a worker on the Sentinel-managed master, and a subscriber listening for remote control
     app = sentinel_app(sentinels)
     add, tsum, _, shared = register(app)
     async with app, Worker(app, concurrency=8, hostname=f"w-{uuid.uuid4().hex[:8]}") as worker:
         assert await add.delay(1, 1).get(timeout=WAIT) == 2
-        # When the master fails over to the replica
+        # When the master fails over to the replica (asked to, or because the master died)
         old = await sentinels.master()
-        new = await sentinels.failover()
+        if how == "master killed":
+            new = await sentinels.crash_master()
+        else:
+            new = await sentinels.failover(follow=False)
         assert new is not old
         # Then the broker, the backend, the shared rate limit, chords and remote control all work on
         # the new master (each may take a reconnection first)
