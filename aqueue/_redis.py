@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
@@ -30,9 +31,12 @@ from aqueue.urls import mask_password
 
 __all__ = [
     "CLIENT_OPTIONS",
+    "cluster_client",
     "connection_kwargs",
     "dedicated_connection",
+    "node_connection",
     "redis_client",
+    "seed_kwargs",
 ]
 
 CONNECTION_OPTIONS: tuple[str, ...] = ("socket_timeout", "socket_connect_timeout", "socket_keepalive")
@@ -74,6 +78,51 @@ def redis_client(
     from aqueue._sentinel import sentinel_client
 
     return sentinel_client(url, options, wanted, max_connections=max_connections, setting=setting)
+
+
+def cluster_client(
+    url: str, options: Mapping[str, Any] | None = None, *, retry: Retry | None = None
+) -> RedisCluster:
+    """A client of the Redis Cluster that ``redis+cluster://[[user]:password@]host[:port]`` names (a seed node).
+
+    ``options`` are read as by :func:`redis_client` (``max_connections`` is per node).
+
+    Raises:
+        InvalidURL: the URL does not parse, or it names a database other than 0 (a cluster has one).
+    """
+    options = dict(options or {})
+    wanted = {name: options[name] for name in CONNECTION_OPTIONS if name in options}
+    if retry is not None:
+        wanted["retry"] = retry
+    kwargs = seed_kwargs(url, **wanted)
+    kwargs.pop("connection_class", None)
+    return RedisCluster(max_connections=int(options.get("max_connections") or 20), **kwargs)
+
+
+def seed_kwargs(url: str, **options: Any) -> dict[str, Any]:
+    """The connection arguments of the node a ``redis+cluster://`` URL names (any node serves pub/sub).
+
+    Raises:
+        InvalidURL: the URL does not parse, or it names a database other than 0 (a cluster has one).
+    """
+    kwargs = connection_kwargs("redis" + url[len("redis+cluster") :], **options)
+    if kwargs.pop("db", 0) not in (0, "0"):
+        raise InvalidURL(f"Invalid Redis Cluster URL {mask_password(url)!r}: a cluster has database 0 only")
+    return kwargs
+
+
+def node_connection(
+    client: RedisCluster, key: str | None = None, client_name: str | None = None
+) -> AbstractConnection:
+    """A connection outside ``client``'s pools, to the node serving ``key`` (any node without one)."""
+    node = client.get_default_node() if key is None else client.get_node_from_key(key)
+    if node is None:
+        raise InvalidURL(f"No node of the cluster serves the key {key!r}")
+    kwargs = dict(node.connection_kwargs)
+    if client_name is not None:
+        kwargs["client_name"] = client_name
+    connection: AbstractConnection = node.connection_class(**kwargs)
+    return connection
 
 
 def dedicated_connection(client: aioredis.Redis, client_name: str | None = None) -> AbstractConnection:

@@ -9,8 +9,18 @@ from aqueue.exceptions import InvalidURL
 
 __all__ = ["BACKEND_SCHEMES", "BROKER_SCHEMES", "alternatives", "mask_password", "parse", "sqlite_path"]
 
-BROKER_SCHEMES = ("memory", "sqlite", "redis", "rediss", "sentinel", "amqp", "amqps", "pyamqp")
-BACKEND_SCHEMES = ("memory", "sqlite", "redis", "rediss", "sentinel", "rpc")
+BROKER_SCHEMES = (
+    "memory",
+    "sqlite",
+    "redis",
+    "rediss",
+    "sentinel",
+    "redis+cluster",
+    "amqp",
+    "amqps",
+    "pyamqp",
+)
+BACKEND_SCHEMES = ("memory", "sqlite", "redis", "rediss", "sentinel", "redis+cluster", "rpc")
 
 
 def parse(url: str, *, kinds: tuple[str, ...], role: str) -> SplitResult:

@@ -1,7 +1,8 @@
 """Private Redis deployments for tests: a Sentinel set and a Cluster, on free loopback ports.
 
 Each server runs from a temporary directory of its own, keeps nothing on disk it does not need, and
-is stopped (SIGTERM, then SIGKILL) when the ``async with`` block ends, whatever happened inside. Every
+is stopped (SIGTERM, then SIGKILL) when the ``async with`` (Sentinel) or ``with`` (Cluster) block ends,
+whatever happened inside. Every
 wait has a timeout, and a server that does not come up fails the test showing its log.
 
 - :func:`sentinel_set`: a master, a replica and three sentinels monitoring ``mymaster``; the
@@ -9,33 +10,61 @@ wait has a timeout, and a server that does not come up fails the test showing it
   ``sentinel_kwargs``). :meth:`SentinelSet.failover` runs ``SENTINEL FAILOVER`` and waits until every
   sentinel names the new master and the old one replicates from it; :meth:`SentinelSet.crash_master`
   kills the master and waits for the sentinels to promote the replica.
-- :func:`redis_cluster`: three masters joined by ``redis-cli --cluster create``.
+- :func:`redis_cluster`: three masters joined by ``redis-cli --cluster create`` (ports whose cluster
+  bus port, 10,000 higher, is free too); synchronous, so one cluster can serve a whole module.
+- :func:`suite_of`: another module's tests, to run them unchanged on one of these deployments.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
+import random
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 
 from tests.conftest import CI
 
-__all__ = ["Cluster", "RedisProcess", "SentinelSet", "redis_cluster", "require_redis_server", "sentinel_set"]
+__all__ = [
+    "Cluster",
+    "RedisProcess",
+    "SentinelSet",
+    "redis_cluster",
+    "require_redis_server",
+    "sentinel_set",
+    "suite_of",
+]
 
 MASTER_NAME = "mymaster"
 MASTER_PASSWORD = "master-secret"
 SENTINEL_PASSWORD = "sentinel-secret"
+
+
+def suite_of(module: Any, *fixtures: str) -> dict[str, Callable[..., Any]]:
+    """The test functions of ``module`` that take one of ``fixtures``.
+
+    A test module puts them in its globals, and defines those fixtures for its deployment, to run
+    another suite unchanged on it (``globals().update(suite_of(test_tour, "app"))``).
+    """
+    found: dict[str, Callable[..., Any]] = {}
+    for name, function in vars(module).items():
+        if not name.startswith("test_") or not inspect.isfunction(function):
+            continue
+        if set(inspect.signature(function).parameters) & set(fixtures):
+            found[name] = function
+    return found
 
 
 def require_redis_server() -> None:
@@ -59,13 +88,34 @@ def free_port() -> int:
         return port
 
 
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (10,000 higher) is free too, both under 65,536."""
+    for _ in range(200):
+        port = random.randint(20_000, 45_000)
+        try:
+            for p in (port, port + 10_000):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 class RedisProcess:
     """One ``redis-server`` (or sentinel) process run from a config file in ``root``."""
 
     def __init__(
-        self, root: Path, config: str, *, sentinel: bool = False, password: str | None = None
+        self,
+        root: Path,
+        config: str,
+        *,
+        sentinel: bool = False,
+        password: str | None = None,
+        cluster: bool = False,
     ) -> None:
-        self.root, self.port, self.password, self.sentinel = root, free_port(), password, sentinel
+        self.root, self.password, self.sentinel = root, password, sentinel
+        self.port = free_cluster_port() if cluster else free_port()
         root.mkdir(parents=True, exist_ok=True)
         self.config = root / ("sentinel.conf" if sentinel else "redis.conf")
         self.config.write_text(f"port {self.port}\nbind 127.0.0.1\ndir {root}\n{config}")
@@ -85,6 +135,23 @@ class RedisProcess:
                     f"redis on port {self.port} did not start:\n{self.log.read_text(errors='replace')}"
                 )
             await asyncio.sleep(0.05)
+
+    def wait_ready_sync(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self._answers_sync():
+            if (self.proc is not None and self.proc.poll() is not None) or time.monotonic() > deadline:
+                pytest.fail(
+                    f"redis on port {self.port} did not start:\n{self.log.read_text(errors='replace')}"
+                )
+            time.sleep(0.05)
+
+    def _answers_sync(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(16).startswith((b"+PONG", b"-NOAUTH"))
+        except OSError:
+            return False
 
     def client(self, **kwargs: Any) -> aioredis.Redis:
         """A plain client of this server (closed by the caller)."""
@@ -265,44 +332,41 @@ class Cluster:
         return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
 
 
-@asynccontextmanager
-async def redis_cluster(root: Path, timeout: float = 30.0) -> AsyncIterator[Cluster]:
-    """Start three masters under ``root`` and join them into a cluster; stop them afterwards."""
+@contextmanager
+def redis_cluster(root: Path, timeout: float = 30.0) -> Iterator[Cluster]:
+    """Start three masters under ``root`` and join them into a cluster; stop them afterwards.
+
+    Synchronous, so that one cluster can serve a whole module whatever event loop its tests run in.
+    """
     require_redis_server()
     config = "cluster-enabled yes\ncluster-config-file nodes.conf\ncluster-node-timeout 5000\nsave ''\nappendonly no\n"
-    nodes = [RedisProcess(root / f"node-{i}", config) for i in range(3)]
+    nodes = [RedisProcess(root / f"node-{i}", config, cluster=True) for i in range(3)]
     try:
         for node in nodes:
             node.start()
         for node in nodes:
-            await node.wait_ready()
+            node.wait_ready_sync(timeout)
         addresses = [f"127.0.0.1:{node.port}" for node in nodes]
         argv = ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"]
-        created = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-        )
-        out, _ = await asyncio.wait_for(created.communicate(), timeout)
-        assert created.returncode == 0, out.decode(errors="replace")
+        created = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
+        output = (created.stdout + created.stderr).decode(errors="replace")
+        assert created.returncode == 0, output
         deadline = time.monotonic() + timeout
-        while not all([await _cluster_ok(node) for node in nodes]):
+        while not all(_cluster_ok(node) for node in nodes):
             if time.monotonic() > deadline:
-                pytest.fail(
-                    f"the cluster did not become ok within {timeout}s:\n{out.decode(errors='replace')}"
-                )
-            await asyncio.sleep(0.1)
+                pytest.fail(f"the cluster did not become ok within {timeout}s:\n{output}")
+            time.sleep(0.1)
         yield Cluster(nodes)
     finally:
         for node in nodes:
             node.stop()
 
 
-async def _cluster_ok(node: RedisProcess) -> bool:
-    client = node.client(decode_responses=True)
+def _cluster_ok(node: RedisProcess) -> bool:
+    client = redis.Redis(host="127.0.0.1", port=node.port, socket_timeout=2, decode_responses=True)
     try:
-        info = await command(client, "CLUSTER", "INFO")
-        text = info if isinstance(info, str) else str(info)
-        return "cluster_state:ok" in text
-    except Exception:
+        return bool(client.cluster("info").get("cluster_state") == "ok")
+    except redis.RedisError:
         return False
     finally:
-        await client.aclose()
+        client.close()

@@ -38,6 +38,10 @@ def from_url(
             with MissingExtra.guard(scheme, "redis"):
                 from aqueue.broker.redis import RedisBroker
             return RedisBroker(url, **options)
+        case "redis+cluster":
+            with MissingExtra.guard("redis+cluster", "redis"):
+                from aqueue.broker.redis_cluster import RedisClusterBroker
+            return RedisClusterBroker(url, **options)
         case scheme:
             with MissingExtra.guard(scheme, "amqp"):
                 from aqueue.broker.amqp import AMQPBroker

@@ -92,6 +92,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -159,34 +160,40 @@ class RedisBroker(Broker):
         max_connections: int = 20,
         **options: Any,
     ) -> None:
-        parse(url, kinds=("redis", "rediss", "sentinel"), role="broker")
+        parse(url, kinds=self.schemes, role="broker")
         _check_positive(visibility_timeout=visibility_timeout, max_deliveries=max_deliveries)
         _check_positive(max_connections=max_connections)
         self.url, self.prefix = url, global_keyprefix
         self.visibility_timeout, self.max_deliveries = float(visibility_timeout), int(max_deliveries)
         self.client_name = str(options.get("client_name") or "aqueue")
         self.command_timeout = float(options.pop("socket_timeout", None) or 10.0)
-        # No silent retries: a command whose reply was lost may have been applied (a publish would be
-        # stored twice, a claim lost); every caller handles the failure itself.
-        options = dict(_connection_options(options), max_connections=max_connections)
-        self._client = redis_client(url, options, retry=Retry(NoBackoff(), 0))
-        self._pool = self._client.connection_pool
+        self._client = self._open(url, dict(_connection_options(options), max_connections=max_connections))
         self._scripts = {name: self._client.register_script(source) for name, source in _LUA.items()}
         self._consumers: set[_RedisConsumer] = set()
         self._marker = f"{global_keyprefix}aqueue.published.{uuid.uuid4().hex}."
         self._batches = itertools.count()
 
+    schemes: tuple[str, ...] = ("redis", "rediss", "sentinel")
+
+    def _open(self, url: str, options: dict[str, Any]) -> aioredis.Redis:
+        """The client (and ``self.db``, the database number) for ``url``."""
+        # No silent retries: a command whose reply was lost may have been applied (a publish would be
+        # stored twice, a claim lost); every caller handles the failure itself.
+        client = redis_client(url, options, retry=Retry(NoBackoff(), 0))
+        self.db = int(client.connection_pool.connection_kwargs.get("db") or 0)
+        return client
+
     def stream_key(self, queue: str) -> str:
-        """The key of ``queue``'s stream."""
+        """The key of ``queue``'s stream; its other keys are this plus a suffix."""
         return f"{self.prefix}{queue}"
 
     def dead_key(self, queue: str) -> str:
         """The key of ``queue``'s dead-letter stream."""
-        return f"{self.prefix}{queue}.dead"
+        return f"{self.stream_key(queue)}.dead"
 
     def delayed_key(self, queue: str) -> str:
         """The key of the sorted set holding ``queue``'s envelopes with an eta ahead."""
-        return f"{self.prefix}{queue}.delayed"
+        return f"{self.stream_key(queue)}.delayed"
 
     async def connect(self) -> None:
         async with self._errors("connect"):
@@ -592,7 +599,8 @@ class _RedisConsumer(Consumer):
             if self._started:
                 async with asyncio.timeout(self.broker.command_timeout):
                     await self._recover()
-                    await self.scripts["leave"](keys=self.keys, args=[GROUP, self.name])
+                    for key in self.keys:  # one by one: on a cluster, each queue has a slot of its own
+                        await self.scripts["leave"](keys=[key], args=[GROUP, self.name])
         except (RedisError, TimeoutError) as exc:
             raise self._error("close", exc) from exc
         finally:

@@ -49,8 +49,13 @@ def from_url(
                 from aqueue.result.redis import RedisBackend
             from aqueue._redis import SENTINEL_OPTIONS
 
-            known = ("global_keyprefix", "client_name", "socket_timeout", *SENTINEL_OPTIONS)
+            known: tuple[str, ...] = ("global_keyprefix", "client_name", "socket_timeout", *SENTINEL_OPTIONS)
             return RedisBackend(url, serializer, expires, **_checked(options, known))
+        case "redis+cluster":
+            with MissingExtra.guard("redis+cluster", "redis"):
+                from aqueue.result.redis_cluster import RedisClusterBackend
+            known = ("global_keyprefix", "client_name", "socket_timeout")
+            return RedisClusterBackend(url, serializer, expires, **_checked(options, known))
         case _:
             with MissingExtra.guard("rpc", "amqp"):
                 from aqueue.result.rpc import RPCBackend

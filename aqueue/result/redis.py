@@ -91,15 +91,20 @@ class RedisBackend(ResultBackend):
         **sentinel: Any,
     ) -> None:
         super().__init__(url, serializer, expires)
-        parse(url, kinds=("redis", "rediss", "sentinel"), role="result backend")
-        self.prefix = global_keyprefix
-        ttl_ms = int(expires * 1000) if expires and expires > 0 else 0
-        readable = self.serializer.name if self.serializer.name in ("json", "msgpack") else ""
-        self._client = redis_client(url, sentinel, setting="result_backend_transport_options")
-        self._batcher = _Batcher(
-            dedicated_connection(self._client, client_name), ttl_ms, readable, socket_timeout
-        )
-        self._listener = _Listener(dedicated_connection(self._client, client_name), url, socket_timeout)
+        parse(url, kinds=self.schemes, role="result backend")
+        self.prefix, self.timeout = global_keyprefix, socket_timeout
+        self.ttl_ms = int(expires * 1000) if expires and expires > 0 else 0
+        self.format = self.serializer.name if self.serializer.name in ("json", "msgpack") else ""
+        self._open(url, client_name, sentinel)
+
+    schemes: tuple[str, ...] = ("redis", "rediss", "sentinel")
+
+    def _open(self, url: str, client_name: str, options: dict[str, Any]) -> None:
+        """Make the client and connections (``options``: Sentinel's)."""
+        self._client = redis_client(url, options, setting="result_backend_transport_options")
+        conn = dedicated_connection(self._client, client_name)
+        self._batcher = _Batcher(conn, self.ttl_ms, self.format, self.timeout)
+        self._listener = _Listener(dedicated_connection(self._client, client_name), url, self.timeout)
 
     def key(self, task_id: str) -> str:
         """The key (and channel) of ``task_id``'s state."""
@@ -126,16 +131,23 @@ class RedisBackend(ResultBackend):
     async def _chord_join(
         self, group_id: str, index: int, size: int, data: bytes, ttl: float
     ) -> tuple[bool, bool, list[bytes] | None]:
-        keys = (f"{self.prefix}chord-parts-{group_id}", f"{self.prefix}chord-{group_id}")
+        keys = self._chord_keys(group_id)
         command = ("EVAL", _CHORD, 2, *keys, index, data, size, max(1, int(ttl * 1000)), uuid.uuid4().hex)
-        reply = await self._run("join a chord", self._batcher.call(command))
+        reply = await self._call("join a chord", command)
         if not reply[0]:
             return False, False, None
         return bool(reply[1]), bool(reply[2]), list(reply[3:])
 
     async def _chord_sent(self, group_id: str) -> None:
-        command = ("HSET", f"{self.prefix}chord-{group_id}", "sent", "1")
-        await self._run("mark a chord sent", self._batcher.call(command))
+        await self._call("mark a chord sent", ("HSET", self._chord_keys(group_id)[1], "sent", "1"))
+
+    def _chord_keys(self, group_id: str) -> tuple[str, str]:
+        """The keys of a chord's join: the parts reported, and its flags."""
+        return f"{self.prefix}chord-parts-{group_id}", f"{self.prefix}chord-{group_id}"
+
+    async def _call(self, action: str, command: Command) -> Any:
+        """One command, in the next round trip."""
+        return await self._run(action, self._batcher.call(command))
 
     async def wait(self, task_id: str, timeout: float | None = None) -> TaskMeta:
         """Wait until ``task_id`` is ready, woken by its channel; returns its state.
