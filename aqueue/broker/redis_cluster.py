@@ -25,6 +25,7 @@ process shares these.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections.abc import Sequence
@@ -35,7 +36,7 @@ from redis.asyncio.connection import AbstractConnection, Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from aqueue._redis import cluster_client, node_connection, seed_kwargs
 from aqueue.broker.base import Consumer, Delivery
@@ -143,7 +144,8 @@ class _ClusterConsumer(_RedisConsumer):
         conn = self._node_conns.pop(key, None)
         if conn is not None:
             await conn.disconnect()
-        await self._cluster.nodes_manager.initialize()
+        with contextlib.suppress(RedisError, RedisClusterException, OSError):  # the next read retries
+            await self._cluster.nodes_manager.initialize()
 
     @property
     def _cluster(self) -> RedisCluster:
