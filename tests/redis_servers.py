@@ -310,9 +310,20 @@ async def sentinel_set(root: Path) -> AsyncIterator[SentinelSet]:
     options = {"master_name": MASTER_NAME, "sentinel_kwargs": {"password": SENTINEL_PASSWORD}}
     deployment = SentinelSet([master, replica], sentinels, options)
     try:
-        for server in everything:
+        # The replica syncs before the sentinels start, so their first INFO of the master lists it
+        # (else they learn of it only at the next one, 10 s later).
+        for server in (master, replica):
             server.start()
-        for server in everything:
+        for server in (master, replica):
+            await server.wait_ready()
+        deadline = time.monotonic() + 30
+        while not await deployment._replicating(replica):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the replica did not sync:\n{replica.log.read_text(errors='replace')}")
+            await asyncio.sleep(0.05)
+        for server in sentinels:
+            server.start()
+        for server in sentinels:
             await server.wait_ready()
         await deployment.wait_ready()
         yield deployment
