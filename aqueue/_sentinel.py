@@ -10,13 +10,20 @@ monitor), ``sentinel_kwargs`` (connection arguments for the sentinels themselves
 Following a failover. Every connection asks the sentinels for the master's address whenever it
 connects, whatever path reconnects it. A master that has become a replica answers writes with
 ``READONLY``, which drops the connection. But in a ``SENTINEL FAILOVER`` the old master keeps
-accepting writes for several seconds after its replica was promoted (until the sentinels reconfigure
-it), and what it accepts then is thrown away when it becomes a replica. So each pool also listens to
-one sentinel's ``+promoted-slave`` and ``+switch-master`` events, and on hearing that its master
-moved, drops every connection it made (pooled or not) that is still on another address: their users
-see a dropped connection, and reconnect to the new master as after any outage. Writes sent in the
-short time before the event (a second or so) can still be lost; that is Redis's asynchronous
-replication, and the reason acks-late tasks are redelivered rather than lost.
+accepting writes for 10 to 20 s after its replica was promoted (until the sentinels reconfigure it),
+and what it accepts then is thrown away when it becomes a replica. So each pool also listens to one
+sentinel's events:
+
+- ``+selected-slave`` names the replica about to be promoted, before it is: from then on, for at most
+  10 s or until the sentinels name it, the pool takes that replica for the master, and drops every
+  connection it made (pooled or not) that is on another address. Until the promotion is done, the
+  replica refuses writes (``READONLY``, a dropped connection again) and its users retry; nothing
+  more is written to the old master, so nothing is thrown away but what replication had not copied
+  yet (milliseconds on a local network). A failover that is aborted costs those 10 s.
+- ``+promoted-slave`` and ``+switch-master`` (and a reconnection to a sentinel) make the pool check
+  the master's address again and drop what is elsewhere.
+
+Users see a dropped connection, and reconnect to the new master as after any outage.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import weakref
 from typing import Any
 from urllib.parse import urlsplit
@@ -52,7 +60,9 @@ logger = logging.getLogger("aqueue.sentinel")
 
 _PORT = 26379
 _TIMEOUT = 2.0
-_EVENTS = ("+promoted-slave", "+switch-master")
+_EVENTS = ("+selected-slave", "+promoted-slave", "+switch-master")
+_PIN = 10.0
+"""Seconds a replica selected for promotion is taken as the master before the sentinels name it."""
 
 
 def sentinel_client(
@@ -203,6 +213,18 @@ class _SentinelPool(SentinelConnectionPool, BlockingConnectionPool):
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         self.members: weakref.WeakSet[_MasterConnection] = weakref.WeakSet()
         self._watcher: asyncio.Task[None] | None = None
+        self._pin: tuple[tuple[str, int], float] | None = None
+        """The replica the sentinels are promoting, and until when it stands for the master."""
+
+    async def get_master_address(self) -> tuple[str, int]:
+        address: tuple[str, int] = tuple(await super().get_master_address())  # type: ignore[no-untyped-call]
+        if self._pin is None:
+            return address
+        promoted, until = self._pin
+        if address == promoted or time.monotonic() > until:
+            self._pin = None
+            return address
+        return promoted
 
     def watch(self) -> None:
         """Listen to the sentinels' failover events, from now until the pool is closed."""
@@ -237,12 +259,18 @@ class _SentinelPool(SentinelConnectionPool, BlockingConnectionPool):
             await self._follow()  # what moved while nobody listened
             while True:
                 message = await events.get_message(ignore_subscribe_messages=True, timeout=5.0)
-                if message and self.service_name in str(message.get("data", b""), errors="replace").split():
-                    await self._follow()
+                words = str(message.get("data", b""), errors="replace").split() if message else []
+                if self.service_name not in words:
+                    continue
+                if message and message.get("channel") == b"+selected-slave" and len(words) >= 4:
+                    # "slave <ip:port> <ip> <port> @ <master> ...": the replica about to be promoted.
+                    # Writes sent to the old master from now on would be thrown away.
+                    self._pin = ((words[2], int(words[3])), time.monotonic() + _PIN)
+                await self._follow()
 
     async def _follow(self) -> None:
         """Drop the connections that are not on the master the sentinels name now."""
-        address = await self.get_master_address()  # type: ignore[no-untyped-call]
+        address = await self.get_master_address()
         stale = [c for c in self.members if c.is_connected and (c.host, c.port) != tuple(address)]
         if stale:
             logger.warning(
