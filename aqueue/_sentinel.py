@@ -12,7 +12,7 @@ connects, whatever path reconnects it. A master that has become a replica answer
 ``READONLY``, which drops the connection. But in a ``SENTINEL FAILOVER`` the old master keeps
 accepting writes for 10 to 20 s after its replica was promoted (until the sentinels reconfigure it),
 and what it accepts then is thrown away when it becomes a replica. So each pool also listens to one
-sentinel's events:
+sentinel's events (of every sentinel: only the one leading a failover tells which replica it selected):
 
 - ``+selected-slave`` names the replica about to be promoted, before it is: from then on, for at most
   10 s or until the sentinels name it, the pool takes that replica for the master, and drops every
@@ -243,15 +243,20 @@ class _SentinelPool(SentinelConnectionPool, BlockingConnectionPool):
             await self.sentinel_manager.aclose()
 
     async def _watch_forever(self) -> None:
+        # Every sentinel: only the one leading a failover tells of the replica it selected.
+        async with asyncio.TaskGroup() as group:
+            for sentinel in list(self.sentinel_manager.sentinels):
+                group.create_task(self._listen_forever(sentinel))
+
+    async def _listen_forever(self, sentinel: aioredis.Redis) -> None:
         pause = 0.1
         while True:
-            for sentinel in list(self.sentinel_manager.sentinels):
-                try:
-                    await self._listen(sentinel)
-                except (RedisError, OSError) as exc:
-                    logger.debug("Sentinel events from %s stopped: %s", sentinel, exc)
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 2.0)
+            try:
+                await self._listen(sentinel)
+            except (RedisError, OSError) as exc:
+                logger.debug("Sentinel events from %s stopped: %s", sentinel, exc)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 2.0)
 
     async def _listen(self, sentinel: aioredis.Redis) -> None:
         async with sentinel.pubsub() as events:
