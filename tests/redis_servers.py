@@ -209,7 +209,9 @@ class SentinelSet:
         # A sentinel refuses (NOGOODSLAVE) while its INFO of the replica is over 5 s old (it asks every
         # 10 s): ask each in turn, one of them usually has fresh INFO.
         for attempt in itertools.count():
-            client = self.sentinels[(attempt + 1) % len(self.sentinels)].client()  # not the first, which clients ask first
+            client = self.sentinels[
+                (attempt + 1) % len(self.sentinels)
+            ].client()  # not the first, which clients ask first
             try:
                 await command(client, "SENTINEL", "FAILOVER", MASTER_NAME)
                 break
