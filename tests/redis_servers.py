@@ -44,6 +44,7 @@ __all__ = [
     "redis_cluster",
     "require_redis_server",
     "sentinel_set",
+    "sentinel_set_sync",
     "suite_of",
 ]
 
@@ -227,6 +228,33 @@ class SentinelSet:
             await asyncio.sleep(0.1)
         return new
 
+    async def start(self, timeout: float = 30.0) -> None:
+        """Start the servers, then (once the replica has synced) the sentinels; wait until all see all.
+
+        The replica syncs before the sentinels start, so their first INFO of the master lists it (else
+        they learn of it only at the next one, 10 s later).
+        """
+        replica = self.servers[1]
+        for server in self.servers:
+            server.start()
+        for server in self.servers:
+            await server.wait_ready()
+        deadline = time.monotonic() + timeout
+        while not await self._replicating(replica):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the replica did not sync:\n{replica.log.read_text(errors='replace')}")
+            await asyncio.sleep(0.05)
+        for server in self.sentinels:
+            server.start()
+        for server in self.sentinels:
+            await server.wait_ready()
+        await self.wait_ready(timeout)
+
+    def stop(self) -> None:
+        """Stop every server and sentinel (SIGTERM, then SIGKILL)."""
+        for server in [*self.sentinels, *self.servers]:
+            server.stop()
+
     async def crash_master(self, timeout: float = 30.0) -> RedisProcess:
         """SIGKILL the master; returns the replica once every sentinel names it the master."""
         old = await self.master()
@@ -290,6 +318,26 @@ class SentinelSet:
 @asynccontextmanager
 async def sentinel_set(root: Path) -> AsyncIterator[SentinelSet]:
     """Start a master, a replica and three sentinels under ``root``; stop them all afterwards."""
+    deployment = _sentinel_deployment(root)
+    try:
+        await deployment.start()
+        yield deployment
+    finally:
+        deployment.stop()
+
+
+@contextmanager
+def sentinel_set_sync(root: Path) -> Iterator[SentinelSet]:
+    """:func:`sentinel_set` from synchronous code, so that one deployment can serve a whole module."""
+    deployment = _sentinel_deployment(root)
+    try:
+        asyncio.run(deployment.start())
+        yield deployment
+    finally:
+        deployment.stop()
+
+
+def _sentinel_deployment(root: Path) -> SentinelSet:
     require_redis_server()
     auth = f"requirepass {MASTER_PASSWORD}\nmasterauth {MASTER_PASSWORD}\nsave ''\nappendonly no\n"
     auth += "repl-diskless-sync-delay 0\n"  # the replica's first sync at once, not 5 s later
@@ -308,30 +356,8 @@ async def sentinel_set(root: Path) -> AsyncIterator[SentinelSet]:
         RedisProcess(root / f"sentinel-{i}", monitor, sentinel=True, password=SENTINEL_PASSWORD)
         for i in range(3)
     ]
-    everything = [master, replica, *sentinels]
     options = {"master_name": MASTER_NAME, "sentinel_kwargs": {"password": SENTINEL_PASSWORD}}
-    deployment = SentinelSet([master, replica], sentinels, options)
-    try:
-        # The replica syncs before the sentinels start, so their first INFO of the master lists it
-        # (else they learn of it only at the next one, 10 s later).
-        for server in (master, replica):
-            server.start()
-        for server in (master, replica):
-            await server.wait_ready()
-        deadline = time.monotonic() + 30
-        while not await deployment._replicating(replica):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the replica did not sync:\n{replica.log.read_text(errors='replace')}")
-            await asyncio.sleep(0.05)
-        for server in sentinels:
-            server.start()
-        for server in sentinels:
-            await server.wait_ready()
-        await deployment.wait_ready()
-        yield deployment
-    finally:
-        for server in reversed(everything):
-            server.stop()
+    return SentinelSet([master, replica], sentinels, options)
 
 
 @dataclass

@@ -1,12 +1,14 @@
 """Redis Sentinel (``sentinel://`` URLs): configuration errors, the tour, and every Redis user after a failover.
 
-The deployment is private (tests/redis_servers.py): a master, a replica and three sentinels on loopback.
+The deployments are private (tests/redis_servers.py): a master, a replica and three sentinels on
+loopback. One serves the tour's and the broker contract's own tests, run here unchanged; each failover
+test has one of its own.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +16,54 @@ import anyio
 import pytest
 
 from aqueue import App
+from aqueue.broker import Broker
 from aqueue.broker import from_url as broker_from_url
 from aqueue.canvas import chord
 from aqueue.exceptions import ImproperlyConfigured, OperationalError
 from aqueue.result import from_url as backend_from_url
 from aqueue.worker import Worker
-from tests.redis_servers import SentinelSet, free_port, sentinel_set
+from tests import test_tour
+from tests.broker import test_contract
+from tests.conftest import Transport
+from tests.redis_servers import SentinelSet, free_port, sentinel_set, sentinel_set_sync, suite_of
 
 WAIT = 20.0
+
+globals().update(suite_of(test_tour, "app", "transport"))
+globals().update(suite_of(test_contract, "broker", "broker_transport"))
+
+
+@pytest.fixture(scope="module")
+def shared_sentinels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelSet]:
+    with sentinel_set_sync(tmp_path_factory.mktemp("sentinels")) as deployment:
+        yield deployment
+
+
+@pytest.fixture
+def transport(shared_sentinels: SentinelSet, tmp_path: Path, unique: str) -> Transport:
+    """The tour's transport on Sentinel: broker and backend, with the test's own key prefix."""
+    on_sentinel = Transport("memory", tmp_path, unique)
+    on_sentinel.broker_url = on_sentinel.backend_url = shared_sentinels.url()
+    options = dict(shared_sentinels.options, global_keyprefix=on_sentinel.prefix)
+    on_sentinel.broker_options, on_sentinel.backend_options = options, dict(options)
+    return on_sentinel
+
+
+@pytest.fixture
+def app(make_app: Callable[..., App], transport: Transport) -> App:
+    return make_app(transport)
+
+
+@pytest.fixture
+def broker_transport(transport: Transport) -> Transport:
+    return transport
+
+
+@pytest.fixture
+async def broker(broker_transport: Transport) -> AsyncIterator[Broker]:
+    async with broker_from_url(broker_transport.broker_url, broker_transport.broker_options) as connected:
+        yield connected
+        await connected.purge(broker_transport.queue)
 
 
 @pytest.fixture
@@ -101,9 +143,9 @@ async def test_unreachable_sentinels_fail_clearly_with_the_password_masked() -> 
         assert "secret" not in message, message
 
 
-async def test_the_tour_on_sentinel(sentinels: SentinelSet) -> None:
+async def test_the_tour_on_sentinel(shared_sentinels: SentinelSet) -> None:
     # Given an app whose broker and backend are the Sentinel-managed master
-    app = sentinel_app(sentinels)
+    app = sentinel_app(shared_sentinels)
     add, _, fail, _ = register(app)
     async with app, Worker(app, concurrency=4, hostname=f"w-{uuid.uuid4().hex[:8]}"):
         # Then the tour's calls work: delay/get, ready, a failure re-raised, forget
@@ -114,7 +156,8 @@ async def test_the_tour_on_sentinel(sentinels: SentinelSet) -> None:
             await fail.delay().get(timeout=WAIT)
         await result.forget()
         assert (await app.backend.get(result.id)).status == "PENDING"
-        assert "mymaster" not in repr(app.backend) or ":**@" in repr(app.backend)
+        # And the backend's repr names the sentinels with the master's password masked
+        assert ":**@" in repr(app.backend) and "master-secret" not in repr(app.backend)
 
 
 @pytest.mark.slow
