@@ -8,8 +8,7 @@ on the cluster.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -56,22 +55,10 @@ def app(make_app: Callable[..., App], transport: Transport) -> App:
     return make_app(transport)
 
 
-@dataclass
-class ClusterQueues:
-    queue: str
-    unique: str
-
-
 @pytest.fixture
-def broker_transport(unique: str) -> ClusterQueues:
-    return ClusterQueues(f"q-{unique}", unique)
-
-
-@pytest.fixture
-async def broker(cluster: Cluster, unique: str, broker_transport: ClusterQueues) -> AsyncIterator[Broker]:
-    async with broker_from_url(cluster.url, {"global_keyprefix": f"t{unique}:"}) as connected:
-        yield connected
-        await connected.purge(broker_transport.queue)
+def broker_transport(transport: Transport) -> Transport:
+    """The transport of conftest's ``broker`` fixture, which the contract's tests take."""
+    return transport
 
 
 def slots_and_nodes(cluster: Cluster, pattern: str) -> tuple[set[int], set[int]]:

@@ -16,7 +16,6 @@ import anyio
 import pytest
 
 from aqueue import App
-from aqueue.broker import Broker
 from aqueue.broker import from_url as broker_from_url
 from aqueue.canvas import chord
 from aqueue.exceptions import ImproperlyConfigured, OperationalError
@@ -56,14 +55,8 @@ def app(make_app: Callable[..., App], transport: Transport) -> App:
 
 @pytest.fixture
 def broker_transport(transport: Transport) -> Transport:
+    """The transport of conftest's ``broker`` fixture, which the contract's tests take."""
     return transport
-
-
-@pytest.fixture
-async def broker(broker_transport: Transport) -> AsyncIterator[Broker]:
-    async with broker_from_url(broker_transport.broker_url, broker_transport.broker_options) as connected:
-        yield connected
-        await connected.purge(broker_transport.queue)
 
 
 @pytest.fixture
