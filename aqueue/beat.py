@@ -12,6 +12,11 @@ exactly one sends each due time. The mark is also what a restarted beat finds:
   for a crontab entry when it is older than that, as in Celery;
 - a due time sent before (by this beat before a restart, or by another beat) is not sent again.
 
+An entry is sent as a signature (:mod:`aqueue.canvas`) through the one send path, so its ``options``
+(``queue``, ``priority``, ``expires``, ``countdown``, ``link``...) act as they do on ``apply_async``, and
+``add_periodic_task`` takes any signature: a chain, a group or a chord too (the entry then carries its
+``subtask_type``, and ``immutable`` when it is set).
+
 The mark is raised before the task is sent, so a beat that dies between the two loses that run instead
 of letting another beat send it a second time: at most once per due time. The task id is derived from
 the entry name and the due time (a uuid5), the same in every process.
@@ -31,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 from aqueue.broker import Broker
 from aqueue.broker import from_url as broker_from_url
+from aqueue.canvas import Signature, apply_signature, signature
 from aqueue.exceptions import ImproperlyConfigured, InvalidSchedule, OperationalError
 from aqueue.options import INERT_CALL_OPTIONS, SendOptions
 from aqueue.schedules import BaseSchedule, crontab, maybe_schedule
@@ -42,8 +48,11 @@ __all__ = ["Beat", "Entry", "add_periodic_task", "parse_schedule"]
 
 logger = logging.getLogger("aqueue.beat")
 
-_KEYS = ("task", "schedule", "args", "kwargs", "options", "relative")
-"""What an entry may hold; ``relative`` is Celery's and changes nothing (intervals are always aligned)."""
+_KEYS = ("task", "schedule", "args", "kwargs", "options", "relative", "immutable", "subtask_type")
+"""What an entry may hold; ``relative`` is Celery's and changes nothing (intervals are always aligned);
+``immutable`` and ``subtask_type`` are a signature's, which ``add_periodic_task`` keeps."""
+_KINDS = ("chain", "chord", "chunks", "group", "xmap", "xstarmap")
+"""The ``subtask_type`` of a workflow signature (:mod:`aqueue.canvas`)."""
 _SEND_OPTIONS = frozenset(SendOptions.__annotations__)
 """The options an entry may give: those of ``send_task``, Celery's transport-only ones included."""
 _OWN_OPTIONS = sorted(_SEND_OPTIONS - INERT_CALL_OPTIONS)
@@ -62,6 +71,22 @@ class Entry:
     args: tuple[Any, ...] = ()
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     options: Mapping[str, Any] = field(default_factory=dict)
+    immutable: bool = False
+    subtask_type: str | None = None
+
+    def signature(self, app: App) -> Signature[Any]:
+        """What to send, a new copy each time (sending a workflow fixes its ids in it)."""
+        return signature(
+            {
+                "task": self.task,
+                "args": self.args,
+                "kwargs": self.kwargs,
+                "options": self.options,
+                "immutable": self.immutable,
+                "subtask_type": self.subtask_type,
+            },
+            app=app,
+        )
 
     def task_id(self, due: float) -> str:
         """The id of the run due at ``due``: the same in every beat."""
@@ -106,7 +131,19 @@ def _entry(name: str, raw: Any) -> Entry:
         raise InvalidSchedule(f"{where}: 'kwargs' and 'options' must be dicts.")
     if bad := sorted(set(options) - _SEND_OPTIONS):
         raise InvalidSchedule(f"{where}: unknown option {bad[0]!r}; options are {', '.join(_OWN_OPTIONS)}.")
-    return Entry(name, task, when, tuple(args), dict(kwargs), dict(options))
+    subtask_type = raw.get("subtask_type")
+    if subtask_type is not None and subtask_type not in _KINDS:
+        raise InvalidSchedule(f"{where}: 'subtask_type' is one of {', '.join(_KINDS)}, not {subtask_type!r}.")
+    return Entry(
+        name,
+        task,
+        when,
+        tuple(args),
+        dict(kwargs),
+        dict(options),
+        immutable=bool(raw.get("immutable")),
+        subtask_type=subtask_type,
+    )
 
 
 def add_periodic_task(
@@ -125,7 +162,8 @@ def add_periodic_task(
     ``options`` over its own, as Celery's ``clone``. Without ``name`` the entry is named like the call,
     ``tasks.add(2, 2)``.
     """
-    task, sig_args, sig_kwargs, sig_options, immutable = _signature(sig)
+    task, sig_args, sig_kwargs, sig_options, kind = _signature(sig)
+    immutable = bool(kind.get("immutable"))
     if args and not immutable:
         sig_args = (*args, *sig_args)
     if kwargs and not immutable:
@@ -136,6 +174,7 @@ def add_periodic_task(
         "args": sig_args,
         "kwargs": sig_kwargs,
         "options": {**sig_options, **(options or {})},
+        **kind,
     }
     key = name or _call_repr(task, sig_args, sig_kwargs)
     _entry(key, entry)
@@ -149,14 +188,16 @@ def add_periodic_task(
     return key
 
 
-def _signature(sig: Any) -> tuple[str, tuple[Any, ...], dict[str, Any], dict[str, Any], bool]:
+def _signature(sig: Any) -> tuple[str, tuple[Any, ...], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """A signature's task, args, kwargs, options, and its ``immutable`` and ``subtask_type`` when set."""
     if isinstance(sig, str):
-        return sig, (), {}, {}, False
+        return sig, (), {}, {}, {}
     if isinstance(sig, Mapping) and isinstance(sig.get("task"), str):
         args, kwargs, options = sig.get("args") or (), sig.get("kwargs") or {}, sig.get("options") or {}
-        return sig["task"], tuple(args), dict(kwargs), dict(options), bool(sig.get("immutable"))
+        kind = {key: sig[key] for key in ("immutable", "subtask_type") if sig.get(key)}
+        return sig["task"], tuple(args), dict(kwargs), dict(options), kind
     if isinstance(getattr(sig, "name", None), str):
-        return sig.name, (), {}, {}, False
+        return sig.name, (), {}, {}, {}
     raise InvalidSchedule(
         f"add_periodic_task() takes a signature (add.s(2, 2)), a task or a task name, not {sig!r}."
     )
@@ -305,9 +346,8 @@ class Beat:
 
     async def _send(self, entry: Entry, due: float) -> None:
         logger.info("Scheduler: Sending due task %s (%s)", entry.name, entry.task)
-        options = {"task_id": entry.task_id(due), **entry.options}
         try:
-            await self.app.send_task(entry.task, entry.args, dict(entry.kwargs), **options)
+            await apply_signature(entry.signature(self.app), (), {}, {"task_id": entry.task_id(due)})
         except Exception as exc:
             logger.error("Message Error: Couldn't apply scheduled task %s: %s", entry.name, exc)
 

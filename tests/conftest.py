@@ -64,12 +64,13 @@ class Transport:
         self.kind, self.unique = kind, unique
         self.redis_db = REDIS_TEST_DB
         self.queue = f"q-{unique}"
-        if kind in ("redis", "amqp", "rpc"):
-            require_server("amqp" if kind == "rpc" else kind)
+        if kind in ("redis", "kombu", "amqp", "rpc"):
+            require_server({"rpc": "amqp", "kombu": "redis"}.get(kind, kind))
         self.broker_url = {
             "memory": f"memory://{unique}",
             "sqlite": f"sqlite:///{tmp_path}/broker.db",
             "redis": f"{REDIS_URL}/{self.redis_db}",
+            "kombu": f"{REDIS_URL}/{self.redis_db}",
             "amqp": AMQP_URL,
             "rpc": AMQP_URL,
         }[kind]
@@ -77,12 +78,16 @@ class Transport:
             "memory": f"memory://{unique}",
             "sqlite": f"sqlite:///{tmp_path}/results.db",
             "redis": f"{REDIS_URL}/{self.redis_db}",
+            "kombu": f"{REDIS_URL}/{self.redis_db}",
             "amqp": "rpc://",
             "rpc": "rpc://",
         }[kind]
         self.prefix = f"t{unique}:"
-        self.broker_options: dict[str, Any] = {"global_keyprefix": self.prefix} if kind == "redis" else {}
-        self.backend_options: dict[str, Any] = {"global_keyprefix": self.prefix} if kind == "redis" else {}
+        redis = kind in ("redis", "kombu")
+        self.broker_options: dict[str, Any] = {"global_keyprefix": self.prefix} if redis else {}
+        if kind == "kombu":
+            self.broker_options.update(layout="kombu", claim_timeout=2.0)
+        self.backend_options: dict[str, Any] = {"global_keyprefix": self.prefix} if redis else {}
         self.settings: dict[str, Any] = {}
         """Settings every app made for this transport gets (``make_app``)."""
 
@@ -124,7 +129,8 @@ async def delete_exchanges(broker: Any, *names: str) -> None:
             await channel.exchange_delete(name)
 
 
-BROKER_KINDS = ["memory", "sqlite", "redis", "amqp"]
+BROKER_KINDS = ["memory", "sqlite", "redis", "kombu", "amqp"]
+"""``kombu``: Redis with kombu's list layout (``broker_transport_options={"layout": "kombu"}``)."""
 BACKEND_KINDS = ["memory", "sqlite", "redis"]
 
 

@@ -12,7 +12,8 @@ wait has a timeout, and a server that does not come up fails the test showing it
   kills the master and waits for the sentinels to promote the replica.
 - :func:`redis_cluster`: three masters joined by ``redis-cli --cluster create`` (ports whose cluster
   bus port, 10,000 higher, is free too); synchronous, so one cluster can serve a whole module.
-- :func:`suite_of`: another module's tests, to run them unchanged on one of these deployments.
+- :func:`suite_of`: another module's tests, to run them unchanged on one of these deployments, with
+  :func:`transport_on` giving the ``transport`` they take.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from tests.conftest import CI
+from tests.conftest import CI, Transport
 
 __all__ = [
     "Cluster",
@@ -46,6 +47,7 @@ __all__ = [
     "sentinel_set",
     "sentinel_set_sync",
     "suite_of",
+    "transport_on",
 ]
 
 MASTER_NAME = "mymaster"
@@ -66,6 +68,16 @@ def suite_of(module: Any, *fixtures: str) -> dict[str, Callable[..., Any]]:
         if set(inspect.signature(function).parameters) & set(fixtures):
             found[name] = function
     return found
+
+
+def transport_on(url: str, options: dict[str, Any], tmp_path: Path, unique: str) -> Transport:
+    """A transport for the tour's and the contract's tests on a deployment: ``url`` for the broker and
+    the backend, ``options`` for both, plus the test's own key prefix."""
+    transport = Transport("memory", tmp_path, unique)
+    transport.broker_url = transport.backend_url = url
+    transport.broker_options = dict(options, global_keyprefix=transport.prefix)
+    transport.backend_options = dict(options, global_keyprefix=transport.prefix)
+    return transport
 
 
 def require_redis_server() -> None:

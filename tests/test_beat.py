@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 import anyio
 import pytest
 
-from aqueue import App
+from aqueue import App, chain
 from aqueue.beat import Beat, parse_schedule
 from aqueue.exceptions import ImproperlyConfigured, InvalidSchedule
 from aqueue.message import Message, decode_message
@@ -275,6 +275,75 @@ async def test_options_args_and_kwargs_reach_the_message(
     (message,) = await sent(app, "periodic")
     assert (list(message.args), message.kwargs) == ([2, 2], {"label": "x"})
     assert message.expires is not None and 0 < message.expires - time.time() <= 5
+
+
+async def test_an_entrys_options_act_as_on_apply_async(
+    make_app: Factory, beats: Callable[[App], Any]
+) -> None:
+    # Given an entry with queue, priority, expires and countdown, as Celery's 'options'
+    options = {"queue": "periodic", "priority": 7, "expires": 60, "countdown": 0.3}
+    app = make_app(beat_schedule=every_10s(options=options))
+    beat = await beats(app)
+    await beat.tick(1000.5)
+    before = time.time()
+    await beat.tick(1010.0)
+    # Then the countdown holds the task back, and the message carries each option
+    assert await sent(app, "periodic") == []
+    await asyncio.sleep(0.4)
+    (message,) = await sent(app, "periodic")
+    assert message.priority == 7 and message.id == beat.slots[0].entry.task_id(1010.0)
+    assert message.eta is not None and before + 0.3 <= message.eta <= time.time()
+    assert message.expires is not None and before + 60 <= message.expires <= time.time() + 60
+
+
+async def test_add_periodic_task_sends_the_signature_as_it_is(
+    make_app: Factory, beats: Callable[[App], Any]
+) -> None:
+    app = make_app()
+
+    @app.task(name="tasks.add")
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    # Given an immutable signature with options, and a chain with options of its own
+    app.add_periodic_task(10.0, add.si(2, 2).set(queue="math", priority=5), args=(9,), name="frozen")
+    app.add_periodic_task(10.0, chain(add.s(1, 1), add.s(2)).set(priority=3), name="flow")
+    assert app.conf.beat_schedule["flow"]["subtask_type"] == "chain"
+    beat = await beats(app)
+    await beat.tick(1000.5)
+    await beat.tick(1010.0)
+    entries = {slot.entry.name: slot.entry for slot in beat.slots}
+    # Then the signature's options and arguments arrive (the partial argument 9 is not added)
+    (frozen,) = await sent(app, "math")
+    assert (frozen.task, list(frozen.args), frozen.priority) == ("tasks.add", [2, 2], 5)
+    assert frozen.id == entries["frozen"].task_id(1010.0)
+    # And the chain is sent as a chain: its first step, carrying the next, whose id is the run's
+    (first,) = await sent(app)
+    assert (first.task, list(first.args), first.priority) == ("tasks.add", [1, 1], 3)
+    assert first.chain is not None and len(first.chain) == 1
+    assert first.chain[0]["options"]["task_id"] == entries["flow"].task_id(1010.0)
+    # And a second due time is sent with ids of its own
+    await beat.tick(1020.0)
+    (again,) = await sent(app)
+    assert again.id != first.id and again.chain is not None
+    assert again.chain[0]["options"]["task_id"] == entries["flow"].task_id(1020.0)
+
+
+async def test_a_periodic_chain_runs_to_its_end(make_app: Factory, beats: Callable[[App], Any]) -> None:
+    app = make_app()
+
+    @app.task(name="tasks.add")
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    app.add_periodic_task(10.0, add.s(1, 1) | add.s(2) | add.s(3), name="flow")
+    beat = await beats(app)
+    await beat.tick(1000.5)
+    # When beat sends the chain to a worker; Then the run's id is the chain's result
+    async with running_worker(app):
+        await beat.tick(1010.0)
+        result = app.AsyncResult(beat.slots[0].entry.task_id(1010.0))
+        assert await result.get(timeout=10) == 7
 
 
 async def test_a_broker_that_fails_is_tried_again_later(

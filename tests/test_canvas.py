@@ -253,6 +253,106 @@ async def test_link_sends_the_result_and_link_error_calls_err_request_exc_traceb
     assert ("errback-si",) in t.ran("record") and t.ran("record_id") == [one_arg.id]
 
 
+# Callbacks on workflows, placed as Celery 5.7 places them ----------------------------------------
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait (bounded) for ``condition``, then a little more so that a second call would show."""
+    for _ in range(200):
+        if condition():
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+
+
+async def test_link_on_a_chain_goes_on_its_last_task(app: App, t: Tasks) -> None:
+    async with worker(app):
+        # Given link given to apply_async, and link() on the chain itself
+        result = chain(t.add.s(1, 1), t.add.s(10)).apply_async(link=t.record.s("option"))
+        flow = chain(t.add.s(2, 2), t.add.s(20))
+        flow.link(t.record.s("method"))
+        other = flow.delay()
+        assert await result.get(timeout=WAIT) == 12 and await other.get(timeout=WAIT) == 24
+        await until(lambda: len(t.ran("record")) >= 2)
+    # Then each is called once, with the last step's result (not after the first step)
+    assert sorted(t.ran("record")) == [(12, "option"), (24, "method")]
+
+
+async def test_link_error_on_a_chain_goes_on_every_task(app: App, t: Tasks) -> None:
+    async with worker(app):
+        # Given a chain whose second step fails, and one whose first step fails
+        second = chain(t.add.s(1, 1), t.fail.s(), t.record.s()).apply_async(link_error=t.on_error.s())
+        first = chain(t.fail.s(), t.add.s(1)).on_error(t.on_error.s()).delay()
+        for result in (second, first):
+            with pytest.raises(CanvasError):
+                await result.get(timeout=WAIT)
+        assert second.parent is not None and first.parent is not None
+        await until(lambda: len(t.ran("on_error")) >= 2)
+    # Then the errback is called once for each, with the request of the step that failed
+    assert sorted(t.ran("on_error")) == sorted(
+        [(second.parent.id, "CanvasError", "boom", True), (first.parent.id, "CanvasError", "boom", True)]
+    )
+    assert t.ran("record") == []
+
+
+async def test_link_on_a_chord_goes_on_its_callback(app: App, t: Tasks) -> None:
+    if not _keeps_chords(app):
+        pytest.skip("rpc:// keeps no chord joins")
+    async with worker(app, concurrency=8):
+        # Given link on a chord, given to apply_async and with link(), and a chain ending in a chord
+        result = chord([t.add.s(1, 1), t.add.s(2, 2)], t.tsum.s()).apply_async(link=t.record.s("option"))
+        linked = chord([t.add.s(3, 3)], t.tsum.s())
+        linked.link(t.record.s("method"))
+        other = linked.delay()
+        ending = chain(t.add.s(0, 1), group(t.add.s(1), t.add.s(2)), t.tsum.s()).apply_async(
+            link=t.record.s("chain")
+        )
+        assert await result.get(timeout=WAIT) == 6 and await other.get(timeout=WAIT) == 6
+        assert await ending.get(timeout=WAIT) == 5
+        await until(lambda: len(t.ran("record")) >= 3)
+    # Then each is called once, after the callback, with its result (never after a header task)
+    assert sorted(t.ran("record")) == [(5, "chain"), (6, "method"), (6, "option")]
+
+
+async def test_link_error_on_a_chord_goes_on_its_callback(app: App, t: Tasks) -> None:
+    if not _keeps_chords(app):
+        pytest.skip("rpc:// keeps no chord joins")
+    async with worker(app, concurrency=8):
+        # Given a chord with link_error whose header fails, and one whose callback fails
+        header = chord([t.add.s(1, 1), t.fail.s()], t.tsum.s()).apply_async(link_error=t.on_error.s())
+        body = chord([t.add.s(1, 1)], t.fail.s()).on_error(t.on_error.s()).delay()
+        for result in (header, body):
+            with pytest.raises(CanvasError):
+                await result.get(timeout=WAIT)
+        await until(lambda: len(t.ran("on_error")) >= 2)
+    # Then the errback is called once for each, with the callback's request: never for the header task
+    # (as Celery's task_allow_error_cb_on_chord_header=False, its default)
+    called = {task_id: (kind, message, traceback) for task_id, kind, message, traceback in t.ran("on_error")}
+    assert len(t.ran("on_error")) == 2 and called.keys() == {header.id, body.id}
+    assert called[header.id][0] == "ChordError" and "boom" in called[header.id][1]
+    assert called[body.id] == ("CanvasError", "boom", True)
+
+
+async def test_a_group_refuses_link_options_and_places_link_methods_as_celery(app: App, t: Tasks) -> None:
+    # Given link options on a group: refused, as Celery refuses them
+    with pytest.raises(TypeError, match="use a chord"):
+        group(t.add.s(1, 1)).apply_async(link=t.record.s())
+    with pytest.raises(TypeError, match="on each task"):
+        group(t.add.s(1, 1)).apply_async(link_error=t.on_error.s())
+    async with worker(app):
+        # When link() and link_error() are called on groups
+        flow = group(t.add.s(1, 1), t.add.s(2, 2))
+        flow.link(t.record.s("first"))
+        failing = group(t.fail.s(), t.fail.s())
+        failing.link_error(t.on_error.s())
+        assert await flow.delay().get(timeout=WAIT) == [2, 4]
+        failed = failing.delay()
+        await until(lambda: len(t.ran("on_error")) >= 2 and len(t.ran("record")) >= 1)
+    # Then the callback ran once, immutable (on the first member), and the errback once per member
+    assert t.ran("record") == [("first",)]
+    assert sorted(row[0] for row in t.ran("on_error")) == sorted(r.id for r in failed.results)
+
+
 # Rows: map, starmap, chunks -----------------------------------------------------------------------
 
 

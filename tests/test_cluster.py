@@ -25,7 +25,7 @@ from aqueue.worker import Worker
 from tests import test_tour
 from tests.broker import test_contract
 from tests.conftest import Transport
-from tests.redis_servers import Cluster, redis_cluster, suite_of
+from tests.redis_servers import Cluster, redis_cluster, suite_of, transport_on
 
 WAIT = 10.0
 
@@ -42,12 +42,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 @pytest.fixture
 def transport(cluster: Cluster, tmp_path: Path, unique: str) -> Transport:
-    """The tour's transport, on the cluster: broker and backend, with the test's own key prefix."""
-    on_cluster = Transport("memory", tmp_path, unique)
-    on_cluster.broker_url = on_cluster.backend_url = cluster.url
-    on_cluster.broker_options = {"global_keyprefix": on_cluster.prefix}
-    on_cluster.backend_options = {"global_keyprefix": on_cluster.prefix}
-    return on_cluster
+    return transport_on(cluster.url, {}, tmp_path, unique)
 
 
 @pytest.fixture

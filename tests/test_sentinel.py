@@ -24,7 +24,14 @@ from aqueue.worker import Worker
 from tests import test_tour
 from tests.broker import test_contract
 from tests.conftest import Transport
-from tests.redis_servers import SentinelSet, free_port, sentinel_set, sentinel_set_sync, suite_of
+from tests.redis_servers import (
+    SentinelSet,
+    free_port,
+    sentinel_set,
+    sentinel_set_sync,
+    suite_of,
+    transport_on,
+)
 
 WAIT = 20.0
 
@@ -40,12 +47,7 @@ def shared_sentinels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Senti
 
 @pytest.fixture
 def transport(shared_sentinels: SentinelSet, tmp_path: Path, unique: str) -> Transport:
-    """The tour's transport on Sentinel: broker and backend, with the test's own key prefix."""
-    on_sentinel = Transport("memory", tmp_path, unique)
-    on_sentinel.broker_url = on_sentinel.backend_url = shared_sentinels.url()
-    options = dict(shared_sentinels.options, global_keyprefix=on_sentinel.prefix)
-    on_sentinel.broker_options, on_sentinel.backend_options = options, dict(options)
-    return on_sentinel
+    return transport_on(shared_sentinels.url(), shared_sentinels.options, tmp_path, unique)
 
 
 @pytest.fixture
@@ -183,3 +185,18 @@ async def test_every_redis_user_follows_a_failover(sentinels: SentinelSet, how: 
         assert await client.dbsize() > 0
     finally:
         await client.aclose()
+
+
+async def test_the_kombu_layout_on_sentinel(shared_sentinels: SentinelSet, unique: str) -> None:
+    from aqueue.message import Envelope
+
+    # Given a broker on Sentinel with Celery's list layout
+    options = dict(shared_sentinels.options, layout="kombu", global_keyprefix=f"t{unique}:")
+    async with broker_from_url(shared_sentinels.url(), options) as broker:
+        # When a message is published, then a consumer gets it
+        await broker.publish([Envelope(f"id-{unique}", f"q-{unique}", b"[]", "application/json")])
+        async with broker.consume([f"q-{unique}"], 1) as consumer:
+            with anyio.fail_after(WAIT):
+                delivery = await consumer.receive()
+            await delivery.ack()
+        assert delivery.id == f"id-{unique}"

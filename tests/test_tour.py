@@ -45,7 +45,7 @@ from aqueue.worker import Worker
 from tests.conftest import REDIS_URL, Transport, require_server
 
 MakeApp = Callable[..., App]
-TOUR_KINDS = ["memory", "sqlite", "redis", "amqp", "amqp+redis", "amqp+quorum"]
+TOUR_KINDS = ["memory", "sqlite", "redis", "kombu", "amqp", "amqp+redis", "amqp+quorum"]
 QUORUM = {"task_default_queue_type": "quorum", "task_create_missing_queue_type": "quorum"}
 """Celery's settings for quorum queues: the default queue and every other one the tour uses."""
 WAIT = 10.0

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from aqueue.broker.base import Broker, Consumer, Delivery
-from aqueue.exceptions import MissingExtra
+from aqueue.exceptions import ImproperlyConfigured, MissingExtra
 from aqueue.queues import QueueDeclarations
 from aqueue.urls import BROKER_SCHEMES, parse
 
@@ -17,6 +17,9 @@ def from_url(
     url: str, options: Mapping[str, Any] | None = None, *, queues: QueueDeclarations | None = None
 ) -> Broker:
     """The broker for ``url``; ``options`` are the ``broker_transport_options`` setting.
+
+    On Redis, the option ``layout`` chooses the keys: ``"streams"`` (the default, aqueue's own) or
+    ``"kombu"`` (Celery's lists, shared with Celery clients and workers).
 
     ``queues`` says which arguments each queue is declared with, for transports that declare queues.
 
@@ -35,9 +38,20 @@ def from_url(
 
             return SQLiteBroker(url, **options)
         case "redis" | "rediss" | "sentinel" as scheme:
-            with MissingExtra.guard(scheme, "redis"):
-                from aqueue.broker.redis import RedisBroker
-            return RedisBroker(url, **options)
+            match options.pop("layout", "streams"):
+                case "streams":
+                    with MissingExtra.guard(scheme, "redis"):
+                        from aqueue.broker.redis import RedisBroker
+                    return RedisBroker(url, **options)
+                case "kombu":
+                    with MissingExtra.guard(scheme, "redis"):
+                        from aqueue.broker.redis_kombu import KombuRedisBroker
+                    return KombuRedisBroker(url, **options)
+                case layout:
+                    raise ImproperlyConfigured(
+                        f"Unknown Redis broker layout {layout!r}: the layouts are 'streams' (the default) "
+                        "and 'kombu' (Celery's, to share queues with Celery workers and clients)."
+                    )
         case "redis+cluster":
             with MissingExtra.guard("redis+cluster", "redis"):
                 from aqueue.broker.redis_cluster import RedisClusterBroker

@@ -155,7 +155,9 @@ class AMQPConsumer(Consumer):
                         )
                     await self._consume(channel)
             except BaseException:
-                await channel.close()
+                # A failed close must not replace what went wrong (a cancellation above all).
+                with contextlib.suppress(Exception):
+                    await channel.close()
                 raise
             channel.reopen_callbacks.add(self._consume)  # type: ignore[arg-type]
             self._channel = channel

@@ -23,12 +23,16 @@ it out (:mod:`aqueue.broker.amqp_table`). Other frames still go through aiormq.
 An outbox belongs to one aiormq channel. When that channel closes, the futures of publishes not yet
 confirmed fail with ``ChannelInvalidStateError``; acknowledgements not yet written are dropped, and
 RabbitMQ delivers those messages again. This module uses aiormq's channel internals (its lock,
-delivery-tag counter, confirmation table and write queue), hence the aiormq pin in ``pyproject.toml``.
+delivery-tag counter, confirmation table and write queue), hence the pin of aiormq's minor version in
+``pyproject.toml`` (:data:`SUPPORTED_AIORMQ`) and :func:`check_aiormq` at import, which refuses an aiormq
+whose channel lacks them rather than let publisher confirms break silently.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import importlib.metadata
 import logging
 import struct
 from collections.abc import Callable, Mapping
@@ -40,8 +44,9 @@ from aiormq.abc import ChannelFrame
 from aiormq.exceptions import ChannelInvalidStateError
 
 from aqueue.broker.amqp_table import encode_table
+from aqueue.exceptions import ImproperlyConfigured
 
-__all__ = ["Outbox", "encode_properties"]
+__all__ = ["SUPPORTED_AIORMQ", "Outbox", "check_aiormq", "encode_properties"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,21 @@ _FLAGS = struct.Struct(">H")
 _OCTET = struct.Struct(">B")
 _MAX_ROUTES = 4096
 """Method frames of publishes kept, per (exchange, routing key, mandatory); past this the cache restarts."""
+
+SUPPORTED_AIORMQ = ">=7.2,<7.3"
+"""The aiormq releases whose channel internals the outbox is written against (the pin in pyproject.toml)."""
+_CHANNEL_PROPERTIES = ("lock", "closing", "is_closed")
+_CHANNEL_ATTRIBUTES = (
+    "number",
+    "delivery_tag",
+    "confirmations",
+    "message_id_delivery_tag",
+    "write_queue",
+    "publisher_confirms",
+    "max_content_size",
+)
+"""Set by ``Channel.__init__``: looked for among the names its code assigns."""
+_FRAME_FIELDS = ("payload", "should_close")
 
 _Publish = tuple[bytes, "asyncio.Future[Any] | None", str | None]
 """The frames of a publish, the future of its confirm, and its message id when it is mandatory."""
@@ -118,6 +138,42 @@ def encode_properties(
             flags |= flag
             parts.append(encode(value))
     return _FLAGS.pack(flags) + b"".join(parts)
+
+
+def check_aiormq(
+    channel: type[Any] = Channel, frame: type[Any] = ChannelFrame, version: str | None = None
+) -> None:
+    """Check that aiormq's ``channel`` and ``frame`` classes have the internals the outbox uses.
+
+    Parameters:
+        channel: aiormq's ``Channel`` class.
+        frame: aiormq's ``ChannelFrame`` class (what goes on the connection's write queue).
+        version: the aiormq version to name in the error (by default the installed one).
+
+    Raises:
+        ImproperlyConfigured: something is missing; the message names it and the supported aiormq releases.
+    """
+    missing = [f"Channel.{name}" for name in _CHANNEL_PROPERTIES if not hasattr(channel, name)]
+    assigned = getattr(getattr(channel.__init__, "__code__", None), "co_names", ())
+    missing += [f"Channel.{name}" for name in _CHANNEL_ATTRIBUTES if name not in assigned]
+    fields = {field.name for field in dataclasses.fields(frame)} if dataclasses.is_dataclass(frame) else set()
+    missing += [f"ChannelFrame.{name}" for name in _FRAME_FIELDS if name not in fields]
+    if missing:
+        version = version or _installed_version("aiormq")
+        raise ImproperlyConfigured(
+            f"aqueue's AMQP transport supports aiormq{SUPPORTED_AIORMQ}, and aiormq {version} is installed, "
+            f"which lacks {', '.join(missing)}. Install a supported one: pip install 'aiormq{SUPPORTED_AIORMQ}'"
+        )
+
+
+def _installed_version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "(version unknown)"
+
+
+check_aiormq()
 
 
 class Outbox:

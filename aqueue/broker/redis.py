@@ -21,7 +21,9 @@ a connection of its own, so the blocking read never holds a pooled connection. W
 pending for it in the group until settled:
 
 - ack is ``XACK`` + ``XDEL`` (streams do not grow); the acks of one loop turn go out in one
-  pipeline, and acks arriving while it is in flight go in the next one;
+  round trip, and acks arriving while it is in flight go in the next one. Acks made in the loop
+  turn before the consumer's next read (a run acknowledging the delivery just handed out) go in
+  that read's write, ahead of its ``XREADGROUP``;
 - reject copies the entry to the dead-letter stream, requeue re-adds it to its stream marked
   ``redelivered``; either way the original is acknowledged and deleted, in one Lua script;
 - a settle that fails (an outage) keeps the entry held and marked: the consumer keeps renewing it,
@@ -46,7 +48,7 @@ entry without a ``body`` or a ``content_type``, or whose ``id`` or ``content_typ
 becomes no delivery: the consumer moves it to the dead-letter stream as it is and logs it once, by its
 stream id. This is checked on the slow path only: the fast path decodes inside a ``try``.
 
-Publishing. A publish is one pipeline of ``XADD`` (``ZADD`` for a delayed envelope), which ends by
+Publishing. A publish is one write of ``XADD`` (``ZADD`` for a delayed envelope), which ends by
 setting a marker key of its own (expiring a few seconds later). redis-py's silent retries are off
 for this broker's connections: a command whose reply was lost may have been applied, and sending it
 again would store a batch twice. When the reply of a publish is lost, the marker says whether the
@@ -59,8 +61,10 @@ ETA. ``publish`` puts an envelope whose ``eta`` is ahead in the sorted set; cons
 ones to the stream (Lua, atomic) at least every 0.5 s while fetching, and their blocking reads
 end by then. A due message thus waits at most about 0.5 s once a consumer of its queue has room.
 
-Connections (redis.asyncio, RESP2, hiredis when installed): one bounded pool per broker,
-``max_connections`` (default 20) connections shared by publish, acks, renewals and scripts,
+Connections (redis.asyncio, RESP2, hiredis when installed): one connection per broker for publishes
+and acks, whose round trips go one after another (what comes while one is in flight goes in the next
+write: :class:`aqueue._redis.Line`, which spares the hot path redis-py's pool and pipelines); one
+bounded pool, ``max_connections`` (default 20) connections shared by renewals, scripts and the rest,
 waiting up to 20 s for a free one; plus one connection per open consumer and one per open
 ``subscribe``. A reply is awaited at most ``socket_timeout`` (default 10 s), under
 ``asyncio.timeout`` rather than redis-py's own socket timeout (see :mod:`aqueue._redis`). Redis errors become
@@ -87,7 +91,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -100,7 +104,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from aqueue._redis import CLIENT_OPTIONS, dedicated_connection, redis_client
+from aqueue._redis import CLIENT_OPTIONS, Line, dedicated_connection, pack, read_replies, redis_client
 from aqueue.broker.base import Broker, Consumer, Delivery
 from aqueue.broker.exchange import Exchange, ExchangeMessage, Listener
 from aqueue.exceptions import ImproperlyConfigured, OperationalError
@@ -171,7 +175,10 @@ class RedisBroker(Broker):
         self._scripts = {name: self._client.register_script(source) for name, source in _LUA.items()}
         self._consumers: set[_RedisConsumer] = set()
         self._marker = f"{global_keyprefix}aqueue.published.{uuid.uuid4().hex}."
+        self._marker_ms = int((self.command_timeout + 5) * 1000)
         self._batches = itertools.count()
+        self._line = Line(self._connection(self.client_name), self.command_timeout)
+        """Publishes and acks: one connection, round trips one after another (see aqueue._redis)."""
 
     schemes: tuple[str, ...] = ("redis", "rediss", "sentinel")
 
@@ -198,45 +205,53 @@ class RedisBroker(Broker):
     async def connect(self) -> None:
         async with self._errors("connect"):
             await self._client.ping()
+            await self._line.connect()
 
     async def aclose(self) -> None:
         for consumer in list(self._consumers):
             await consumer._shutdown()
+        await self._line.aclose()
         await self._client.aclose()
 
     async def publish(self, envelopes: Sequence[Envelope]) -> None:
         if not envelopes:
             return
         now = time.time()
+        await self._send_marked([self._publish_command(e, now) for e in envelopes], len(envelopes))
+
+    async def _send_marked(self, commands: list[bytes], count: int) -> None:
+        """Send ``commands``, a publish of ``count`` envelopes, then set a marker that says if a lost reply landed."""
         marker = f"{self._marker}{next(self._batches)}"
-        async with self._client.pipeline(transaction=False) as pipe:
-            for e in envelopes:
-                fields = (b"body", e.body, b"content_type", e.content_type, b"id", e.id, b"priority")
-                priority = b"" if e.priority is None else e.priority
-                if e.eta is not None and e.eta > now:
-                    # The same member again if this is a retry: a sorted set keeps one.
-                    pipe.execute_command("ZADD", self.delayed_key(e.queue), e.eta, _pack(*fields, priority))
-                elif e.resent:
-                    pipe.execute_command("XADD", self.stream_key(e.queue), "*", *fields, priority, *_RESENT)
-                else:
-                    pipe.execute_command("XADD", self.stream_key(e.queue), "*", *fields, priority)
-            pipe.execute_command("SET", marker, b"", "PX", int((self.command_timeout + 5) * 1000))
-            async with self._errors("publish"):
-                try:
-                    await pipe.execute()
-                except _LOST as exc:
-                    if not await self._landed(marker):
-                        raise
-                    logger.warning(
-                        "Redis broker %s: the reply to a publish of %d message(s) was lost (%s), but they "
-                        "were stored: not sending them again",
-                        mask_password(self.url), len(envelopes), exc,
-                    )  # fmt: skip
+        commands = [*commands, pack(b"SET", marker, b"", b"PX", self._marker_ms)]
+        # No timeout of its own here: the line waits for a reply at most command_timeout seconds.
+        try:
+            _raise_first_error(await self._line.send(b"".join(commands), len(commands)))
+        except _LOST as exc:  # TimeoutError included
+            if not await self._landed(marker):
+                raise self._failed("publish", exc) from exc
+            logger.warning(
+                "Redis broker %s: the reply to a publish of %d message(s) was lost (%s), but they "
+                "were stored: not sending them again",
+                mask_password(self.url), count, exc,
+            )  # fmt: skip
+        except RedisError as exc:
+            raise self._failed("publish", exc) from exc
+
+    def _publish_command(self, e: Envelope, now: float) -> bytes:
+        fields = (b"body", e.body, b"content_type", e.content_type, b"id", e.id, b"priority")
+        priority = b"" if e.priority is None else e.priority
+        if e.eta is not None and e.eta > now:
+            # The same member again if this is a retry: a sorted set keeps one.
+            return pack(b"ZADD", self.delayed_key(e.queue), e.eta, _pack(*fields, priority))
+        if e.resent:
+            return pack(b"XADD", self.stream_key(e.queue), b"*", *fields, priority, *_RESENT)
+        return pack(b"XADD", self.stream_key(e.queue), b"*", *fields, priority)
 
     async def _landed(self, marker: str) -> bool:
         """Whether the batch whose last command set ``marker`` was applied (its reply was lost)."""
         try:
-            return bool(await self._client.exists(marker))
+            async with asyncio.timeout(self.command_timeout):
+                return bool(await self._client.exists(marker))
         except _LOST:
             return False
 
@@ -329,9 +344,12 @@ class RedisBroker(Broker):
             async with asyncio.timeout(self.command_timeout):
                 yield
         except (RedisError, TimeoutError) as exc:
-            raise OperationalError(
-                f"Redis broker {mask_password(self.url)}: {action} failed: {type(exc).__name__}: {_text(exc)}"
-            ) from exc
+            raise self._failed(action, exc) from exc
+
+    def _failed(self, action: str, exc: BaseException) -> OperationalError:
+        return OperationalError(
+            f"Redis broker {mask_password(self.url)}: {action} failed: {type(exc).__name__}: {_text(exc)}"
+        )
 
 
 class _RedisConsumer(Consumer):
@@ -357,8 +375,10 @@ class _RedisConsumer(Consumer):
         self._started = self._stranded = False
         self._next_reclaim = self._next_eta = 0.0
         self._renewer: asyncio.Task[None] | None = None
-        self._acks: tuple[dict[bytes, list[bytes]], asyncio.Future[None]] | None = None
+        self._acks: tuple[dict[bytes, list[bytes]], list[asyncio.Future[None]]] | None = None
         self._flusher: asyncio.Task[None] | None = None
+        self._reading = False
+        """Between deciding to read and writing the read: acks then go in the same write."""
 
     async def _fetch(self, n: int) -> Sequence[Delivery]:
         if self._overflow:
@@ -419,12 +439,32 @@ class _RedisConsumer(Consumer):
 
     async def _read(self, n: int, block: float) -> list[Delivery]:
         conn = self._conn
-        await conn.send_packed_command(
-            conn.pack_command(
-                "XREADGROUP", "GROUP", GROUP, self.name, "COUNT", n, "BLOCK", max(1, int(block * 1000)),
-                "STREAMS", *self.keys, *(">" for _ in self.keys),
+        # One loop turn first: the runs just handed out ack in it, and those acks go in this write.
+        self._reading = True
+        try:
+            await asyncio.sleep(0)
+        except BaseException:
+            self._reading = False
+            if self._acks is not None and self._flusher is None:
+                self._flusher = asyncio.create_task(self._flush_acks())
+            raise
+        self._reading = False
+        acks, self._acks = self._acks, None
+        commands = self._ack_commands(acks[0]) if acks is not None else []
+        commands.append(
+            pack(
+                b"XREADGROUP", b"GROUP", GROUP, self.name, b"COUNT", n, b"BLOCK", max(1, int(block * 1000)),
+                b"STREAMS", *self.keys, *(b">" for _ in self.keys),
             )
         )  # fmt: skip
+        try:
+            await conn.send_packed_command(b"".join(commands))
+            if acks is not None:
+                self._acks_done(*acks, await read_replies(conn, len(commands) - 1))
+        except BaseException as exc:
+            if acks is not None:
+                self._acks_done(*acks, exc)
+            raise
         reply = await conn.read_response()
         if not reply:
             return []
@@ -521,13 +561,9 @@ class _RedisConsumer(Consumer):
         self._stranded = False
 
     async def _renew_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.broker.visibility_timeout / 3)
-            try:
-                async with asyncio.timeout(self.broker.command_timeout):
-                    await self._renew()
-            except (RedisError, TimeoutError) as exc:
-                logger.debug("Renewing the claims of %s failed: %s", self.name, exc)
+        await renew_forever(
+            self.name, self.broker.visibility_timeout / 3, self.broker.command_timeout, self._renew
+        )
 
     async def _renew(self) -> None:
         async with self.client.pipeline(transaction=False) as pipe:
@@ -540,38 +576,65 @@ class _RedisConsumer(Consumer):
 
     async def _ack(self, delivery: Delivery) -> None:
         if self._acks is None:
-            self._acks = ({}, asyncio.get_running_loop().create_future())
-            if self._flusher is None:
+            self._acks = ({}, [])
+            if self._flusher is None and not self._reading:  # else they go with the next read
                 self._flusher = asyncio.create_task(self._flush_acks())
-        ids, done = self._acks
+        ids, waiters = self._acks
         ids.setdefault(self._key_of[delivery.queue], []).append(delivery.tag)
-        await asyncio.shield(done)
+        # A future per ack rather than one shared and shielded: cancelling a waiter cancels its own only.
+        done = asyncio.get_running_loop().create_future()
+        waiters.append(done)
+        await done
 
     async def _flush_acks(self) -> None:
         try:
             while self._acks is not None:
-                (ids, done), self._acks = self._acks, None
+                (ids, waiters), self._acks = self._acks, None
                 try:
-                    async with asyncio.timeout(self.broker.command_timeout):
-                        await self._send_acks(ids)
+                    replies = await self._send_acks(ids)
                 except (RedisError, TimeoutError) as exc:
-                    for key, entry_ids in ids.items():
-                        self._marked[key].update(entry_ids)
-                    done.set_exception(self._error("ack", exc))
-                    done.add_done_callback(_retrieved)
+                    self._acks_done(ids, waiters, exc)
                 else:
-                    for key, entry_ids in ids.items():
-                        self._owned[key].difference_update(entry_ids)
-                    done.set_result(None)
+                    self._acks_done(ids, waiters, replies)
         finally:
             self._flusher = None
 
-    async def _send_acks(self, ids: dict[bytes, list[bytes]]) -> None:
-        async with self.client.pipeline(transaction=False) as pipe:
+    async def _send_acks(self, ids: dict[bytes, list[bytes]]) -> list[Any]:
+        commands = self._ack_commands(ids)
+        # The line waits for a reply at most command_timeout seconds.
+        return await self.broker._line.send(b"".join(commands), len(commands))
+
+    def _ack_commands(self, ids: dict[bytes, list[bytes]]) -> list[bytes]:
+        commands = []
+        for key, entry_ids in ids.items():
+            commands += [pack(b"XACK", key, GROUP, *entry_ids), pack(b"XDEL", key, *entry_ids)]
+        return commands
+
+    def _acks_done(
+        self,
+        ids: dict[bytes, list[bytes]],
+        waiters: list[asyncio.Future[None]],
+        outcome: list[Any] | BaseException,
+    ) -> None:
+        """Settle the waiters of acks sent: ``outcome`` is the replies, or why there are none."""
+        if isinstance(outcome, BaseException):
+            failure: BaseException | None = outcome
+        else:
+            failure = next((reply for reply in outcome if isinstance(reply, ResponseError)), None)
+        if failure is not None:
             for key, entry_ids in ids.items():
-                pipe.execute_command("XACK", key, GROUP, *entry_ids)
-                pipe.execute_command("XDEL", key, *entry_ids)
-            await pipe.execute()
+                self._marked[key].update(entry_ids)
+            exc = self._error("ack", failure)
+            for done in waiters:
+                if not done.done():
+                    done.set_exception(exc)
+                    done.add_done_callback(_retrieved)
+            return
+        for key, entry_ids in ids.items():
+            self._owned[key].difference_update(entry_ids)
+        for done in waiters:
+            if not done.done():
+                done.set_result(None)
 
     async def _reject(self, delivery: Delivery) -> None:
         await self._settle(delivery, self.broker.dead_key(delivery.queue), "")
@@ -651,6 +714,19 @@ async def _subscribe(conn: AbstractConnection, channel: bytes, command: str = "S
     await conn.read_response()
 
 
+async def renew_forever(
+    name: str, every: float, timeout: float, renew: Callable[[], Awaitable[None]]
+) -> None:
+    """Call ``renew`` every ``every`` seconds, each call bounded by ``timeout``; a failure is logged, not fatal."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            async with asyncio.timeout(timeout):
+                await renew()
+        except (RedisError, TimeoutError) as exc:
+            logger.debug("Renewing the claims of %s failed: %s", name, exc)
+
+
 def _connection_options(options: dict[str, Any]) -> dict[str, Any]:
     known = [*_OWN_OPTIONS, *CLIENT_OPTIONS, *_CELERY_ONLY]
     for name in options:
@@ -696,6 +772,13 @@ def _gone(exc: ResponseError) -> bool:
 
 def _text(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__  # a timeout says nothing by itself
+
+
+def _raise_first_error(replies: list[Any]) -> None:
+    """Raise the first error reply of a round trip, as a pipeline does."""
+    for reply in replies:
+        if isinstance(reply, ResponseError):
+            raise reply
 
 
 def _retrieved(future: asyncio.Future[None]) -> None:

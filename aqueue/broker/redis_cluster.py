@@ -12,8 +12,8 @@ node that serves it; a consumer of several queues (several slots, so no single `
 them in turn, blocking at most 50 ms on each, so a message waits at most about 50 ms per other queue.
 A read that meets ``MOVED`` (the slot moved to another node) reconnects to the new node.
 
-Publishing goes through redis-py's cluster pipeline, one batch per node. A publish whose reply was
-lost is reported failed (there is no one-node marker to look at); the publisher's retry marks the
+Publishes and acks go as on one server (packed by hand, on a line: :class:`aqueue._redis.Line`), on
+one line per node, to the node of each queue. A publish whose reply was lost is reported failed (there is no one-node marker to look at); the publisher's retry marks the
 envelopes resent, so a worker runs a copy only when its task is neither running nor finished.
 
 Celery's exchanges keep kombu's layout (:mod:`aqueue.broker.redis_exchange`), except that a reader
@@ -38,11 +38,12 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
-from aqueue._redis import cluster_client, node_connection, seed_kwargs
+from aqueue._redis import Line, cluster_client, node_connection, seed_kwargs
 from aqueue.broker.base import Consumer, Delivery
 from aqueue.broker.exchange import Exchange
-from aqueue.broker.redis import _LOST, GROUP, RedisBroker, _RedisConsumer
+from aqueue.broker.redis import _LOST, GROUP, RedisBroker, _raise_first_error, _RedisConsumer
 from aqueue.broker.redis_exchange import BINDING_TTL_MS, RedisExchanges
+from aqueue.message import Envelope
 
 __all__ = ["RedisClusterBroker"]
 
@@ -59,15 +60,41 @@ class RedisClusterBroker(RedisBroker):
     schemes = ("redis+cluster",)
 
     def _open(self, url: str, options: dict[str, Any]) -> Any:
-        self.db = 0
+        self.db, self._lines = 0, dict[str, Line]()
         self._seed = seed_kwargs(url)
         return cluster_client(url, options, retry=Retry(NoBackoff(), 0))
 
     def stream_key(self, queue: str) -> str:
         return f"{self.prefix}{{{queue}}}"  # the hash tag: the other keys of the queue add a suffix
 
-    async def _landed(self, marker: str) -> bool:
-        return False
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        now, by_key = time.time(), dict[str, list[bytes]]()
+        for e in envelopes:
+            by_key.setdefault(self.stream_key(e.queue), []).append(self._publish_command(e, now))
+        try:
+            for key, commands in by_key.items():
+                _raise_first_error(await self._line_for(key).send(b"".join(commands), len(commands)))
+        except (RedisError, TimeoutError) as exc:  # a lost reply included: the publish failed
+            raise self._failed("publish", exc) from exc
+
+    def _line_for(self, key: str | bytes) -> Line:
+        """The line (publishes and acks) to the node that serves ``key``'s slot."""
+        cluster = cast(RedisCluster, self._client)
+        node = cluster.get_node_from_key(key.decode() if isinstance(key, bytes) else key)
+        name = node.name if node is not None else ""
+        line = self._lines.get(name)
+        if line is None:
+            conn = node_connection(cluster, key if isinstance(key, str) else key.decode(), self.client_name)
+            line = self._lines[name] = Line(conn, self.command_timeout)
+        return line
+
+    async def aclose(self) -> None:
+        try:
+            await super().aclose()
+        finally:
+            for line in self._lines.values():
+                await line.aclose()
+            self._lines.clear()
 
     def _connection(self, name: str) -> AbstractConnection:
         """A connection to the seed node: pub/sub reaches every node from any of them."""
@@ -146,6 +173,13 @@ class _ClusterConsumer(_RedisConsumer):
             await conn.disconnect()
         with contextlib.suppress(RedisError, RedisClusterException, OSError):  # the next read retries
             await self._cluster.nodes_manager.initialize()
+
+    async def _send_acks(self, ids: dict[bytes, list[bytes]]) -> list[Any]:
+        broker, replies = cast(RedisClusterBroker, self.broker), list[Any]()
+        for key, entry_ids in ids.items():  # one node per queue
+            commands = self._ack_commands({key: entry_ids})
+            replies += await broker._line_for(key).send(b"".join(commands), len(commands))
+        return replies
 
     @property
     def _cluster(self) -> RedisCluster:

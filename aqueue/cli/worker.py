@@ -112,7 +112,8 @@ LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"
     "--metrics-port",
     type=click.IntRange(min=0, max=65535),
     metavar="PORT",
-    help="Serve Prometheus metrics at http://HOST:PORT/metrics (worker_metrics_port; off by default).",
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (worker_metrics_port; off by default). "
+    "With --processes, the parent serves one endpoint adding up every process.",
 )
 @click.pass_context
 def worker(
@@ -167,11 +168,6 @@ def worker(
     processes = processes or conf.worker_processes
     if processes is None and (options["max_tasks"] or max_memory):
         processes = 1
-    if processes is not None and (metrics_port or conf.worker_metrics_port):
-        raise click.UsageError(
-            "--metrics-port serves one process's metrics: it cannot be combined with --processes yet; "
-            "run one worker per port instead."
-        )
     w = Worker(app, hostname=hostname or default_hostname(), **options)
     with _pidfile(pidfile):
         text = banner(
@@ -188,9 +184,24 @@ def worker(
             return
         with shared_statedb(statedb or conf.worker_state_db) as state:
             command = _child_command(ctx, w.hostname, state, with_beat)
-            supervisor = Supervisor(command, processes, w.hostname)
-            code = asyncio.run(supervisor.run())
+            port = conf.worker_metrics_port if metrics_port is None else metrics_port
+            code = asyncio.run(_supervise(command, processes, w.hostname, port, conf.worker_metrics_address))
     ctx.exit(code)
+
+
+async def _supervise(
+    command: Command, processes: int, hostname: str, metrics_port: int | None, address: str
+) -> int:
+    """Run the children; with ``metrics_port``, serve one ``/metrics`` adding up all of theirs."""
+    if metrics_port is None:
+        return await Supervisor(command, processes, hostname).run()
+    from aqueue.worker.supervised_metrics import SupervisedMetrics  # needs the prometheus extra
+
+    async with SupervisedMetrics(metrics_port, address) as metrics:
+        supervisor = Supervisor(
+            command, processes, hostname, environment=metrics.environment, on_exit=metrics.process_exited
+        )
+        return await supervisor.run()
 
 
 _FORWARDED = (
@@ -202,6 +213,7 @@ _FORWARDED = (
     "shutdown_timeout",
     "max_tasks_per_child",
     "max_memory_per_child",
+    "metrics_port",
 )
 """The options a parent passes on to its worker processes as given (they read the same settings)."""
 
@@ -213,6 +225,8 @@ def _child_command(ctx: click.Context, hostname: str, statedb: str, with_beat: b
     for name in _FORWARDED:
         if ctx.params[name] is not None:
             argv += [f"--{name.replace('_', '-')}", str(ctx.params[name])]
+    if ctx.params["task_events"]:
+        argv.append("-E")
     return lambda index, fd: [
         *argv,
         *(["-B"] if with_beat and index == 1 else []),

@@ -110,6 +110,9 @@ class ChordJoin:
     """This report completed the chord: its task sends the callback."""
     sent: bool
     """The callback was sent already (:meth:`ResultBackend.chord_sent`)."""
+    completed_by: int | None = None
+    """The index of the part whose report completed the chord: only a copy of that part, coming again
+    after its worker died, may send the callback in its stead."""
 
 
 CHORD_TTL = 86400.0
@@ -179,16 +182,17 @@ class ResultBackend(AsyncResource, ABC):
         """Record the final state of the header task at ``index`` of the ``size`` of chord ``group_id``.
 
         A part reported twice counts once. The report that makes the count complete is told it is
-        ``first``, and only that one; every report after completion gets the parts too.
+        ``first``, and only that one; every report after completion gets the parts too, and the index
+        of the part that completed it.
         """
         if meta.date_done is None:
             meta.date_done = now_iso()
         ttl = self.expires if self.expires and self.expires > 0 else CHORD_TTL
-        first, sent, parts = await self._chord_join(
+        first, sent, by, parts = await self._chord_join(
             group_id, index, size, self.serializer.dumps(meta.to_dict()), ttl
         )
         decoded = None if parts is None else [TaskMeta.from_dict(self.serializer.decode(p)) for p in parts]
-        return ChordJoin(decoded, first, sent)
+        return ChordJoin(decoded, first, sent, by)
 
     async def chord_sent(self, group_id: str) -> None:
         """Record that chord ``group_id``'s callback was sent (or failed in its stead)."""
@@ -196,9 +200,10 @@ class ResultBackend(AsyncResource, ABC):
 
     async def _chord_join(
         self, group_id: str, index: int, size: int, data: bytes, ttl: float
-    ) -> tuple[bool, bool, list[bytes] | None]:
+    ) -> tuple[bool, bool, int | None, list[bytes] | None]:
         """Atomically: keep ``data`` as part ``index`` unless it is there; once ``size`` parts are there,
-        return (whether this call completed them, whether sent, the parts in order); else (False, False, None)."""
+        return (whether this call completed them, whether sent, the index of the part whose call
+        completed them, the parts in order); else (False, False, None, None)."""
         raise NotImplementedError(f"{type(self).__name__} keeps no chord joins")
 
     async def _chord_sent(self, group_id: str) -> None:

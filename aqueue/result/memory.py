@@ -15,7 +15,8 @@ __all__ = ["MemoryBackend"]
 class _Chord:
     def __init__(self) -> None:
         self.parts: dict[int, bytes] = {}
-        self.fired = False
+        self.completed_by: int | None = None
+        """The index of the part whose report completed the join."""
 
 
 class _Store:
@@ -52,15 +53,17 @@ class MemoryBackend(ResultBackend):
 
     async def _chord_join(
         self, group_id: str, index: int, size: int, data: bytes, ttl: float
-    ) -> tuple[bool, bool, list[bytes] | None]:
+    ) -> tuple[bool, bool, int | None, list[bytes] | None]:
         # One event loop, no await in between: atomic. A sent chord is dropped (a late copy of a part then
         # starts a join that never completes, which is harmless).
         chord = self._shared.chords.setdefault(group_id, _Chord())
         chord.parts.setdefault(index, data)
         if len(chord.parts) < size:
-            return False, False, None
-        first, chord.fired = not chord.fired, True
-        return first, False, [chord.parts[i] for i in sorted(chord.parts)]
+            return False, False, None, None
+        first = chord.completed_by is None
+        if first:
+            chord.completed_by = index
+        return first, False, chord.completed_by, [chord.parts[i] for i in sorted(chord.parts)]
 
     async def _chord_sent(self, group_id: str) -> None:
         self._shared.chords.pop(group_id, None)

@@ -40,10 +40,10 @@ from typing import Any
 
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from aqueue._redis import dedicated_connection, redis_client
+from aqueue._redis import dedicated_connection, exchange, pack, redis_client
 from aqueue.exceptions import OperationalError, TimeoutError
 from aqueue.result.base import ResultBackend, TaskMeta
 from aqueue.urls import mask_password, parse
@@ -54,10 +54,9 @@ logger = logging.getLogger("aqueue.result.redis")
 
 _LOST = (RedisConnectionError, RedisTimeoutError, OSError)
 _MAX_BATCH = 2000
-_STORE = (Path(__file__).parent / "redis_store.lua").read_text()
+_STORE = (Path(__file__).parent / "redis_store.lua").read_bytes()
 _CHORD = (Path(__file__).parent / "redis_chord.lua").read_text()
 Command = tuple[Any, ...]
-_Inbox = asyncio.Queue[bytes | OperationalError | None]
 
 
 class RedisBackend(ResultBackend):
@@ -130,13 +129,13 @@ class RedisBackend(ResultBackend):
 
     async def _chord_join(
         self, group_id: str, index: int, size: int, data: bytes, ttl: float
-    ) -> tuple[bool, bool, list[bytes] | None]:
+    ) -> tuple[bool, bool, int | None, list[bytes] | None]:
         keys = self._chord_keys(group_id)
         command = ("EVAL", _CHORD, 2, *keys, index, data, size, max(1, int(ttl * 1000)), uuid.uuid4().hex)
         reply = await self._call("join a chord", command)
         if not reply[0]:
-            return False, False, None
-        return bool(reply[1]), bool(reply[2]), list(reply[3:])
+            return False, False, None, None
+        return bool(reply[1]), bool(reply[2]), int(reply[3]), list(reply[4:])
 
     async def _chord_sent(self, group_id: str) -> None:
         await self._call("mark a chord sent", ("HSET", self._chord_keys(group_id)[1], "sent", "1"))
@@ -325,19 +324,35 @@ async def _round_trip(conn: AbstractConnection, commands: list[Command]) -> list
     """
     for attempt in (1, 2):
         try:
-            await conn.send_packed_command(conn.pack_commands(commands), False)
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(await conn.read_response())
-                except ResponseError as exc:
-                    replies.append(exc)
-            return replies
+            return await exchange(conn, [pack(*command) for command in commands], len(commands))
         except _LOST:
-            await conn.disconnect()
             if attempt == 2:
                 raise
     raise AssertionError("unreachable")
+
+
+class _Inbox:
+    """What one waiter receives, in order (an ``asyncio.Queue`` without the parts a waiter never uses)."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque[bytes | OperationalError | None] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: bytes | OperationalError | None) -> None:
+        self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def get(self) -> bytes | OperationalError | None:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
 
 
 class _Listener:
@@ -361,7 +376,7 @@ class _Listener:
         The inbox receives each message, ``None`` when a reconnection may have lost some, and an
         OperationalError when the backend is closed.
         """
-        inbox: _Inbox = asyncio.Queue()
+        inbox = _Inbox()
         self._watchers.setdefault(channel, set()).add(inbox)
         try:
             if self._pong is None:

@@ -12,7 +12,8 @@
 Counting is a few dictionary lookups and increments per task (each task name's counters are looked up
 once). The HTTP server is prometheus_client's, on a thread of its own. With ``PROMETHEUS_MULTIPROC_DIR``
 set, prometheus_client's multiprocess mode is used: each process keeps its values in that folder, and
-the one serving ``/metrics`` adds them up (so one endpoint serves several worker processes).
+the one serving ``/metrics`` adds them up (so one endpoint serves several worker processes; this is how
+``worker --processes N`` serves its children's, see :mod:`aqueue.worker.supervised_metrics`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 
     from aqueue.worker.worker import Worker
 
-__all__ = ["Metrics", "MetricsServer"]
+__all__ = ["Metrics", "MetricsServer", "in_multiprocess_mode", "multiprocess_registry"]
 
 logger = logging.getLogger("aqueue.worker")
 
@@ -51,8 +52,18 @@ REFRESH = 1.0
 _COUNTED = ("received", "succeeded", "failed", "retried", "rejected", "revoked")
 
 
-def _multiprocess() -> bool:
+def in_multiprocess_mode() -> bool:
+    """True when this process keeps its values in ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client reads it once)."""
     return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+def multiprocess_registry(folder: str | None = None) -> CollectorRegistry:
+    """A registry adding up what every process left in ``folder`` (default: ``PROMETHEUS_MULTIPROC_DIR``)."""
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=folder)  # type: ignore[no-untyped-call]
+    return registry
 
 
 class Metrics(Observer):
@@ -61,7 +72,7 @@ class Metrics(Observer):
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         # In multiprocess mode the values live in files; the serving process collects them.
-        owner = None if _multiprocess() else self.registry
+        owner = None if in_multiprocess_mode() else self.registry
         self._metrics: dict[str, Counter | Histogram] = {
             kind: Counter(f"aqueue_tasks_{kind}", f"Tasks {kind}, by task name.", ["task"], registry=owner)
             for kind in _COUNTED
@@ -171,14 +182,8 @@ class MetricsServer:
         Raises:
             ImproperlyConfigured: the port cannot be used (taken, or not allowed).
         """
-        registry = self.registry
-        if _multiprocess():
-            from prometheus_client import multiprocess
-
-            registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         try:
-            self._server, _ = prometheus_client.start_http_server(self.requested, self.address, registry)
+            self._server, _ = prometheus_client.start_http_server(self.requested, self.address, self.registry)
         except OSError as exc:
             raise ImproperlyConfigured(
                 f"Cannot serve metrics on {self.address}:{self.requested}: {exc.strerror or exc}. "

@@ -193,10 +193,13 @@ class Monitoring:
         """
         if self.metrics_port is None:
             return
-        from aqueue.worker.metrics import MetricsServer
+        from aqueue.worker.metrics import MetricsServer, in_multiprocess_mode, multiprocess_registry
 
         address = self.worker.app.conf.worker_metrics_address
-        server = MetricsServer(self.count_metrics().registry, self.metrics_port, address)
+        registry = self.count_metrics().registry
+        server = MetricsServer(
+            multiprocess_registry() if in_multiprocess_mode() else registry, self.metrics_port, address
+        )
         server.start()
         self._server = server
 

@@ -15,6 +15,8 @@ SIGTERM, and the parent exits 0 once all have stopped; a second SIGINT kills the
 Child ``i`` of the worker ``name@host`` is named ``name-i@host`` (replacements keep the name) and also
 answers remote control addressed to ``name@host``. Revoked task ids reach every child through one state
 file (``--statedb``, or a temporary one for the parent's lifetime), so a replacement knows them too.
+With metrics on, the children count and the parent serves one ``/metrics`` for all
+(:mod:`aqueue.worker.supervised_metrics`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,10 +107,23 @@ class Supervisor:
         command: the command line of each child (see :data:`Command`).
         processes: how many children run at once.
         hostname: the worker's name, for the log.
+        environment: variables added to this process's environment for every child.
+        on_exit: called with the pid of each child that has exited, before it is replaced (an exception
+            it raises is logged).
     """
 
-    def __init__(self, command: Command, processes: int, hostname: str) -> None:
+    def __init__(
+        self,
+        command: Command,
+        processes: int,
+        hostname: str,
+        *,
+        environment: Mapping[str, str] | None = None,
+        on_exit: Callable[[int], None] | None = None,
+    ) -> None:
         self.command, self.processes, self.hostname = command, processes, hostname
+        self.environment = {**os.environ, **environment} if environment else None
+        self.on_exit = on_exit
         self.children: set[_Child] = set()
         self.exit_code = 0
         self._stopping = asyncio.Event()
@@ -144,7 +159,10 @@ class Supervisor:
         ours, theirs = socket.socketpair()
         try:
             process = await asyncio.create_subprocess_exec(
-                *self.command(index, theirs.fileno()), pass_fds=(theirs.fileno(),), process_group=0
+                *self.command(index, theirs.fileno()),
+                pass_fds=(theirs.fileno(),),
+                process_group=0,
+                env=self.environment,
             )
         except BaseException:
             ours.close()
@@ -171,7 +189,16 @@ class Supervisor:
         finally:
             child.writer.close()
         self.children.discard(child)
+        self._report_exit(child)
         self._exited(child, code)
+
+    def _report_exit(self, child: _Child) -> None:
+        if self.on_exit is None:
+            return
+        try:
+            self.on_exit(child.process.pid)
+        except Exception:  # a failing hook must not keep the child from being replaced
+            logger.exception("Cannot clean up after %s.", child)
 
     def _heard(self, child: _Child, word: bytes) -> None:
         if word == b"ready":
@@ -232,7 +259,9 @@ class ChildWorker(Worker):
         index: the child's number, from 1; it names the child (:func:`child_hostname`).
         fd: the child's end of the socket pair shared with the parent.
         max_memory_kib: resident memory past which the child retires after a task.
-        options: the other :class:`~aqueue.worker.Worker` options.
+        options: the other :class:`~aqueue.worker.Worker` options. With a ``metrics_port`` (or
+            ``worker_metrics_port``) the child counts metrics and its parent serves them
+            (:mod:`aqueue.worker.supervised_metrics`).
     """
 
     def __init__(
@@ -241,6 +270,9 @@ class ChildWorker(Worker):
         group = options.pop("hostname", None) or default_hostname()
         super().__init__(app, hostname=child_hostname(group, index), **options)
         self.aliases = frozenset({group})
+        if self.monitoring.metrics_port is not None:
+            self.monitoring.metrics_port = None  # the parent serves every child's
+            self.monitoring.count_metrics()
         self.fd, self.max_memory_kib = fd, max_memory_kib
         self._writer: asyncio.StreamWriter | None = None
         self._watchers: list[asyncio.Task[None]] = []

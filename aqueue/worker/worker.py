@@ -32,6 +32,24 @@ PART_STOP_TIMEOUT = 5.0
 """Seconds the consumer, remote control and monitoring loops get to end once cancelled."""
 
 
+async def _cancel(parts: list[asyncio.Task[None]], timeout: float) -> set[asyncio.Task[None]]:
+    """Cancel ``parts`` until they end, at most ``timeout`` seconds; returns those still running.
+
+    A part is cancelled again while it runs on: a library under it (a broker client) may turn one
+    cancellation into an error of its own, which a part that retries on broker errors survives.
+    """
+    pending = set(parts)
+    deadline = asyncio.get_running_loop().time() + timeout
+    while pending:
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            break
+        for part in pending:
+            part.cancel()
+        _, pending = await asyncio.wait(pending, timeout=min(0.25, left))
+    return pending
+
+
 def default_hostname() -> str:
     return f"aqueue@{socket.gethostname()}"
 
@@ -218,19 +236,14 @@ class Worker:
         """Stop taking work, let running tasks finish within the grace period, requeue the rest."""
         if self._stack is None:
             return
-        for part in self._parts:
-            part.cancel()
-        if self._parts:
-            # A part is cancelled where it waits for the broker; one that the broker keeps waiting
-            # (a channel close that gets no answer) must not hold the shutdown.
-            _, stuck = await asyncio.wait(self._parts, timeout=PART_STOP_TIMEOUT)
-            if stuck:
-                logger.warning(
-                    "%s: %d worker part(s) did not stop within %.0fs; going on with the shutdown.",
-                    self.hostname,
-                    len(stuck),
-                    PART_STOP_TIMEOUT,
-                )
+        stuck = await _cancel(self._parts, PART_STOP_TIMEOUT)
+        if stuck:
+            logger.warning(
+                "%s: %d worker part(s) did not stop within %.0fs; going on with the shutdown.",
+                self.hostname,
+                len(stuck),
+                PART_STOP_TIMEOUT,
+            )
         if self._loop is not None:
             self._loop.executor.close()
         running = self._loop.running if self._loop else set()

@@ -70,15 +70,17 @@ class Workflow:
         """Report a header task's final state; the part that completes the chord sends its callback.
 
         ``recovering``: the message came again after its task had finished (its worker may have died
-        between the join and the callback's publish); the callback is sent if it was not yet, and is
-        not already finished.
+        between the join and the callback's publish); the callback is sent if this part completed the
+        join, the callback was not sent yet, and it is not already finished. A copy of any other part
+        sends nothing: several copies coming again at once send the callback once.
         """
         body, group_id = message.chord, message.group
         if body is None or group_id is None or message.group_index is None:
             return
         size = int(body.get("chord_size") or 0)
         join = await self.backend.chord_join(group_id, message.group_index, size, meta)
-        if join.parts is None or join.sent or not (join.first or recovering):
+        mine = join.first or (recovering and join.completed_by == message.group_index)
+        if join.parts is None or join.sent or not mine:
             return
         callback = signature(body, app=self.app)
         if recovering and callback.id is not None and (await self.backend.get(callback.id)).ready:

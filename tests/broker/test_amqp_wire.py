@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import tomllib
+from pathlib import Path
 from typing import Any, cast
 
 import aiormq
@@ -14,8 +16,8 @@ from pamqp.header import ContentHeader
 
 from aqueue.broker.amqp import AMQPBroker
 from aqueue.broker.amqp_consumer import AMQPConsumer
-from aqueue.broker.amqp_wire import Outbox, encode_properties
-from aqueue.exceptions import DeliveryLost
+from aqueue.broker.amqp_wire import SUPPORTED_AIORMQ, Outbox, check_aiormq, encode_properties
+from aqueue.exceptions import DeliveryLost, ImproperlyConfigured
 from tests.broker.test_amqp import broker, envelopes, queue, ready_count, receive
 
 __all__ = ["broker", "queue"]  # the fixtures of test_amqp, used here too
@@ -246,3 +248,31 @@ async def test_write_now_writes_a_gathered_batch_in_the_same_loop_turn(
     await outbox.flush()
     assert len(writes) == 1
     assert await ready_count(broker, queue) == 3
+
+
+def test_the_installed_aiormq_has_the_channel_internals_the_outbox_uses() -> None:
+    # Given the aiormq this runs with; When it is checked; Then nothing is missing
+    check_aiormq()
+
+
+def test_an_aiormq_channel_without_them_is_refused_naming_the_supported_releases() -> None:
+    # Given a Channel class that keeps its delivery tags and confirmations elsewhere
+    class Channel:
+        lock = closing = is_closed = None
+
+        def __init__(self) -> None:
+            self.number = self.write_queue = self.publisher_confirms = self.max_content_size = 0
+            self.tags = self.pending = self.ids = 0
+
+    # When it is checked as aiormq 7.9.0's; Then the error names what is missing and what to install
+    with pytest.raises(ImproperlyConfigured) as raised:
+        check_aiormq(Channel, aiormq.abc.ChannelFrame, version="7.9.0")
+    message = str(raised.value)
+    assert "aiormq 7.9.0 is installed" in message
+    assert "Channel.delivery_tag, Channel.confirmations, Channel.message_id_delivery_tag" in message
+    assert f"pip install 'aiormq{SUPPORTED_AIORMQ}'" in message
+
+
+def test_the_pin_in_pyproject_is_the_supported_releases() -> None:
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    assert f"aiormq{SUPPORTED_AIORMQ}" in pyproject["project"]["optional-dependencies"]["amqp"]

@@ -151,21 +151,69 @@ async def test_acks_of_one_loop_turn_share_one_round_trip(broker: RedisBroker, r
     await broker.publish(envelopes(50))
     async with broker.consume(["q"], prefetch=50) as consumer:
         held = [await receive(consumer) for _ in range(50)]
-        pipelines = 0
-        real_pipeline = broker._client.pipeline
+        round_trips: list[int] = []
+        real_send = broker._line.send
 
-        def counting_pipeline(*args: Any, **kwargs: Any) -> Any:
-            nonlocal pipelines
-            pipelines += 1
-            return real_pipeline(*args, **kwargs)
+        async def counting_send(packed: bytes, count: int) -> list[Any]:
+            round_trips.append(count)
+            return await real_send(packed, count)
 
-        broker._client.pipeline = counting_pipeline  # type: ignore[method-assign]
+        broker._line.send = counting_send  # type: ignore[method-assign]
         # When they are all acknowledged at once
         await asyncio.gather(*(d.ack() for d in held))
-        broker._client.pipeline = real_pipeline  # type: ignore[method-assign]
-    # Then one pipeline carried every ack
-    assert pipelines == 1
+        broker._line.send = real_send  # type: ignore[method-assign]
+    # Then one round trip of one XACK and one XDEL carried every ack
+    assert round_trips == [2]
     assert await raw.xlen(broker.stream_key("q")) == 0
+
+
+async def test_the_ack_of_a_delivery_just_handed_out_goes_with_the_next_read(
+    broker: RedisBroker, raw: aioredis.Redis
+) -> None:
+    # Given a consumer that hands out a delivery and goes straight back to reading, as a worker does
+    first_sent, second_sent = envelopes(2)
+    await broker.publish([first_sent])
+    line_sends: list[int] = []
+    real_send = broker._line.send
+
+    async def counting_send(packed: bytes, count: int) -> list[Any]:
+        line_sends.append(count)
+        return await real_send(packed, count)
+
+    async with broker.consume(["q"], prefetch=10) as consumer:
+        first = await receive(consumer)
+        acked: list[asyncio.Future[None]] = []
+
+        async def hand_out_and_read_on() -> Delivery:
+            # When its run, which starts in the next loop turn, acknowledges it while the consumer reads on
+            acked.append(asyncio.ensure_future(first.ack()))
+            return await consumer.receive()
+
+        broker._line.send = counting_send  # type: ignore[method-assign]
+        reading = asyncio.ensure_future(hand_out_and_read_on())
+        await asyncio.sleep(0.1)
+        await asyncio.wait_for(acked[0], 5)
+        broker._line.send = real_send  # type: ignore[method-assign]
+        # Then the ack went in the consumer's own write, not on the broker's line, and took effect
+        assert line_sends == []
+        assert await raw.xlen(broker.stream_key("q")) == 0
+        await broker.publish([second_sent])
+        assert (await asyncio.wait_for(reading, 5)).id == "m1"
+
+
+async def test_concurrent_publishes_share_the_line_and_each_gets_its_own_error(
+    broker: RedisBroker, raw: aioredis.Redis
+) -> None:
+    # Given a queue whose key holds a string, so that XADD to it fails
+    await raw.set(broker.stream_key("bad"), "not a stream")
+    # When 20 publishes run at once, one of them to that queue
+    calls = [broker.publish(envelopes(5, queue=f"q{i}")) for i in range(19)]
+    calls.insert(7, broker.publish(envelopes(1, queue="bad")))
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    # Then only that one fails, with Redis's error, and every other envelope is stored
+    assert [i for i, o in enumerate(outcomes) if o is not None] == [7]
+    assert isinstance(outcomes[7], OperationalError) and "WRONGTYPE" in str(outcomes[7].__cause__)
+    assert [await raw.xlen(broker.stream_key(f"q{i}")) for i in range(19)] == [5] * 19
 
 
 async def test_two_brokers_never_deliver_the_same_entry_twice(make_broker: Factory) -> None:

@@ -124,6 +124,9 @@ def celery_env(project: Project, **settings: Any) -> dict[str, str]:
     env = subprocess_env()
     env["PYTHONPATH"] = str(project.root)
     prefix = project.settings.get("result_backend_transport_options", {}).get("global_keyprefix", "")
+    if project.kind == "redis":  # kombu's keys on the aqueue side's prefix
+        broker_prefix = project.settings.get("broker_transport_options", {}).get("global_keyprefix", "")
+        settings = {"broker_transport_options": {"global_keyprefix": broker_prefix}, **settings}
     env.update(
         CELERY_BROKER_URL=project.broker_url,
         CELERY_RESULT_BACKEND=project.backend_url,

@@ -19,7 +19,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -31,7 +31,7 @@ import aqueue
 from aqueue.app import App
 from tests.conftest import REDIS_URL, delete_exchanges, reap, require_server
 
-__all__ = ["CliResult", "Project", "WorkerProcess", "open_project", "reap"]
+__all__ = ["CliResult", "Project", "WorkerProcess", "open_project", "project_for", "reap"]
 
 TRANSPORTS = ["sqlite", "redis"]
 FLEET_TRANSPORTS = ["redis", "amqp"]
@@ -326,9 +326,19 @@ def sqlite_project(tmp_path: Path) -> Iterator[Project]:
 @pytest.fixture(params=TRANSPORTS)
 def project(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Project]:
     """A project on each transport the command-line tests cover (SQLite, Redis)."""
-    if request.param == "redis":
+    with project_for(request.param, tmp_path) as project:
+        yield project
+
+
+@contextmanager
+def project_for(transport: str, root: Path) -> Iterator[Project]:
+    """A project on ``transport`` (``sqlite``, ``redis``, or ``kombu``: Redis in kombu's layout), closed after."""
+    if transport in ("redis", "kombu"):
         require_server("redis")
-    project = Project(tmp_path, request.param)
+    project = Project(root, "redis" if transport == "kombu" else transport)
+    if transport == "kombu":
+        project.base_settings["broker_transport_options"]["layout"] = "kombu"
+        project.write_tasks()
     try:
         yield project
     finally:

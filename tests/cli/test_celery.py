@@ -1,9 +1,11 @@
-"""A mixed fleet on RabbitMQ: real Celery 5.7 clients and workers beside aqueue workers and clients.
+"""A mixed fleet: real Celery 5.7 clients and workers beside aqueue workers and clients.
 
 Each test has a project folder with an aqueue ``tasks.py`` and a Celery ``celerytasks.py`` on the same
-queue (unique to the test, deleted after), with results in Redis (under a key prefix unique to the
-test) or over ``rpc://``. Celery runs as real processes: ``celery worker --pool threads`` and a Celery
-client script that prints what ``result.get()`` gave (tests/cli/celery_side.py).
+queue (unique to the test, deleted after): on RabbitMQ with results in Redis (under a key prefix unique
+to the test) or over ``rpc://``, or on Redis in kombu's layout (``broker_transport_options={"layout":
+"kombu"}`` on the aqueue side, the same key prefix on both) with results in Redis. Celery runs as real
+processes: ``celery worker --pool threads`` and a Celery client script that prints what
+``result.get()`` gave (tests/cli/celery_side.py).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 import sys
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,9 @@ import pytest
 
 import aqueue
 from aqueue import states
+from aqueue.broker import Broker, from_url
 from aqueue.broker.amqp import AMQPBroker
+from aqueue.broker.redis_kombu import KombuRedisBroker
 from aqueue.exceptions import NotRegistered, TaskRevokedError
 from tests.conftest import require_server
 
@@ -30,14 +35,25 @@ from .conftest import AMQP_HOST, Project
 
 pytestmark = pytest.mark.slow
 
-REDIS_ONLY = pytest.mark.parametrize("mixed", ["redis"], indirect=True)
+REDIS_RESULTS = pytest.mark.parametrize("mixed", ["redis", "kombu"], indirect=True)
+KOMBU = {"broker_transport_options": {"layout": "kombu"}}
 
 
-@pytest.fixture(params=["redis", "rpc"])
+@pytest.fixture(params=["redis", "rpc", "kombu"])
 async def mixed(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Project]:
-    """A project on the shared RabbitMQ with both sides' files; results in Redis or over rpc://."""
-    require_server("amqp")
+    """A project with both sides' files: on the shared RabbitMQ with results in Redis or over rpc://,
+    or (``kombu``) on Redis in kombu's layout with results in Redis."""
     require_server("redis")
+    if request.param == "kombu":
+        project = Project(tmp_path, "redis")
+        prepare(project)
+        project.write_tasks(AQUEUE_TASKS, **KOMBU)
+        try:
+            yield project
+        finally:
+            await project.aclose()
+        return
+    require_server("amqp")
     project = Project(tmp_path, "amqp")
     if request.param == "rpc":
         project.backend_url = "rpc://"
@@ -48,6 +64,13 @@ async def mixed(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     finally:
         await project.aclose()
         await delete_queues(project.default_queue)
+
+
+@asynccontextmanager
+async def broker_of(project: Project) -> AsyncIterator[Broker]:
+    """The project's broker, connected, as the aqueue side sees it."""
+    async with from_url(project.broker_url, project.settings.get("broker_transport_options")) as broker:
+        yield broker
 
 
 async def delete_native_delayed_delivery() -> None:
@@ -93,10 +116,12 @@ async def test_a_celery_client_gets_an_aqueue_workers_results(mixed: Project) ->
         {"task": "tasks.add", "args": [1, 2], "options": {"countdown": 2}},
         {"task": "tasks.add", "args": [2, 3], "eta_in": 2},
         {"task": "tasks.add", "args": [5, 5], "options": {"countdown": 3, "expires": 1}},
+        {"task": "tasks.add", "args": [6, 6], "options": {"priority": 9}},
     ]
-    nope, add, decline, fail, countdown, eta, expired = await celery_client(mixed, calls)
+    nope, add, decline, fail, countdown, eta, expired, prioritized = await celery_client(mixed, calls)
     # Then Celery's result.get() returns the aqueue worker's results
     assert (add.state, add.result) == (states.SUCCESS, 8)
+    assert (prioritized.state, prioritized.result) == (states.SUCCESS, 12)
     # And re-raises its exceptions as their own classes, with their messages
     assert decline.error == {"type": "PaymentDeclined", "module": "shared_errors", "args": ["card 42"]}
     assert fail.error == {"type": "ValueError", "module": "builtins", "args": ["bad"]}
@@ -108,8 +133,10 @@ async def test_a_celery_client_gets_an_aqueue_workers_results(mixed: Project) ->
     # And the unregistered task was refused as aqueue refuses it: not run, failed, kept as a dead letter
     assert nope.error == {"type": "NotRegistered", "module": "celery.exceptions", "args": ["tasks.nope"]}
     await worker.wait_for(f"Received unregistered task of type 'tasks.nope' (id {nope.id})")
-    async with AMQPBroker(mixed.broker_url) as broker:
+    async with broker_of(mixed) as broker:
         assert [e.id for e in await broker.dead_letters(mixed.default_queue)] == [nope.id]
+        if isinstance(broker, KombuRedisBroker):  # and on Redis nothing is left held in kombu's hash
+            assert await broker._client.hlen(broker.unacked_key) == 0
     assert worker.proc.poll() is None
 
 
@@ -134,8 +161,10 @@ async def test_an_aqueue_client_gets_a_celery_workers_results(
         countdown = client.send_task("tasks.add", [1, 2], countdown=2)
         eta = client.send_task("tasks.add", [2, 3], eta=datetime.now(UTC) + timedelta(seconds=2))
         expired = client.send_task("tasks.add", [5, 5], countdown=3, expires=1)
+        prioritized = client.send_task("tasks.add", [6, 6], priority=9)
         # Then await result.get() returns the Celery worker's results
         assert await add.get(timeout=20) == 8
+        assert await prioritized.get(timeout=20) == 12
         # And re-raises its exceptions as their own classes, with their messages
         with pytest.raises(PaymentDeclined, match="card 42"):
             await decline.get(timeout=20)
@@ -155,7 +184,7 @@ async def test_an_aqueue_client_gets_a_celery_workers_results(
 # Workflows across the two sides ---------------------------------------------------------------------
 
 
-@REDIS_ONLY
+@REDIS_RESULTS
 async def test_a_link_written_in_celery_runs_after_an_aqueue_worker_ran_the_task(mixed: Project) -> None:
     # Given an aqueue worker, and a Celery client that links a callback to a task
     worker = await mixed.start_worker()
@@ -172,7 +201,7 @@ async def test_a_link_written_in_celery_runs_after_an_aqueue_worker_ran_the_task
     assert worker.proc.poll() is None
 
 
-@REDIS_ONLY
+@REDIS_RESULTS
 async def test_a_link_written_in_aqueue_runs_on_a_celery_worker(mixed: Project) -> None:
     celery = await start_celery_worker(mixed)
     mark = mixed.root / "links.txt"
@@ -184,7 +213,7 @@ async def test_a_link_written_in_aqueue_runs_on_a_celery_worker(mixed: Project) 
     assert celery.proc.poll() is None
 
 
-@REDIS_ONLY
+@REDIS_RESULTS
 async def test_a_chain_started_in_celery_ends_on_an_aqueue_worker(mixed: Project) -> None:
     # Given a Celery worker and an aqueue worker on the queue, the aqueue one the only one for record
     await mixed.start_worker()
@@ -198,7 +227,7 @@ async def test_a_chain_started_in_celery_ends_on_an_aqueue_worker(mixed: Project
     await _lines(mark, ["aqueue 6"])
 
 
-@REDIS_ONLY
+@REDIS_RESULTS
 async def test_a_chain_started_in_aqueue_ends_on_a_celery_worker(mixed: Project) -> None:
     await start_celery_worker(mixed)
     mark = mixed.root / "chain.txt"
@@ -211,6 +240,21 @@ async def test_a_chain_started_in_aqueue_ends_on_a_celery_worker(mixed: Project)
         )
         assert await workflow.apply_async().get(timeout=20) == 6
     await _lines(mark, ["celery 6"])
+
+
+@REDIS_RESULTS
+async def test_celery_and_aqueue_workers_share_a_queue_and_run_each_task_once(mixed: Project) -> None:
+    # Given a Celery worker and an aqueue worker on the same queue
+    await start_celery_worker(mixed)
+    await mixed.start_worker()
+    mark = mixed.root / "runs.txt"
+    # When a Celery client sends 40 tasks
+    calls = [{"task": "tasks.record", "args": [i, str(mark)]} for i in range(40)]
+    results = await celery_client(mixed, calls)
+    # Then every one ran once, on one side or the other, and its result came back
+    assert [r.result for r in results] == list(range(40))
+    runs = mark.read_text().split("\n")[:-1]
+    assert sorted(int(line.split()[1]) for line in runs) == list(range(40))
 
 
 async def _lines(path: Path, expected: list[str], timeout: float = 20.0) -> None:

@@ -4,20 +4,29 @@ from __future__ import annotations
 
 import signal
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
 import pytest
 
 from aqueue.app import App
+from aqueue.broker.redis_kombu import KombuRedisBroker
 from aqueue.broker.sqlite import SQLiteBroker
 from aqueue.exceptions import NotRegistered
 from aqueue.message import Envelope, Message, encode_message
 from aqueue.serialization import get_serializer
 
-from .conftest import Project
+from .conftest import Project, project_for
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(params=["sqlite", "redis", "kombu"])
+def project(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Project]:
+    """The command-line tests' projects, and one on Redis in kombu's layout (Celery's lists)."""
+    with project_for(request.param, tmp_path) as project:
+        yield project
 
 
 async def wait_for_lines(path: Path, count: int, timeout: float = 20.0) -> list[str]:
@@ -145,7 +154,7 @@ async def test_bad_messages_do_not_stop_the_worker(project: Project, client: App
     # And: the unregistered task is recorded as failed, so a waiting client gets an answer
     failure = await client.AsyncResult(unknown_id).get(timeout=10, propagate=False)
     assert isinstance(failure, NotRegistered)
-    if isinstance(client.broker, SQLiteBroker):
+    if isinstance(client.broker, SQLiteBroker | KombuRedisBroker):
         dead = {envelope.id for envelope in await client.broker.dead_letters(queue)}
         assert dead == {garbage_id, unknown_id, pickled_id}
 

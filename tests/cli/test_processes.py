@@ -15,6 +15,8 @@ from pathlib import Path
 import anyio
 import pytest
 
+from aqueue.events import EventReceiver
+
 from .conftest import Project, WorkerProcess, open_project
 
 pytestmark = pytest.mark.slow
@@ -182,6 +184,26 @@ async def test_a_killed_child_is_replaced_and_its_acks_late_task_runs_again(
     assert len(children_of(parent.pid)) == 2
     code = await parent.stop(signal.SIGTERM, timeout=30)
     assert code == 0, parent.log
+
+
+async def test_task_events_are_sent_by_every_process_with_e(project: Project, folder: Path) -> None:
+    # Given: two processes of one slot each, started with -E
+    project.write_tasks(WHERE)
+    parent = await start_processes(project, "--processes", "2", "-c", "1", "--prefetch-multiplier", "1", "-E")
+    async with project.app() as client, EventReceiver(client.broker).events() as stream:
+        # When: tasks run in both
+        results = [await client.send_task("tasks.where", [i, 0.3, str(folder)]) for i in range(6)]
+        assert {await r.get(timeout=30) for r in results} == children_of(parent.pid)
+
+        # Then: each process sends task events under its own name
+        senders: set[str] = set()
+        with anyio.fail_after(20):
+            async for event in stream:
+                if event["type"] == "task-succeeded":
+                    senders.add(event["hostname"])
+                if senders == {"w1-1@test", "w1-2@test"}:
+                    break
+    assert await parent.stop(signal.SIGTERM, timeout=30) == 0, parent.log
 
 
 async def test_recycling_by_task_count_loses_no_task(project: Project, folder: Path) -> None:

@@ -27,7 +27,7 @@ from tests.conftest import REDIS_URL, require_server
 EXAMPLES = Path(__file__).parents[2] / "examples"
 REQUESTS = 1_000
 POOL = 4
-CONNECTION_BOUND = POOL + 2  # the broker's pool, plus the result backend's two connections
+CONNECTION_BOUND = POOL + 3  # the broker's pool and its publishing line, the result backend's two
 
 DEPLOY = """
 import sys

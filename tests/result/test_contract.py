@@ -132,8 +132,11 @@ async def test_a_chord_join_completes_once_with_parts_in_order(backend: ResultBa
     # Then that report alone is first, and the parts are in header order, each counted once
     assert done.first and not done.sent and done.parts is not None
     assert [(p.task_id, p.result) for p in done.parts] == [("t0", 0), ("t1", 10), ("t2", 20)]
+    # And a copy of any part is not first; each is told which part completed the join
     late = await backend.chord_join(group_id, 1, 3, metas[1])
-    assert not late.first
+    other = await backend.chord_join(group_id, 2, 3, metas[2])
+    assert not late.first and not other.first
+    assert done.completed_by == late.completed_by == other.completed_by == 1
     # And once its callback is sent, a late copy of a part fires nothing
     await backend.chord_sent(group_id)
     after = await backend.chord_join(group_id, 0, 3, metas[0])

@@ -180,7 +180,7 @@ async def _equals(value: Awaitable[Any], expected: Any) -> bool:
 # 2. Fields of the wrong type --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["redis", "amqp"])
+@pytest.mark.parametrize("kind", ["redis", "kombu", "amqp"])
 async def test_fields_of_the_wrong_type_are_dead_lettered_and_hold_no_prefetch_slot(
     kind: str, tmp_path: Path, unique: str, make_app: MakeApp, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -316,7 +316,7 @@ async def _pending(raw: aioredis.Redis, stream: str) -> int:
 # 4. Result backend outages ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["redis", "amqp"])
+@pytest.mark.parametrize("kind", ["redis", "kombu", "amqp"])
 async def test_results_of_tasks_done_while_the_backend_restarts_are_not_lost(
     kind: str,
     private_redis: RedisServer,

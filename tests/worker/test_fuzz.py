@@ -1,10 +1,12 @@
-"""Fuzz: a thousand random or mutated messages published raw among good tasks, on Redis, RabbitMQ and
-SQLite. The worker stays up, every good task completes, and no message stays unsettled.
+"""Fuzz: a thousand random or mutated messages published raw among good tasks, on Redis (both layouts),
+RabbitMQ and SQLite. The worker stays up, every good task completes, and no message stays unsettled.
 
 The bad messages: random bytes; random JSON; a valid task message with one field replaced by a value of
 another type, removed, or made invalid UTF-8; truncated JSON; msgpack with bytes where text belongs; a
 good body under a content type that is garbage. On Redis the stream entry's own fields are fuzzed too
-(ids and content types that are not UTF-8, missing or extra fields); on RabbitMQ the properties (content
+(ids and content types that are not UTF-8, missing or extra fields), and in kombu's layout the
+envelope (fields missing or of another type, bodies that are not base64, Celery headers of another type);
+on RabbitMQ the properties (content
 type, message id, headers, also not UTF-8). The seed is random and printed with any failure; set
 ``AQUEUE_FUZZ_SEED`` to replay one.
 """
@@ -12,6 +14,7 @@ type, message id, headers, also not UTF-8). The seed is random and printed with 
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 import random
@@ -32,6 +35,7 @@ from aqueue.broker.amqp import AMQPBroker
 from aqueue.broker.amqp_consumer import ETA_HEADER, RESENT_HEADER
 from aqueue.broker.amqp_wire import Outbox, encode_properties
 from aqueue.broker.redis import RedisBroker
+from aqueue.broker.redis_kombu import KombuRedisBroker
 from aqueue.message import Envelope
 from aqueue.serialization import get_serializer
 from aqueue.worker import Worker
@@ -237,7 +241,62 @@ class SQLiteFuzz(Fuzz):
             return bool(db.execute("SELECT COUNT(*) FROM aqueue_messages").fetchone()[0] == 0)
 
 
-FUZZ = {"redis": RedisFuzz, "amqp": AMQPFuzz, "sqlite": SQLiteFuzz}
+class KombuFuzz(Fuzz):
+    """Redis in kombu's layout: kombu envelopes with Celery headers, mutated, pushed raw to the lists."""
+
+    def __init__(self, app: App, transport: Transport, rng: random.Random) -> None:
+        super().__init__(app, transport, rng)
+        assert isinstance(app.broker, KombuRedisBroker)
+        self.broker = app.broker
+        self.raw = aioredis.Redis.from_url(transport.broker_url)
+
+    def envelope(self, n: int) -> bytes:
+        rng = self.rng
+        body, content_type = bad_body(rng, n)
+        headers: Any = {"task": "tasks.add", "id": f"fuzz-{n}"}
+        if rng.random() < 0.5:  # Celery's headers, one of them of another type
+            headers[rng.choice(["id", "task", "eta", "expires", "retries", "timelimit", "redelivered"])] = (
+                rng.choice(WRONG) if rng.random() < 0.7 else random_json(rng)
+            )
+        encoded = base64.b64encode(body).decode()
+        properties: Any = {"delivery_info": {"exchange": "", "routing_key": self.queue}, "priority": 0}
+        properties.update(body_encoding="base64", delivery_tag=f"tag-{n}")
+        payload: Any = {"body": encoded, "content-type": content_type, "headers": headers}
+        payload["properties"] = properties
+        kind = rng.randrange(5)
+        if kind == 1:  # a field of the envelope, or of its properties, of another type or missing
+            target = rng.choice([payload, properties])
+            key = rng.choice(sorted(target))
+            if rng.random() < 0.5:
+                del target[key]
+            else:
+                target[key] = rng.choice(WRONG) if rng.random() < 0.7 else random_json(rng)
+            if target is properties and key == "delivery_tag" and rng.random() < 0.5:
+                properties["delivery_tag"] = f"tag-{n}"  # keep it holdable, the rest broken
+        elif kind == 2:  # a body that is not base64
+            payload["body"] = rng.choice(["%%%", "é", "abc", encoded[:-1]])
+        elif kind == 3:
+            return rng.randbytes(rng.randint(0, 200))
+        elif kind == 4:
+            return JSON.dumps(random_json(rng))
+        return JSON.dumps(payload)
+
+    async def publish_bad(self, first: int, count: int) -> None:
+        keys = self.broker.list_keys(self.queue)
+        async with self.raw.pipeline(transaction=False) as pipe:
+            for n in range(first, first + count):
+                pipe.lpush(self.rng.choice(keys), self.envelope(n))
+            await pipe.execute()
+
+    async def settled(self) -> bool:
+        sizes = [await self.raw.llen(key) for key in self.broker.list_keys(self.queue)]
+        return sum(sizes) == 0 and await self.raw.hlen(self.broker.unacked_key) == 0
+
+    async def aclose(self) -> None:
+        await self.raw.aclose()
+
+
+FUZZ = {"redis": RedisFuzz, "kombu": KombuFuzz, "amqp": AMQPFuzz, "sqlite": SQLiteFuzz}
 
 
 @asynccontextmanager

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import anyio
 import pytest
@@ -114,6 +115,32 @@ async def test_a_retiring_child_is_replaced_before_it_exits(caplog: pytest.LogCa
     parent.request_stop()
     with anyio.fail_after(10):
         assert await run == 0
+
+
+async def test_children_get_the_environment_and_each_exit_is_reported_with_its_pid() -> None:
+    # Given: extra variables for the children, and a first child that retires at once
+    exited: list[int] = []
+    parent = Supervisor(
+        command(lambda n: "retire" if n == 0 else "serve"),
+        1,
+        "w@test",
+        environment={"AQUEUE_TEST_MARK": "marked"},
+        on_exit=exited.append,
+    )
+    run = asyncio.create_task(parent.run())
+    await until(lambda: len(ready_pids(parent)) == 1 and len(exited) == 1)
+    [serving] = ready_pids(parent)
+
+    # Then: the child has the variables on top of the parent's environment
+    environ = Path(f"/proc/{serving}/environ").read_bytes().split(b"\0")
+    assert b"AQUEUE_TEST_MARK=marked" in environ
+    assert f"PATH={os.environ['PATH']}".encode() in environ
+
+    # And: every child that exits is reported once, by pid, the retired one first
+    parent.request_stop()
+    with anyio.fail_after(10):
+        assert await run == 0
+    assert exited[1:] == [serving] and exited[0] != serving
 
 
 def test_backoff_doubles_for_quick_deaths_and_resets_after_a_stable_run() -> None:
