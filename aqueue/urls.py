@@ -7,10 +7,20 @@ from urllib.parse import SplitResult, urlsplit
 
 from aqueue.exceptions import InvalidURL
 
-__all__ = ["BACKEND_SCHEMES", "BROKER_SCHEMES", "mask_password", "parse", "sqlite_path"]
+__all__ = ["BACKEND_SCHEMES", "BROKER_SCHEMES", "alternatives", "mask_password", "parse", "sqlite_path"]
 
-BROKER_SCHEMES = ("memory", "sqlite", "redis", "rediss", "amqp", "amqps", "pyamqp")
-BACKEND_SCHEMES = ("memory", "sqlite", "redis", "rediss", "rpc")
+BROKER_SCHEMES = (
+    "memory",
+    "sqlite",
+    "redis",
+    "rediss",
+    "sentinel",
+    "redis+cluster",
+    "amqp",
+    "amqps",
+    "pyamqp",
+)
+BACKEND_SCHEMES = ("memory", "sqlite", "redis", "rediss", "sentinel", "redis+cluster", "rpc")
 
 
 def parse(url: str, *, kinds: tuple[str, ...], role: str) -> SplitResult:
@@ -30,18 +40,32 @@ def parse(url: str, *, kinds: tuple[str, ...], role: str) -> SplitResult:
             f"Unsupported {role} URL scheme {parts.scheme!r} in {mask_password(url)!r}: use one of "
             + ", ".join(f"{k}://" for k in kinds)
         )
-    try:
-        parts.port  # noqa: B018  (validates the port)
-    except ValueError as exc:
-        raise InvalidURL(f"Invalid port in {role} URL {mask_password(url)!r}: {exc}") from exc
-    return parts
+    if ";" in url and parts.scheme != "sentinel":
+        raise InvalidURL(
+            f"Invalid {role} URL {mask_password(url)!r}: only sentinel:// URLs may name several servers "
+            "(joined by ';')"
+        )
+    for part in alternatives(url):
+        try:
+            urlsplit(part).port  # noqa: B018  (validates the port)
+        except ValueError as exc:
+            raise InvalidURL(f"Invalid port in {role} URL {mask_password(url)!r}: {exc}") from exc
+    return urlsplit(alternatives(url)[0])
+
+
+def alternatives(url: str) -> list[str]:
+    """The URLs of a ``;``-separated list (Celery's way to name several servers), or ``[url]``."""
+    return [part.strip() for part in url.split(";") if part.strip()] if ";" in url else [url]
 
 
 def mask_password(url: str) -> str:
     """Return ``url`` with any password replaced by ``**``.
 
     Works on the text of the URL, so a malformed port or host never stops the password being masked.
+    Each URL of a ``;``-separated list is masked.
     """
+    if ";" in url:
+        return ";".join(mask_password(part) for part in url.split(";"))
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url

@@ -11,8 +11,22 @@ from aqueue.urls import BACKEND_SCHEMES, BROKER_SCHEMES, mask_password, parse, s
 
 
 def test_the_schemes_of_the_spec() -> None:
-    assert set(BROKER_SCHEMES) == {"memory", "sqlite", "redis", "rediss", "amqp", "amqps", "pyamqp"}
-    assert set(BACKEND_SCHEMES) == {"memory", "sqlite", "redis", "rediss", "rpc"}
+    redis = {"redis", "rediss", "sentinel", "redis+cluster"}
+    assert set(BROKER_SCHEMES) == {"memory", "sqlite", *redis, "amqp", "amqps", "pyamqp"}
+    assert set(BACKEND_SCHEMES) == {"memory", "sqlite", *redis, "rpc"}
+
+
+def test_a_sentinel_list_is_parsed_and_masked_part_by_part() -> None:
+    # Given Celery's list of sentinels, each with the master's password
+    url = "sentinel://:pw@h1:26379;sentinel://:pw@h2:26380/0"
+    # Then it parses as the first, and every password is masked
+    assert parse(url, kinds=BROKER_SCHEMES, role="broker").port == 26379
+    assert mask_password(url) == "sentinel://:**@h1:26379;sentinel://:**@h2:26380/0"
+    # And a bad port in any part is an error, as is a list of anything but sentinels
+    with pytest.raises(InvalidURL, match="Invalid port"):
+        parse("sentinel://h1:26379;sentinel://h2:x", kinds=BROKER_SCHEMES, role="broker")
+    with pytest.raises(InvalidURL, match="only sentinel://"):
+        parse("redis://h1;redis://h2", kinds=BROKER_SCHEMES, role="broker")
 
 
 @pytest.mark.parametrize(

@@ -37,7 +37,7 @@ def from_url(
             from aqueue.broker.sqlite import SQLiteBroker
 
             return SQLiteBroker(url, **options)
-        case "redis" | "rediss" as scheme:
+        case "redis" | "rediss" | "sentinel" as scheme:
             match options.pop("layout", "streams"):
                 case "streams":
                     with MissingExtra.guard(scheme, "redis"):
@@ -52,6 +52,10 @@ def from_url(
                         f"Unknown Redis broker layout {layout!r}: the layouts are 'streams' (the default) "
                         "and 'kombu' (Celery's, to share queues with Celery workers and clients)."
                     )
+        case "redis+cluster":
+            with MissingExtra.guard("redis+cluster", "redis"):
+                from aqueue.broker.redis_cluster import RedisClusterBroker
+            return RedisClusterBroker(url, **options)
         case scheme:
             with MissingExtra.guard(scheme, "amqp"):
                 from aqueue.broker.amqp import AMQPBroker

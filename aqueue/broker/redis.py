@@ -1,4 +1,4 @@
-"""redis:// and rediss:// — Redis Streams, one consumer group per queue.
+"""redis://, rediss:// and sentinel:// — Redis Streams, one consumer group per queue.
 
 Keys, with ``P`` the ``global_keyprefix`` option:
 
@@ -67,7 +67,7 @@ write: :class:`aqueue._redis.Line`, which spares the hot path redis-py's pool an
 bounded pool, ``max_connections`` (default 20) connections shared by renewals, scripts and the rest,
 waiting up to 20 s for a free one; plus one connection per open consumer and one per open
 ``subscribe``. A reply is awaited at most ``socket_timeout`` (default 10 s), under
-``asyncio.timeout`` rather than redis-py's own socket timeout (see ``_pool``). Redis errors become
+``asyncio.timeout`` rather than redis-py's own socket timeout (see :mod:`aqueue._redis`). Redis errors become
 :class:`~aqueue.exceptions.OperationalError`. A consumer whose connection drops logs once,
 reconnects with backoff (0.1 s doubling to 1 s) and goes on; entries whose reply was lost (read
 for it by the server, never received) are given back to the stream.
@@ -97,14 +97,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from aqueue._redis import Line, connection_kwargs, pack, read_replies
+from aqueue._redis import CLIENT_OPTIONS, Line, dedicated_connection, pack, read_replies, redis_client
 from aqueue.broker.base import Broker, Consumer, Delivery
 from aqueue.broker.exchange import Exchange, ExchangeMessage, Listener
 from aqueue.exceptions import ImproperlyConfigured, OperationalError
@@ -130,8 +130,6 @@ _LOST = (RedisConnectionError, RedisTimeoutError, OSError)
 _SCRIPTS = ("reclaim", "settle", "move_due", "purge", "leave", "take_token", "advance", "bind")
 _LUA = {name: (Path(__file__).parent / f"redis_{name}.lua").read_text() for name in _SCRIPTS}
 _OWN_OPTIONS = ("visibility_timeout", "global_keyprefix", "max_deliveries", "max_connections")
-_CONNECTION_OPTIONS: tuple[str, ...] = ("socket_timeout", "socket_connect_timeout", "socket_keepalive")
-_CONNECTION_OPTIONS += ("health_check_interval", "client_name")
 # Celery transport options that mean nothing here; accepted so that a Celery config works as is.
 _CELERY_ONLY = ("fanout_prefix", "fanout_patterns", "priority_steps", "queue_order_strategy", "sep")
 
@@ -140,14 +138,16 @@ class RedisBroker(Broker):
     """A broker keeping each queue in a Redis stream.
 
     Parameters:
-        url: ``redis://[[user]:password@]host[:port][/db]``, or ``rediss://`` for TLS.
+        url: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` for TLS, or
+            ``sentinel://host:port;sentinel://host:port[/db]`` (see :mod:`aqueue._redis`).
         visibility_timeout: seconds an unsettled delivery of a silent consumer stays claimed.
         global_keyprefix: prepended to every key and channel name.
         max_deliveries: deliveries of one entry before it is dead-lettered instead.
         max_connections: size of the shared connection pool.
         options: ``socket_timeout`` (longest wait for a reply, default 10 s),
             ``socket_connect_timeout``, ``socket_keepalive``, ``health_check_interval``,
-            ``client_name`` (passed to the connections).
+            ``client_name`` (passed to the connections); with Sentinel ``master_name`` (required),
+            ``sentinel_kwargs``, ``min_other_sentinels``.
 
     Raises:
         InvalidURL: the URL is not a usable redis URL.
@@ -164,15 +164,14 @@ class RedisBroker(Broker):
         max_connections: int = 20,
         **options: Any,
     ) -> None:
-        parse(url, kinds=("redis", "rediss"), role="broker")
+        parse(url, kinds=self.schemes, role="broker")
         _check_positive(visibility_timeout=visibility_timeout, max_deliveries=max_deliveries)
         _check_positive(max_connections=max_connections)
         self.url, self.prefix = url, global_keyprefix
         self.visibility_timeout, self.max_deliveries = float(visibility_timeout), int(max_deliveries)
         self.client_name = str(options.get("client_name") or "aqueue")
         self.command_timeout = float(options.pop("socket_timeout", None) or 10.0)
-        self._pool = _pool(url, max_connections, _connection_options(options))
-        self._client = aioredis.Redis.from_pool(self._pool)
+        self._client = self._open(url, dict(_connection_options(options), max_connections=max_connections))
         self._scripts = {name: self._client.register_script(source) for name, source in _LUA.items()}
         self._consumers: set[_RedisConsumer] = set()
         self._marker = f"{global_keyprefix}aqueue.published.{uuid.uuid4().hex}."
@@ -181,17 +180,27 @@ class RedisBroker(Broker):
         self._line = Line(self._connection(self.client_name), self.command_timeout)
         """Publishes and acks: one connection, round trips one after another (see aqueue._redis)."""
 
+    schemes: tuple[str, ...] = ("redis", "rediss", "sentinel")
+
+    def _open(self, url: str, options: dict[str, Any]) -> aioredis.Redis:
+        """The client (and ``self.db``, the database number) for ``url``."""
+        # No silent retries: a command whose reply was lost may have been applied (a publish would be
+        # stored twice, a claim lost); every caller handles the failure itself.
+        client = redis_client(url, options, retry=Retry(NoBackoff(), 0))
+        self.db = int(client.connection_pool.connection_kwargs.get("db") or 0)
+        return client
+
     def stream_key(self, queue: str) -> str:
-        """The key of ``queue``'s stream."""
+        """The key of ``queue``'s stream; its other keys are this plus a suffix."""
         return f"{self.prefix}{queue}"
 
     def dead_key(self, queue: str) -> str:
         """The key of ``queue``'s dead-letter stream."""
-        return f"{self.prefix}{queue}.dead"
+        return f"{self.stream_key(queue)}.dead"
 
     def delayed_key(self, queue: str) -> str:
         """The key of the sorted set holding ``queue``'s envelopes with an eta ahead."""
-        return f"{self.prefix}{queue}.delayed"
+        return f"{self.stream_key(queue)}.delayed"
 
     async def connect(self) -> None:
         async with self._errors("connect"):
@@ -327,8 +336,7 @@ class RedisBroker(Broker):
                 yield reply[-1]
 
     def _connection(self, name: str) -> AbstractConnection:
-        kwargs = dict(self._pool.connection_kwargs, client_name=name)
-        return self._pool.connection_class(**kwargs)
+        return dedicated_connection(self._client, name)
 
     @contextlib.asynccontextmanager
     async def _errors(self, action: str) -> AsyncIterator[None]:
@@ -339,7 +347,9 @@ class RedisBroker(Broker):
             raise self._failed(action, exc) from exc
 
     def _failed(self, action: str, exc: BaseException) -> OperationalError:
-        return OperationalError(f"Redis broker {mask_password(self.url)}: {action} failed: {exc!r}")
+        return OperationalError(
+            f"Redis broker {mask_password(self.url)}: {action} failed: {type(exc).__name__}: {_text(exc)}"
+        )
 
 
 class _RedisConsumer(Consumer):
@@ -580,16 +590,19 @@ class _RedisConsumer(Consumer):
         try:
             while self._acks is not None:
                 (ids, waiters), self._acks = self._acks, None
-                commands = self._ack_commands(ids)
                 try:
-                    # The line waits for a reply at most command_timeout seconds.
-                    replies = await self.broker._line.send(b"".join(commands), len(commands))
+                    replies = await self._send_acks(ids)
                 except (RedisError, TimeoutError) as exc:
                     self._acks_done(ids, waiters, exc)
                 else:
                     self._acks_done(ids, waiters, replies)
         finally:
             self._flusher = None
+
+    async def _send_acks(self, ids: dict[bytes, list[bytes]]) -> list[Any]:
+        commands = self._ack_commands(ids)
+        # The line waits for a reply at most command_timeout seconds.
+        return await self.broker._line.send(b"".join(commands), len(commands))
 
     def _ack_commands(self, ids: dict[bytes, list[bytes]]) -> list[bytes]:
         commands = []
@@ -649,7 +662,8 @@ class _RedisConsumer(Consumer):
             if self._started:
                 async with asyncio.timeout(self.broker.command_timeout):
                     await self._recover()
-                    await self.scripts["leave"](keys=self.keys, args=[GROUP, self.name])
+                    for key in self.keys:  # one by one: on a cluster, each queue has a slot of its own
+                        await self.scripts["leave"](keys=[key], args=[GROUP, self.name])
         except (RedisError, TimeoutError) as exc:
             raise self._error("close", exc) from exc
         finally:
@@ -713,15 +727,8 @@ async def renew_forever(
             logger.debug("Renewing the claims of %s failed: %s", name, exc)
 
 
-def _pool(url: str, max_connections: int, options: dict[str, Any]) -> BlockingConnectionPool:
-    # No silent retries: a command whose reply was lost may have been applied (a publish would be
-    # stored twice, a claim lost); every caller handles the failure itself.
-    kwargs = connection_kwargs(url, **options, retry=Retry(NoBackoff(), 0))
-    return BlockingConnectionPool(max_connections=max_connections, timeout=20, **kwargs)
-
-
 def _connection_options(options: dict[str, Any]) -> dict[str, Any]:
-    known = [*_OWN_OPTIONS, *_CONNECTION_OPTIONS, *_CELERY_ONLY]
+    known = [*_OWN_OPTIONS, *CLIENT_OPTIONS, *_CELERY_ONLY]
     for name in options:
         if name not in known:
             closest = difflib.get_close_matches(name, known, n=1, cutoff=0.0)[0]
@@ -729,7 +736,7 @@ def _connection_options(options: dict[str, Any]) -> dict[str, Any]:
                 f"Unknown Redis broker option {name!r}. Did you mean {closest!r}? "
                 f"Known options: {', '.join(sorted(known))}."
             )
-    return {name: value for name, value in options.items() if name in _CONNECTION_OPTIONS}
+    return {name: value for name, value in options.items() if name in CLIENT_OPTIONS}
 
 
 def _check_positive(**values: float) -> None:

@@ -31,13 +31,13 @@ from aqueue.broker.exchange import Exchange, ExchangeMessage, Listener
 if TYPE_CHECKING:
     from aqueue.broker.redis import RedisBroker
 
-__all__ = ["RedisExchanges", "envelope", "open_envelope"]
+__all__ = ["BINDING_TTL_MS", "RedisExchanges", "envelope", "open_envelope"]
 
 SEP = "\x06\x16"
 """kombu's separator of the parts of a binding."""
 _PRIORITIES = ("", f"{SEP}3", f"{SEP}6", f"{SEP}9")
 """The suffixes of kombu's lists of one queue, one per priority step (0, 3, 6, 9)."""
-_BINDING_TTL_MS = 3_600_000
+BINDING_TTL_MS = 3_600_000
 """kombu's shortest life of a binding table nobody refreshes."""
 _POP_BLOCK = 1
 _REPLY_LIST_TTL_MS = 60_000
@@ -85,8 +85,7 @@ class RedisExchanges:
 
     def __init__(self, broker: RedisBroker) -> None:
         self.broker = broker
-        db = broker._pool.connection_kwargs.get("db") or 0
-        self.fanout_prefix = f"{broker.prefix}/{db}."
+        self.fanout_prefix = f"{broker.prefix}/{broker.db}."
 
     def channel(self, exchange: Exchange, key: str) -> str:
         """The pub/sub channel (or, for a reader, the pattern) of ``exchange`` and ``key``."""
@@ -116,11 +115,10 @@ class RedisExchanges:
                 yield _opened(inbox)
             return
         broker, member = self.broker, SEP.join([listener.binding_key, "", listener.queue])
-        keys = [broker.prefix + listener.queue + suffix for suffix in _PRIORITIES]
+        keys = self._reply_keys(listener.queue)
         async with broker._errors(f"bind a queue to exchange {exchange.name!r}"):
-            tables = [self._table(exchange), f"{broker.prefix}_kombu.binding_deadlines"]
-            await broker._scripts["bind"](keys=tables, args=[member, exchange.name, _BINDING_TTL_MS])
-        conn = broker._connection(broker.client_name)
+            await self._add_binding(exchange, member)
+        conn = self._reader(keys[0])
         try:
             yield self._popped(conn, keys)
         finally:
@@ -152,6 +150,21 @@ class RedisExchanges:
 
     def _table(self, exchange: Exchange) -> str:
         return f"{self.broker.prefix}_kombu.binding.{exchange.name}"
+
+    def _deadlines(self) -> str:
+        return f"{self.broker.prefix}_kombu.binding_deadlines"
+
+    def _reply_keys(self, queue: str) -> list[str]:
+        """The lists a reader of ``queue`` pops: kombu's one per priority step."""
+        return [self.broker.prefix + queue + suffix for suffix in _PRIORITIES]
+
+    async def _add_binding(self, exchange: Exchange, member: str) -> None:
+        keys = [self._table(exchange), self._deadlines()]
+        await self.broker._scripts["bind"](keys=keys, args=[member, exchange.name, BINDING_TTL_MS])
+
+    def _reader(self, key: str) -> Any:
+        """The connection a reader of ``key`` pops with."""
+        return self.broker._connection(self.broker.client_name)
 
 
 def _binding(member: bytes | str) -> list[str]:

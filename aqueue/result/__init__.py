@@ -25,7 +25,7 @@ def from_url(
 
     ``broker_url`` is used by ``rpc://``, which replies over the (AMQP) broker. ``options`` are the
     ``result_backend_transport_options`` setting (Redis: ``global_keyprefix``, ``client_name``,
-    ``socket_timeout``).
+    ``socket_timeout``; with Sentinel ``master_name``, ``sentinel_kwargs``, ``min_other_sentinels``).
 
     Raises:
         InvalidURL: an unknown scheme or a malformed URL.
@@ -44,11 +44,18 @@ def from_url(
             from aqueue.result.sqlite import SQLiteBackend
 
             return SQLiteBackend(url, serializer, expires)
-        case "redis" | "rediss" as scheme:
+        case "redis" | "rediss" | "sentinel" as scheme:
             with MissingExtra.guard(scheme, "redis"):
                 from aqueue.result.redis import RedisBackend
-            known = ("global_keyprefix", "client_name", "socket_timeout")
+            from aqueue._redis import SENTINEL_OPTIONS
+
+            known: tuple[str, ...] = ("global_keyprefix", "client_name", "socket_timeout", *SENTINEL_OPTIONS)
             return RedisBackend(url, serializer, expires, **_checked(options, known))
+        case "redis+cluster":
+            with MissingExtra.guard("redis+cluster", "redis"):
+                from aqueue.result.redis_cluster import RedisClusterBackend
+            known = ("global_keyprefix", "client_name", "socket_timeout")
+            return RedisClusterBackend(url, serializer, expires, **_checked(options, known))
         case _:
             with MissingExtra.guard("rpc", "amqp"):
                 from aqueue.result.rpc import RPCBackend

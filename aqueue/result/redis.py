@@ -1,4 +1,4 @@
-"""redis:// and rediss:// — task states as Redis keys; waiters are woken by pub/sub, not by polling.
+"""redis://, rediss:// and sentinel:// — task states as Redis keys; waiters are woken by pub/sub, not by polling.
 
 A task's state lives at ``P celery-task-meta-<task id>`` (``P`` is ``global_keyprefix``), expiring after
 ``expires`` seconds (the ``result_expires`` setting) when that is set. The key, its JSON and the rest
@@ -38,12 +38,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from redis.asyncio.connection import AbstractConnection, Connection
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from aqueue._redis import connection_kwargs, exchange, pack
+from aqueue._redis import dedicated_connection, exchange, pack, redis_client
 from aqueue.exceptions import OperationalError, TimeoutError
 from aqueue.result.base import ResultBackend, TaskMeta
 from aqueue.urls import mask_password, parse
@@ -63,15 +63,19 @@ class RedisBackend(ResultBackend):
     """Task states in Redis.
 
     Parameters:
-        url: ``redis://[[user]:password@]host[:port][/db]``, or ``rediss://`` for TLS.
+        url: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` for TLS, or
+            ``sentinel://host:port;sentinel://host:port[/db]`` (see :mod:`aqueue._redis`).
         serializer: how states are encoded (``json``, ``msgpack``, ``pickle``).
         expires: seconds a stored state lives (``result_expires``); ``None`` or 0 keeps it.
         global_keyprefix: prepended to every key and channel.
         client_name: the name both connections give themselves (``CLIENT LIST`` shows it).
         socket_timeout: the longest wait for a reply, in seconds.
+        sentinel: with a ``sentinel://`` URL, ``master_name`` (required), ``sentinel_kwargs`` and
+            ``min_other_sentinels``.
 
     Raises:
         InvalidURL: the URL is not a usable redis URL.
+        ImproperlyConfigured: a ``sentinel://`` URL without ``master_name``.
     """
 
     def __init__(
@@ -83,14 +87,23 @@ class RedisBackend(ResultBackend):
         global_keyprefix: str = "",
         client_name: str = "aqueue-result",
         socket_timeout: float = 10.0,
+        **sentinel: Any,
     ) -> None:
         super().__init__(url, serializer, expires)
-        parse(url, kinds=("redis", "rediss"), role="result backend")
-        self.prefix = global_keyprefix
-        ttl_ms = int(expires * 1000) if expires and expires > 0 else 0
-        readable = self.serializer.name if self.serializer.name in ("json", "msgpack") else ""
-        self._batcher = _Batcher(_connection(url, client_name), ttl_ms, readable, socket_timeout)
-        self._listener = _Listener(_connection(url, client_name), url, socket_timeout)
+        parse(url, kinds=self.schemes, role="result backend")
+        self.prefix, self.timeout = global_keyprefix, socket_timeout
+        self.ttl_ms = int(expires * 1000) if expires and expires > 0 else 0
+        self.format = self.serializer.name if self.serializer.name in ("json", "msgpack") else ""
+        self._open(url, client_name, sentinel)
+
+    schemes: tuple[str, ...] = ("redis", "rediss", "sentinel")
+
+    def _open(self, url: str, client_name: str, options: dict[str, Any]) -> None:
+        """Make the client and connections (``options``: Sentinel's)."""
+        self._client = redis_client(url, options, setting="result_backend_transport_options")
+        conn = dedicated_connection(self._client, client_name)
+        self._batcher = _Batcher(conn, self.ttl_ms, self.format, self.timeout)
+        self._listener = _Listener(dedicated_connection(self._client, client_name), url, self.timeout)
 
     def key(self, task_id: str) -> str:
         """The key (and channel) of ``task_id``'s state."""
@@ -102,6 +115,7 @@ class RedisBackend(ResultBackend):
     async def aclose(self) -> None:
         await self._listener.aclose()
         await self._batcher.aclose()
+        await self._client.aclose()
 
     async def _set(self, task_id: str, data: bytes, meta: TaskMeta) -> None:
         await self._run("store", self._batcher.store(self.key(task_id), data))
@@ -116,16 +130,23 @@ class RedisBackend(ResultBackend):
     async def _chord_join(
         self, group_id: str, index: int, size: int, data: bytes, ttl: float
     ) -> tuple[bool, bool, int | None, list[bytes] | None]:
-        keys = (f"{self.prefix}chord-parts-{group_id}", f"{self.prefix}chord-{group_id}")
+        keys = self._chord_keys(group_id)
         command = ("EVAL", _CHORD, 2, *keys, index, data, size, max(1, int(ttl * 1000)), uuid.uuid4().hex)
-        reply = await self._run("join a chord", self._batcher.call(command))
+        reply = await self._call("join a chord", command)
         if not reply[0]:
             return False, False, None, None
         return bool(reply[1]), bool(reply[2]), int(reply[3]), list(reply[4:])
 
     async def _chord_sent(self, group_id: str) -> None:
-        command = ("HSET", f"{self.prefix}chord-{group_id}", "sent", "1")
-        await self._run("mark a chord sent", self._batcher.call(command))
+        await self._call("mark a chord sent", ("HSET", self._chord_keys(group_id)[1], "sent", "1"))
+
+    def _chord_keys(self, group_id: str) -> tuple[str, str]:
+        """The keys of a chord's join: the parts reported, and its flags."""
+        return f"{self.prefix}chord-parts-{group_id}", f"{self.prefix}chord-{group_id}"
+
+    async def _call(self, action: str, command: Command) -> Any:
+        """One command, in the next round trip."""
+        return await self._run(action, self._batcher.call(command))
 
     async def wait(self, task_id: str, timeout: float | None = None) -> TaskMeta:
         """Wait until ``task_id`` is ready, woken by its channel; returns its state.
@@ -510,9 +531,3 @@ def _resolve(future: asyncio.Future[Any], result: Any = None, exc: BaseException
 def _retrieved(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
-
-
-def _connection(url: str, client_name: str) -> AbstractConnection:
-    kwargs = connection_kwargs(url, client_name=client_name)
-    connection_class: type[AbstractConnection] = kwargs.pop("connection_class", Connection)
-    return connection_class(**kwargs)
