@@ -29,7 +29,6 @@ Users see a dropped connection, and reconnect to the new master as after any out
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import weakref
@@ -51,6 +50,7 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from aqueue._redis import connection_kwargs
+from aqueue._tasks import cancel_until_done
 from aqueue.exceptions import ImproperlyConfigured, InvalidURL
 from aqueue.urls import alternatives, mask_password
 
@@ -63,6 +63,9 @@ _TIMEOUT = 2.0
 _EVENTS = ("+selected-slave", "+promoted-slave", "+switch-master")
 _PIN = 10.0
 """Seconds a replica selected for promotion is taken as the master before the sentinels name it."""
+
+_STOP_TIMEOUT = 5.0
+"""Seconds the failover event listener gets to stop when its pool is closed."""
 
 
 def sentinel_client(
@@ -232,11 +235,9 @@ class _SentinelPool(SentinelConnectionPool, BlockingConnectionPool):
             self._watcher = asyncio.get_running_loop().create_task(self._watch_forever())
 
     async def aclose(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
-            self._watcher = None
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None and await cancel_until_done([watcher], _STOP_TIMEOUT):
+            logger.warning("Redis Sentinel: the event listener of %r did not stop", self.service_name)
         try:
             await super().aclose()
         finally:

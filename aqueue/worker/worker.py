@@ -10,6 +10,7 @@ from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
+from aqueue._tasks import cancel_until_done
 from aqueue.broker.base import Consumer, Delivery
 from aqueue.control import Mailbox
 from aqueue.exceptions import OperationalError
@@ -30,24 +31,6 @@ logger = logging.getLogger("aqueue.worker")
 
 PART_STOP_TIMEOUT = 5.0
 """Seconds the consumer, remote control and monitoring loops get to end once cancelled."""
-
-
-async def _cancel(parts: list[asyncio.Task[None]], timeout: float) -> set[asyncio.Task[None]]:
-    """Cancel ``parts`` until they end, at most ``timeout`` seconds; returns those still running.
-
-    A part is cancelled again while it runs on: a library under it (a broker client) may turn one
-    cancellation into an error of its own, which a part that retries on broker errors survives.
-    """
-    pending = set(parts)
-    deadline = asyncio.get_running_loop().time() + timeout
-    while pending:
-        left = deadline - asyncio.get_running_loop().time()
-        if left <= 0:
-            break
-        for part in pending:
-            part.cancel()
-        _, pending = await asyncio.wait(pending, timeout=min(0.25, left))
-    return pending
 
 
 def default_hostname() -> str:
@@ -236,7 +219,7 @@ class Worker:
         """Stop taking work, let running tasks finish within the grace period, requeue the rest."""
         if self._stack is None:
             return
-        stuck = await _cancel(self._parts, PART_STOP_TIMEOUT)
+        stuck = await cancel_until_done(self._parts, PART_STOP_TIMEOUT)
         if stuck:
             logger.warning(
                 "%s: %d worker part(s) did not stop within %.0fs; going on with the shutdown.",
