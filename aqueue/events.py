@@ -280,21 +280,30 @@ class EventReceiver:
     @asynccontextmanager
     async def events(self) -> AsyncIterator[AsyncIterator[Event]]:
         """Events sent from the moment the context is entered, one dict each."""
+        async with self.batches() as batches:
+            yield (event async for batch in batches for event in batch)
+
+    @asynccontextmanager
+    async def batches(self) -> AsyncIterator[AsyncIterator[list[Event]]]:
+        """:meth:`events` as sent: one list per message (a reader of thousands a second pays less per event)."""
         async with self.broker.bind_exchange(self.exchange, self.listener) as inbox:
             yield self._decoded(inbox)
 
-    async def _decoded(self, inbox: AsyncIterator[ExchangeMessage]) -> AsyncIterator[Event]:
+    async def _decoded(self, inbox: AsyncIterator[ExchangeMessage]) -> AsyncIterator[list[Event]]:
         async for message in inbox:
             try:
                 body = pydantic_core.from_json(message.body)
             except ValueError as exc:
                 logger.warning("Ignoring an event message that is not JSON: %s", exc)
                 continue
+            batch = []
             for event in body if isinstance(body, list) else [body]:
                 if isinstance(event, dict) and isinstance(event.get("type"), str):
                     clock = event.get("clock")
                     event["clock"] = CLOCK.adjust(clock) if isinstance(clock, int) else CLOCK.forward()
-                    yield event
+                    batch.append(event)
+            if batch:
+                yield batch
 
 
 _HUMAN_TYPES = {"worker-offline": "shutdown", "worker-online": "started", "worker-heartbeat": "heartbeat"}

@@ -5,7 +5,8 @@
 W1 as in run.py: N no-op tasks sent by one asyncio producer (windows of 100) to one worker process
 (``-c 100``; with ``--processes N``, N of them under one parent, which then serves the one ``/metrics``),
 every result collected; the figure is tasks/s from the first send to the last result.
-The three modes run interleaved (run 1: plain, events, metrics; run 2: ...), each figure is the median
+The three modes run interleaved, in turn first (run 1: plain, events, metrics; run 2: events,
+metrics, plain; ...), each figure is the median
 over the runs, and the ratios are to the plain worker of the same run set. With ``-E``, a process of
 its own reads every event during the run (``aqueue events --json``), as Flower would. The table also
 gives the worker's CPU time (its processes' user + system time from ``/proc``, during the timed part)
@@ -125,7 +126,9 @@ def main() -> None:
         (folder / "mon_tasks.py").write_text(TASKS.format(url=args.redis, options=options))
         try:
             for run in range(args.runs):
-                for mode, flags in MODES.items():
+                order = list(MODES.items())
+                order = order[run % len(order) :] + order[: run % len(order)]  # each mode first once
+                for mode, flags in order:
                     rate, used = run_one(folder, flags, args.tasks, args.processes)
                     figures[mode].append(rate)
                     cpu[mode].append(used * 1000 / args.tasks * 1000)

@@ -129,6 +129,23 @@ async def test_the_receiver_reads_lists_single_events_and_skips_the_rest(
     assert "Ignoring an event message that is not JSON" in caplog.text
 
 
+async def test_the_receiver_gives_batches_as_they_were_sent(make_app: MakeApp) -> None:
+    app = make_app()
+    async with app, EventReceiver(app.broker).batches() as batches:
+        dispatcher = EventDispatcher(app.broker.send_to_exchange, "w1@test")
+        for kind in ("task-received", "task-started", "task-succeeded"):
+            dispatcher.send(kind, uuid="t1")
+        await dispatcher.aclose()
+        dispatcher.send("worker-online", freq=2.0)
+        await dispatcher.aclose()
+        with anyio.fail_after(5):
+            got = [await anext(batches) for _ in range(2)]
+    assert [[e["type"] for e in batch] for batch in got] == [
+        ["task-received", "task-started", "task-succeeded"],
+        ["worker-online"],
+    ]
+
+
 async def test_clients_send_task_sent_with_task_send_sent_event(make_app: MakeApp) -> None:
     app = make_app(task_send_sent_event=True)
     async with app, EventReceiver(app.broker).events() as events:

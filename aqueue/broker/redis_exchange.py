@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import pydantic_core
 
+from aqueue._redis import pack
 from aqueue.broker.exchange import Exchange, ExchangeMessage, Listener
 
 if TYPE_CHECKING:
@@ -94,8 +95,11 @@ class RedisExchanges:
     async def send(self, exchange: Exchange, message: ExchangeMessage) -> None:
         broker, data = self.broker, envelope(exchange, message)
         async with broker._errors(f"send to exchange {exchange.name!r}"):
-            if exchange.type != "direct":
-                await broker._client.publish(self.channel(exchange, message.routing_key), data)
+            if exchange.type != "direct":  # on the broker's line: events go out at the rate of tasks
+                command = pack(b"PUBLISH", self.channel(exchange, message.routing_key), data)
+                (reply,) = await broker._line.send(command, 1)
+                if isinstance(reply, Exception):
+                    raise reply
                 return
             bindings = await broker._client.smembers(self._table(exchange))
             queues = {q for rk, _, q in (_binding(b) for b in bindings) if rk == message.routing_key}

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import time
+import sys
 
 import click
+import pydantic_core
 
 from aqueue.app import App
 from aqueue.cli._common import app_option, get_app, run
@@ -57,18 +57,26 @@ async def _print_events(
         queue_ttl=conf.event_queue_ttl,
         queue_expires=conf.event_queue_expires,
     )
-    deadline = None if timeout is None else time.monotonic() + timeout
+    out = sys.stdout
     try:
         await app.connect()
-        async with receiver.events() as stream:
+        async with receiver.batches() as batches, asyncio.timeout(timeout):
             click.echo("-> events: starting capture...", err=True)
-            while limit is None or seen < limit:
-                left = None if deadline is None else deadline - time.monotonic()
-                try:
-                    event = await asyncio.wait_for(anext(stream), left)
-                except TimeoutError:
-                    return
-                click.echo(json.dumps(event, default=str) if as_json else dump_line(event, names))
-                seen += 1
+            async for batch in batches:
+                # One write and one flush per message, which may carry a thousand events.
+                if limit is not None:
+                    batch = batch[: limit - seen]
+                if as_json:
+                    lines = [pydantic_core.to_json(event, fallback=str).decode() for event in batch]
+                else:
+                    lines = [dump_line(event, names) for event in batch]
+                out.write("\n".join(lines) + "\n")
+                out.flush()
+                seen += len(batch)
+                if limit is not None and seen >= limit:
+                    break
+    except TimeoutError:
+        pass
     finally:
+        out.flush()
         await app.aclose()
