@@ -31,7 +31,7 @@ from typing import Any
 
 from aqueue.protocol import TaskHeaders
 
-__all__ = ["decode_field_table", "encode_table", "install"]
+__all__ = ["decode_field_table", "encode_table", "install", "table_at"]
 
 _OCTET = struct.Struct(">B")
 _UINT = struct.Struct(">I")
@@ -151,14 +151,23 @@ def decode_field_table(value: bytes) -> tuple[int, dict[str, Any]]:
     Raises:
         ValueError: ``value`` does not start with a whole field table.
     """
+    table, end = table_at(value, 0)
+    return end, table
+
+
+def table_at(data: bytes, pos: int) -> tuple[dict[str, Any], int]:
+    """:func:`decode_field_table` of the table at ``pos`` in ``data``: the table, and where it ends.
+
+    Raises:
+        ValueError: no whole field table is at ``pos``.
+    """
     try:
-        table, end = _table(value, 0)
+        return _table(data, pos)
     except (struct.error, TypeError) as err:
         raise ValueError("Could not unpack data") from err
     except UnicodeDecodeError:  # a name that is not UTF-8: one marker instead of failing the connection
-        size = int.from_bytes(value[:4], "big")
-        return size + 4, {UNREADABLE_HEADERS: value[4 : size + 4]}
-    return end, table
+        size = int.from_bytes(data[pos : pos + 4], "big")
+        return {UNREADABLE_HEADERS: data[pos + 4 : pos + 4 + size]}, pos + 4 + size
 
 
 def decode_field_array(value: bytes) -> tuple[int, list[Any]]:
