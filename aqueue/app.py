@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import (
@@ -25,6 +24,7 @@ from aqueue.broker import from_url as broker_from_url
 from aqueue.config import DEFAULT_BROKER_URL, Settings
 from aqueue.events import EventDispatcher, task_sent_fields
 from aqueue.exceptions import AqueueError, NotRegistered
+from aqueue.ids import new_id
 from aqueue.message import Envelope, Message
 from aqueue.options import (
     ResolvedOptions,
@@ -331,7 +331,7 @@ class App(AsyncResource):
             task_id = options.get("task_id")
             return apply_eager(self, self.tasks.get(name) or _unregistered(name), args, kwargs, task_id)
         message = Message(
-            id=options.get("task_id") or str(uuid.uuid4()),
+            id=options.get("task_id") or new_id(),
             task=name,
             args=args or (),
             kwargs=kwargs or {},

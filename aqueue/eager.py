@@ -8,11 +8,11 @@ With ``task_eager_propagates`` the task's exception is raised by ``await result`
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from aqueue import states
+from aqueue.ids import new_id
 from aqueue.result.asyncresult import AsyncResult
 from aqueue.result.base import TaskMeta, now_iso
 from aqueue.result.failure import exception_to_result, format_traceback
@@ -35,7 +35,7 @@ def apply_eager(
     task_id: str | None,
 ) -> AsyncResult[Any]:
     """Run ``task`` here and return its result handle."""
-    task_id = task_id or str(uuid.uuid4())
+    task_id = task_id or new_id()
     context = Context(
         id=task_id,
         task=task.name,

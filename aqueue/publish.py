@@ -41,8 +41,10 @@ class RetryPolicy:
             interval_max,
         )
 
-    def intervals(self) -> list[float]:
-        return [min(self.start + i * self.step, self.max) for i in range(self.max_retries)]
+        self.intervals: tuple[float, ...] = tuple(
+            min(self.start + i * self.step, self.max) for i in range(self.max_retries)
+        )
+        """The pause before each retry."""
 
 
 class Publisher:
@@ -96,7 +98,7 @@ class Publisher:
                     future.set_result(None)
 
     async def _send(self, envelopes: list[Envelope]) -> None:
-        intervals = self._retry.intervals() if self._retry else []
+        intervals = self._retry.intervals if self._retry else ()
         for attempt in range(len(intervals) + 1):
             try:
                 return await self._publish(envelopes)

@@ -122,11 +122,11 @@ def test_submit_outside_an_event_loop_explains() -> None:
 
 
 def test_retry_policy_intervals_follow_celerys_settings() -> None:
-    assert RetryPolicy().intervals() == [0.0, 0.2, 0.2]
-    assert RetryPolicy(max_retries=4, interval_start=1, interval_step=0.5, interval_max=2).intervals() == [
+    assert RetryPolicy().intervals == (0.0, 0.2, 0.2)
+    assert RetryPolicy(max_retries=4, interval_start=1, interval_step=0.5, interval_max=2).intervals == (
         1.0,
         1.5,
         2.0,
         2.0,
-    ]
-    assert RetryPolicy(max_retries=0).intervals() == []
+    )
+    assert RetryPolicy(max_retries=0).intervals == ()

@@ -47,7 +47,6 @@ import base64
 import contextlib
 import logging
 import time
-import uuid
 from bisect import bisect
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -61,6 +60,7 @@ from aqueue.broker.base import Consumer
 from aqueue.broker.redis import RedisBroker, _check_positive
 from aqueue.broker.redis_exchange import SEP
 from aqueue.exceptions import ImproperlyConfigured
+from aqueue.ids import new_id
 from aqueue.message import Envelope
 from aqueue.protocol import CELERY
 
@@ -101,7 +101,7 @@ def kombu_envelope(envelope: Envelope, now: float) -> dict[str, Any]:
     properties["delivery_info"] = {"exchange": "", "routing_key": envelope.queue}
     properties["priority"] = envelope.priority or 0
     properties["body_encoding"] = "base64"
-    properties["delivery_tag"] = str(uuid.uuid4())
+    properties["delivery_tag"] = new_id()
     if envelope.resent:
         headers["redelivered"] = True
         properties["delivery_info"]["redelivered"] = True
@@ -317,7 +317,7 @@ def redelivered(payload: dict[str, Any]) -> dict[str, Any]:
     if isinstance(properties, dict):
         if isinstance(properties.get("delivery_info"), dict):
             properties["delivery_info"]["redelivered"] = True
-        properties["delivery_tag"] = str(uuid.uuid4())
+        properties["delivery_tag"] = new_id()
     return payload
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from aqueue.exceptions import ImproperlyConfigured
+from aqueue.ids import new_id
 from aqueue.message import Message
 from aqueue.result.asyncresult import AsyncResult
 from aqueue.result.groupresult import GroupResult
@@ -195,7 +195,7 @@ class Signature(dict[str, Any], Generic[R]):
 
     def freeze(self, _id: str | None = None) -> Any:
         """Choose the task id(s) now, without sending; returns the result handle the send will give."""
-        task_id = self.options.setdefault("task_id", _id or str(uuid.uuid4()))
+        task_id = self.options.setdefault("task_id", _id or new_id())
         app = self.app
         expected = Message(task_id, self.task)
         app.backend.prepare(expected)  # rpc:// replies of steps a worker sends still come to this client

@@ -8,12 +8,12 @@ as plain data. Sending one sends only the tasks that can start, the rest riding 
 from __future__ import annotations
 
 import itertools
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from aqueue.canvas.signatures import AnyResult, Signature, _app_of, _apply, _pop_links, _signatures, signature
 from aqueue.exceptions import ImproperlyConfigured
+from aqueue.ids import new_id
 from aqueue.result.asyncresult import AsyncResult
 from aqueue.result.groupresult import GroupResult
 
@@ -124,7 +124,7 @@ class group(Signature[Any]):
         return NotImplemented
 
     def freeze(self, _id: str | None = None) -> GroupResult:
-        group_id = self.options.setdefault("task_id", _id or str(uuid.uuid4()))
+        group_id = self.options.setdefault("task_id", _id or new_id())
         results = [member.freeze() for member in self.tasks]
         return GroupResult(group_id, results, backend=self.app.backend)
 
@@ -226,7 +226,7 @@ class chord(Signature[Any]):
                 "A chord needs a callback: chord(header)(callback) or chord(header, callback)"
             )
         if self.options.get("task_id") is None:
-            self.options["task_id"] = str(uuid.uuid4())
+            self.options["task_id"] = new_id()
         header = GroupResult(
             self.options["task_id"], [member.freeze() for member in self.tasks], backend=self.app.backend
         )
