@@ -158,7 +158,10 @@ class EventDispatcher:
         self.groups, self.pause = set(groups), pause
         self._send, self._pid, self._clock = send, os.getpid(), CLOCK
         self._utcoffset = utcoffset()
-        self._pending: list[Event] = []
+        self._pending: dict[str, list[Event]] = {}
+        """Events not sent yet, by group, the groups in the order of their first event."""
+        self._tasks: list[Event] = []
+        """``_pending['task']`` once a task event is pending (the most frequent group: no lookup per event)."""
         self._flusher: asyncio.Task[None] | None = None
         self._failing = False
 
@@ -184,20 +187,29 @@ class EventDispatcher:
         self.emit(type, fields)
 
     def emit(self, type: str, fields: Event) -> None:
-        """:meth:`send` with the fields in a dict."""
-        if type.partition("-")[0] not in self.groups:
-            return
-        self._pending.append(
-            {
-                "hostname": self.hostname,
-                "utcoffset": self._utcoffset,
-                "pid": self._pid,
-                "clock": self._clock.forward(),
-                **fields,
-                "timestamp": time.time(),
-                "type": type,
-            }
-        )
+        """:meth:`send` with the fields in a dict (which becomes the event: the caller gives it away)."""
+        group = type.partition("-")[0]
+        if group == "task":
+            if "task" in self.groups:
+                self.emit_task(type, fields)
+        elif group in self.groups:
+            self._pending.setdefault(group, []).append(self._stamped(type, fields))
+            self._start()
+
+    def emit_task(self, type: str, fields: Event) -> None:
+        """:meth:`emit` of a task event, for a caller that knows task events are on."""
+        tasks = self._tasks
+        if not tasks:  # the group's place in the batch: where its first event came
+            self._pending["task"] = tasks
+            self._start()
+        tasks.append(self._stamped(type, fields))
+
+    def _stamped(self, type: str, fields: Event) -> Event:
+        fields["hostname"], fields["utcoffset"], fields["pid"] = self.hostname, self._utcoffset, self._pid
+        fields["clock"], fields["timestamp"], fields["type"] = self._clock.forward(), time.time(), type
+        return fields
+
+    def _start(self) -> None:
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
@@ -212,16 +224,13 @@ class EventDispatcher:
             if self.pause:
                 await asyncio.sleep(self.pause)
             while self._pending:
-                batch, self._pending = self._pending, []
-                for message in self._messages(batch):
+                groups, self._pending, self._tasks = self._pending, {}, []
+                for message in self._messages(groups):
                     await self._deliver(message)
         finally:
             self._flusher = None
 
-    def _messages(self, batch: list[Event]) -> Iterable[ExchangeMessage]:
-        groups: dict[str, list[Event]] = {}
-        for event in batch:
-            groups.setdefault(event["type"].partition("-")[0], []).append(event)
+    def _messages(self, groups: dict[str, list[Event]]) -> Iterable[ExchangeMessage]:
         headers = {"hostname": self.hostname}
         for group, events in groups.items():
             if len(events) == 1:

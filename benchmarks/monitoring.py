@@ -5,10 +5,11 @@
 W1 as in run.py: N no-op tasks sent by one asyncio producer (windows of 100) to one worker process
 (``-c 100``; with ``--processes N``, N of them under one parent, which then serves the one ``/metrics``),
 every result collected; the figure is tasks/s from the first send to the last result.
-The three modes run interleaved, in turn first (run 1: plain, events, metrics; run 2: events,
-metrics, plain; ...), each figure is the median
-over the runs, and the ratios are to the plain worker of the same run set. With ``-E``, a process of
-its own reads every event during the run (``aqueue events --json``), as Flower would. The table also
+The modes (plain, events read, events nobody reads, metrics) run interleaved, each first in turn
+(run 2 starts with the second mode), each figure is the median over the runs, and the ratios are to
+the plain worker of the same run set. With ``-E``, once a process of its own reads every event during
+the run (``aqueue events --json``), as Flower would, and once nobody does (what the worker alone pays
+for sending them). The table also
 gives the worker's CPU time (its processes' user + system time from ``/proc``, during the timed part)
 per 1,000 tasks, which other load on the machine disturbs less than the rate does. Runs in this
 project's environment (no peers needed). Take figures on a quiet machine; ``--tasks 500 --runs 1`` checks it works.
@@ -35,7 +36,13 @@ sys.path.insert(0, str(REPO))
 from aqueue import App  # noqa: E402
 
 WINDOW = 100
-MODES = {"plain": [], "events (-E)": ["-E"], "metrics": ["--metrics-port", "0"]}
+MODES = {
+    "plain": [],
+    "events (-E), read": ["-E", "--read-events"],
+    "events (-E), nobody reading": ["-E"],
+    "metrics": ["--metrics-port", "0"],
+}
+"""The worker's flags of each mode; ``--read-events`` is not one: it starts the events reader."""
 
 TASKS = """
 from aqueue import App
@@ -86,9 +93,10 @@ def run_one(
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), str(REPO)])}
     quiet = {"cwd": folder, "env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     scale = ["--processes", str(worker_processes)] if worker_processes else []
-    worker = [*aqueue, "worker", "-c", "100", "-l", "warning", *scale, *mode]
+    flags = [flag for flag in mode if flag != "--read-events"]
+    worker = [*aqueue, "worker", "-c", "100", "-l", "warning", *scale, *flags]
     processes = [subprocess.Popen(worker, **quiet)]  # type: ignore[call-overload]
-    if "-E" in mode:
+    if "--read-events" in mode:
         processes.append(subprocess.Popen([*aqueue, "events", "--json"], **quiet))  # type: ignore[call-overload]
     try:
         spec = importlib.util.spec_from_file_location(

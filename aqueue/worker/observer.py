@@ -123,33 +123,35 @@ class TaskEvents(Observer):
     """Sends Celery's task events (``task-received`` ... ``task-rejected``) through a dispatcher."""
 
     def __init__(self, dispatcher: EventDispatcher) -> None:
-        self.send, self.emit = dispatcher.send, dispatcher.emit
+        self.emit = dispatcher.emit_task  # observed only while task events are on
 
     def after_receive(self, message: Message) -> None:
         self.emit("task-received", task_received_fields(message))
 
     def after_skip(self, message: Message, why: str) -> None:
         if why in ("revoked", "expired"):
-            expired = why == "expired"
-            self.send("task-revoked", uuid=message.id, terminated=False, signum=None, expired=expired)
+            fields = {"uuid": message.id, "terminated": False, "signum": None, "expired": why == "expired"}
+            self.emit("task-revoked", fields)
 
     def before_start(self, message: Message) -> None:
-        self.send("task-started", uuid=message.id)
+        self.emit("task-started", {"uuid": message.id})
 
     def after_success(self, message: Message, result: Any, runtime: float) -> None:
-        self.send("task-succeeded", uuid=message.id, result=safe_repr(result), runtime=runtime)
+        self.emit("task-succeeded", {"uuid": message.id, "result": safe_repr(result), "runtime": runtime})
 
     def after_failure(self, message: Message, exc: BaseException, traceback: str, runtime: float) -> None:
-        self.send("task-failed", uuid=message.id, exception=safe_repr(exc), traceback=traceback)
+        fields = {"uuid": message.id, "exception": safe_repr(exc), "traceback": traceback}
+        self.emit("task-failed", fields)
 
     def after_retry(self, message: Message, exc: BaseException, traceback: str | None) -> None:
-        self.send("task-retried", uuid=message.id, exception=safe_repr(exc), traceback=traceback or "")
+        fields = {"uuid": message.id, "exception": safe_repr(exc), "traceback": traceback or ""}
+        self.emit("task-retried", fields)
 
     def after_reject(self, message: Message, requeue: bool) -> None:
-        self.send("task-rejected", uuid=message.id, requeue=requeue)
+        self.emit("task-rejected", {"uuid": message.id, "requeue": requeue})
 
     def after_unknown(self, message: Message) -> None:
-        self.send("task-failed", uuid=message.id, exception=f"NotRegistered({message.task!r})")
+        self.emit("task-failed", {"uuid": message.id, "exception": f"NotRegistered({message.task!r})"})
 
 
 def heartbeat(dispatcher: EventDispatcher, worker: Worker, type: str = "worker-heartbeat") -> None:
