@@ -130,7 +130,8 @@ _LOST = (RedisConnectionError, RedisTimeoutError, OSError)
 _SCRIPTS = ("reclaim", "settle", "move_due", "purge", "leave", "take_token", "advance", "bind")
 _LUA = {name: (Path(__file__).parent / f"redis_{name}.lua").read_text() for name in _SCRIPTS}
 _OWN_OPTIONS = ("visibility_timeout", "global_keyprefix", "max_deliveries", "max_connections")
-# Celery transport options that mean nothing here; accepted so that a Celery config works as is.
+# Celery transport options that mean nothing here; accepted so that a Celery config works as is
+# (queue_order_strategy: a consumer reads all its streams in one XREADGROUP).
 _CELERY_ONLY = ("fanout_prefix", "fanout_patterns", "priority_steps", "queue_order_strategy", "sep")
 
 

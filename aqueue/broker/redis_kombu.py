@@ -114,6 +114,10 @@ def kombu_envelope(envelope: Envelope, now: float) -> dict[str, Any]:
     }
 
 
+QUEUE_ORDERS = ("round_robin", "priority", "sorted")
+"""kombu's ways of choosing which queue a worker takes from first (``queue_order_strategy``)."""
+
+
 class KombuRedisBroker(RedisBroker):
     """A broker keeping each queue in kombu's Redis lists (see the module docstring).
 
@@ -130,7 +134,9 @@ class KombuRedisBroker(RedisBroker):
             :class:`~aqueue.broker.redis.RedisBroker`; kombu's ``unacked_mutex_*``, ``unacked_restore_*``,
             ``socket_keepalive_options`` and ``retry_on_timeout`` are accepted and ignored (aqueue gives
             messages back in atomic scripts, without kombu's mutex); ``sep`` and ``ack_emulation`` only
-            with kombu's defaults.
+            with kombu's defaults; ``queue_order_strategy`` as kombu's: which of a worker's queues is
+            taken from first (``round_robin``, the default: each in turn; ``priority``: in the order the
+            worker names them; ``sorted``: by name).
 
     Raises:
         InvalidURL: the URL is not a usable redis URL.
@@ -168,8 +174,15 @@ class KombuRedisBroker(RedisBroker):
                 "kombu's layout is shared with Celery only with kombu's defaults of sep ('\\x06\\x16') "
                 "and ack_emulation (True)."
             )
+        strategy = options.pop("queue_order_strategy", "round_robin")
+        if strategy not in QUEUE_ORDERS:
+            raise ImproperlyConfigured(
+                f"Unknown queue_order_strategy {strategy!r}: use one of {', '.join(map(repr, QUEUE_ORDERS))}."
+            )
         super().__init__(url, visibility_timeout=visibility_timeout, **options)
         self.claim_timeout, self.priority_steps = float(claim_timeout), steps
+        self.queue_order: str = strategy
+        """kombu's ``queue_order_strategy``: ``round_robin``, ``priority`` or ``sorted``."""
         p = self.prefix
         self.unacked_key, self.index_key = p + unacked_key, p + unacked_index_key
         self.claims_key = f"{p}aqueue.unacked_claims"

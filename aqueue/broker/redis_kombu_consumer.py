@@ -62,6 +62,8 @@ class KombuConsumer(Consumer):
         self._acks: tuple[list[str], asyncio.Future[None]] | None = None
         self._flushers: set[asyncio.Task[None]] = set()
         self._turn = 0
+        self._fixed_order = tuple(sorted(self.queues)) if broker.queue_order == "sorted" else self.queues
+        """The order of the queues when it does not turn (``queue_order_strategy`` priority or sorted)."""
         lists = [broker.list_key(q, step) for step in broker.priority_steps for q in self.queues]
         self._conns = {key: broker._connection(self.name) for key in lists[:_MAX_WAITERS]}
         """One connection per list waited on (BLMOVE blocks on one key), so any list wakes the consumer."""
@@ -123,8 +125,11 @@ class KombuConsumer(Consumer):
 
     async def _take(self, n: int, now: float) -> list[Delivery]:
         broker, queues = self.broker, self.queues
-        order = queues[self._turn :] + queues[: self._turn]  # round robin, as kombu's default
-        self._turn = (self._turn + 1) % len(queues)
+        if broker.queue_order == "round_robin":  # each queue first in turn, kombu's default
+            order = queues[self._turn :] + queues[: self._turn]
+            self._turn = (self._turn + 1) % len(queues)
+        else:
+            order = self._fixed_order
         lists = [(broker.list_key(q, step), q) for step in broker.priority_steps for q in order]
         keys = [key for key, _ in lists] + [broker.dead_key(q) for _, q in lists]
         keys += [broker.unacked_key, broker.index_key, broker.claims_key]

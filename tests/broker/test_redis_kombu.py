@@ -377,6 +377,28 @@ async def test_a_message_waiting_for_its_eta_is_given_back_on_close(
     assert await raw.llen(f"{prefix}q") == 1 and await raw.hlen(f"{prefix}unacked") == 0
 
 
+@pytest.mark.parametrize(
+    ("strategy", "expected"),
+    [
+        ("round_robin", ["b1", "a1", "b2", "a2"]),  # each queue first in turn, starting with the first named
+        ("priority", ["b1", "b2", "a1", "a2"]),  # the first named, while it has any
+        ("sorted", ["a1", "a2", "b1", "b2"]),  # by name
+    ],
+)
+async def test_queue_order_strategy_chooses_the_queue_taken_from_first(
+    make_broker: Factory, strategy: str, expected: list[str]
+) -> None:
+    broker = await make_broker(queue_order_strategy=strategy)
+    await broker.publish([Envelope(f"{q}{i}", q, b"[[], {}, {}]", JSON) for q in "ab" for i in (1, 2)])
+    async with broker.consume(["b", "a"], prefetch=1) as consumer:
+        order = []
+        for _ in range(4):
+            delivery = await receive(consumer)
+            order.append(delivery.id)
+            await delivery.ack()
+    assert order == expected
+
+
 def test_the_layout_is_chosen_by_a_transport_option() -> None:
     assert isinstance(from_url(URL, {"layout": "kombu"}), KombuRedisBroker)
     assert not isinstance(from_url(URL, {}), KombuRedisBroker)
@@ -388,6 +410,8 @@ def test_the_layout_is_chosen_by_a_transport_option() -> None:
         KombuRedisBroker(URL, visibilty_timeout=5)
     with pytest.raises(ImproperlyConfigured, match="sep"):
         KombuRedisBroker(URL, sep=":")
+    with pytest.raises(ImproperlyConfigured, match="queue_order_strategy 'fifo': use one of 'round_robin'"):
+        KombuRedisBroker(URL, queue_order_strategy="fifo")
     # A Celery app's tuning of kombu's own restore sweeps is accepted as it is
     KombuRedisBroker(
         URL, unacked_restore_interval=5, unacked_mutex_expire=60, queue_order_strategy="priority"
