@@ -53,6 +53,13 @@ def from_url(
                         "and 'kombu' (Celery's, to share queues with Celery workers and clients)."
                     )
         case "redis+cluster":
+            if options.pop("layout", "streams") != "streams":
+                raise ImproperlyConfigured(
+                    "On a Redis Cluster (redis+cluster://) aqueue keeps queues in Streams only: kombu's "
+                    "layout is not available there (kombu, so Celery, has no Redis Cluster transport). "
+                    "Remove the 'layout' option, or share queues with Celery on one Redis server or "
+                    "a Sentinel-managed one."
+                )
             with MissingExtra.guard("redis+cluster", "redis"):
                 from aqueue.broker.redis_cluster import RedisClusterBroker
             return RedisClusterBroker(url, **options)

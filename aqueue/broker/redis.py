@@ -729,7 +729,7 @@ async def renew_forever(
 
 
 def _connection_options(options: dict[str, Any]) -> dict[str, Any]:
-    known = [*_OWN_OPTIONS, *CLIENT_OPTIONS, *_CELERY_ONLY]
+    known = sorted({*_OWN_OPTIONS, *CLIENT_OPTIONS, *_CELERY_ONLY})
     for name in options:
         if name not in known:
             closest = difflib.get_close_matches(name, known, n=1, cutoff=0.0)[0]

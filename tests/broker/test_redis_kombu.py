@@ -404,6 +404,8 @@ def test_the_layout_is_chosen_by_a_transport_option() -> None:
     assert not isinstance(from_url(URL, {}), KombuRedisBroker)
     with pytest.raises(ImproperlyConfigured, match=r"'streams' .* and 'kombu'"):
         from_url(URL, {"layout": "lists"})
+    with pytest.raises(ImproperlyConfigured, match=r"Redis Cluster .* Streams only: kombu's layout is not"):
+        from_url("redis+cluster://127.0.0.1:7000", {"layout": "kombu"})
     with pytest.raises(ImproperlyConfigured, match="priority_steps"):
         KombuRedisBroker(URL, priority_steps=[3, 6])
     with pytest.raises(ImproperlyConfigured, match="Did you mean 'visibility_timeout'"):
