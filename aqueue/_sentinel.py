@@ -228,7 +228,8 @@ class _SentinelPool(SentinelConnectionPool, BlockingConnectionPool):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         self.members: weakref.WeakSet[_MasterConnection] = weakref.WeakSet()
-        self._watcher: asyncio.Task[None] | None = None
+        self._listeners: dict[int, asyncio.Task[None]] = {}
+        """Each sentinel's event listener, by the ``id`` of its client."""
         self._pin: tuple[tuple[str, int], float] | None = None
         """The replica the sentinels are promoting, and until when it stands for the master."""
 
@@ -243,24 +244,26 @@ class _SentinelPool(SentinelConnectionPool, BlockingConnectionPool):
         return promoted
 
     def watch(self) -> None:
-        """Listen to the sentinels' failover events, from now until the pool is closed."""
-        if self._watcher is None or self._watcher.done():
-            self._watcher = asyncio.get_running_loop().create_task(self._watch_forever())
+        """Listen to the sentinels' failover events, from now until the pool is closed.
+
+        Every sentinel's: only the one leading a failover tells of the replica it selected.
+        """
+        for sentinel in self.sentinel_manager.sentinels:
+            listener = self._listeners.get(id(sentinel))
+            if listener is None or listener.done():
+                loop = asyncio.get_running_loop()
+                self._listeners[id(sentinel)] = loop.create_task(self._listen_forever(sentinel))
 
     async def aclose(self) -> None:
-        watcher, self._watcher = self._watcher, None
-        if watcher is not None and await cancel_until_done([watcher], _STOP_TIMEOUT):
-            logger.warning("Redis Sentinel: the event listener of %r did not stop", self.service_name)
+        # Each listener is cancelled itself, again while it runs on (see cancel_until_done).
+        listeners = list(self._listeners.values())
+        self._listeners.clear()
+        if await cancel_until_done(listeners, _STOP_TIMEOUT):
+            logger.warning("Redis Sentinel: the event listeners of %r did not stop", self.service_name)
         try:
             await super().aclose()
         finally:
             await self.sentinel_manager.aclose()
-
-    async def _watch_forever(self) -> None:
-        # Every sentinel: only the one leading a failover tells of the replica it selected.
-        async with asyncio.TaskGroup() as group:
-            for sentinel in list(self.sentinel_manager.sentinels):
-                group.create_task(self._listen_forever(sentinel))
 
     async def _listen_forever(self, sentinel: aioredis.Redis) -> None:
         pause = 0.1

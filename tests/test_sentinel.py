@@ -242,3 +242,42 @@ async def test_no_sentinel_round_trip_goes_through_wait_for(
             await client.aclose()
     # Then none of it went through asyncio.wait_for
     assert uses == []
+
+
+async def test_closing_stops_the_event_listeners_even_if_a_cancellation_is_lost(
+    shared_sentinels: SentinelSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given event listeners whose first look-up of the master loses the cancellation that reaches it,
+    # as a library under them may (asyncio.wait_for on Python 3.11)
+    waiting: list[None] = []
+    lost: list[None] = []
+    follow = _SentinelPool._follow
+
+    async def losing(self: _SentinelPool) -> None:
+        if len(waiting) < len(shared_sentinels.sentinels):
+            waiting.append(None)
+            try:
+                await asyncio.sleep(WAIT)
+            except asyncio.CancelledError:
+                lost.append(None)
+        await follow(self)
+
+    monkeypatch.setattr(_SentinelPool, "_follow", losing)
+    client = redis_client(shared_sentinels.url(), shared_sentinels.options)
+    with anyio.fail_after(WAIT):
+        await client.ping()
+        while len(waiting) < len(shared_sentinels.sentinels):
+            await asyncio.sleep(0.01)
+    name = "_SentinelPool._listen_forever"
+    listeners = [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__qualname__", "") == name]
+    assert len(listeners) == len(shared_sentinels.sentinels)
+    # When the client is closed
+    try:
+        with anyio.fail_after(WAIT):
+            await client.aclose()
+        # Then every listener lost a cancellation, and stopped all the same
+        assert len(lost) == len(shared_sentinels.sentinels)
+        assert all(listener.done() for listener in listeners)
+    finally:
+        for listener in listeners:
+            listener.cancel()
