@@ -5,7 +5,8 @@ URLs are Celery's and kombu's: ``sentinel://[[user]:password@]host[:port][/db]``
 database are the master's (and its replica's); any of the URLs may give them, and URLs that give
 different ones are an error. Transport options: ``master_name`` (required: the name the sentinels
 monitor), ``sentinel_kwargs`` (connection arguments for the sentinels themselves, such as their
-``password``) and ``min_other_sentinels`` (a sentinel that sees fewer peers is not believed).
+``password``; their ``socket_timeout`` is the longest wait for a sentinel's reply, 2 s by default) and
+``min_other_sentinels`` (a sentinel that sees fewer peers is not believed).
 
 Following a failover. Every connection asks the sentinels for the master's address whenever it
 connects, whatever path reconnects it. A master that has become a replica answers writes with
@@ -84,11 +85,17 @@ def sentinel_client(
             f"set {setting}={{'master_name': 'mymaster'}} (the name the sentinels monitor)."
         )
     # One try per sentinel and per connection: whoever connects retries with backoff of its own.
-    sentinel_kwargs: dict[str, Any] = {"retry": Retry(NoBackoff(), 0)}
-    sentinel_kwargs.update(socket_timeout=_TIMEOUT, socket_connect_timeout=_TIMEOUT)
+    sentinel_kwargs: dict[str, Any] = {"retry": Retry(NoBackoff(), 0), "socket_connect_timeout": _TIMEOUT}
     sentinel_kwargs.update(options.get("sentinel_kwargs") or {})
+    # Replies are awaited under asyncio.timeout(), as the master's (aqueue._redis.connection_kwargs):
+    # with a socket_timeout (redis-py's default is 5 s), redis-py sends through asyncio.wait_for, which
+    # on Python 3.11 loses a cancellation that comes as the send completes: the event listeners would
+    # not stop when their pool is closed.
+    timeout = float(sentinel_kwargs.pop("socket_timeout", None) or _TIMEOUT)
+    sentinel_kwargs["socket_timeout"] = None
     sentinels = _Sentinels(
         _nodes(url),
+        timeout=timeout,
         min_other_sentinels=int(options.get("min_other_sentinels") or 0),
         sentinel_kwargs=sentinel_kwargs,
     )
@@ -145,17 +152,23 @@ def _agree(url: str, given: dict[str, Any], name: str, value: Any, present: bool
 class _Sentinels(Sentinel):
     """redis-py's Sentinel client, whose failure to find the master says which sentinel said what."""
 
-    def __init__(self, nodes: list[tuple[str, int]], **kwargs: Any) -> None:
+    def __init__(self, nodes: list[tuple[str, int]], *, timeout: float, **kwargs: Any) -> None:
         super().__init__(nodes, **kwargs)  # type: ignore[no-untyped-call]
         self.nodes = nodes
+        self.timeout = timeout
+        """The longest wait for a sentinel's reply, in seconds."""
 
     async def discover_master(self, service_name: str) -> Any:
         reasons = []
         for i, sentinel in enumerate(self.sentinels):
             host, port = self.nodes[i]
             try:
-                masters: dict[str, Any] = await sentinel.sentinel_masters()  # type: ignore[assignment]
+                async with asyncio.timeout(self.timeout):
+                    masters: dict[str, Any] = await sentinel.sentinel_masters()  # type: ignore[assignment]
                 state = masters.get(service_name)
+            except TimeoutError:  # the connection was closed: its reply comes no more
+                reasons.append(f"{host}:{port}: no reply in {self.timeout:g} s")
+                continue
             except (RedisConnectionError, RedisTimeoutError, ResponseError) as exc:
                 reasons.append(f"{host}:{port}: {str(exc) or type(exc).__name__}")
                 continue
@@ -215,7 +228,8 @@ class _SentinelPool(SentinelConnectionPool, BlockingConnectionPool):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         self.members: weakref.WeakSet[_MasterConnection] = weakref.WeakSet()
-        self._watcher: asyncio.Task[None] | None = None
+        self._listeners: dict[int, asyncio.Task[None]] = {}
+        """Each sentinel's event listener, by the ``id`` of its client."""
         self._pin: tuple[tuple[str, int], float] | None = None
         """The replica the sentinels are promoting, and until when it stands for the master."""
 
@@ -230,24 +244,26 @@ class _SentinelPool(SentinelConnectionPool, BlockingConnectionPool):
         return promoted
 
     def watch(self) -> None:
-        """Listen to the sentinels' failover events, from now until the pool is closed."""
-        if self._watcher is None or self._watcher.done():
-            self._watcher = asyncio.get_running_loop().create_task(self._watch_forever())
+        """Listen to the sentinels' failover events, from now until the pool is closed.
+
+        Every sentinel's: only the one leading a failover tells of the replica it selected.
+        """
+        for sentinel in self.sentinel_manager.sentinels:
+            listener = self._listeners.get(id(sentinel))
+            if listener is None or listener.done():
+                loop = asyncio.get_running_loop()
+                self._listeners[id(sentinel)] = loop.create_task(self._listen_forever(sentinel))
 
     async def aclose(self) -> None:
-        watcher, self._watcher = self._watcher, None
-        if watcher is not None and await cancel_until_done([watcher], _STOP_TIMEOUT):
-            logger.warning("Redis Sentinel: the event listener of %r did not stop", self.service_name)
+        # Each listener is cancelled itself, again while it runs on (see cancel_until_done).
+        listeners = list(self._listeners.values())
+        self._listeners.clear()
+        if await cancel_until_done(listeners, _STOP_TIMEOUT):
+            logger.warning("Redis Sentinel: the event listeners of %r did not stop", self.service_name)
         try:
             await super().aclose()
         finally:
             await self.sentinel_manager.aclose()
-
-    async def _watch_forever(self) -> None:
-        # Every sentinel: only the one leading a failover tells of the replica it selected.
-        async with asyncio.TaskGroup() as group:
-            for sentinel in list(self.sentinel_manager.sentinels):
-                group.create_task(self._listen_forever(sentinel))
 
     async def _listen_forever(self, sentinel: aioredis.Redis) -> None:
         pause = 0.1
@@ -261,7 +277,8 @@ class _SentinelPool(SentinelConnectionPool, BlockingConnectionPool):
 
     async def _listen(self, sentinel: aioredis.Redis) -> None:
         async with sentinel.pubsub() as events:
-            await events.subscribe(*_EVENTS)
+            async with asyncio.timeout(self.sentinel_manager.timeout):
+                await events.subscribe(*_EVENTS)
             await self._follow()  # what moved while nobody listened
             while True:
                 message = await events.get_message(ignore_subscribe_messages=True, timeout=5.0)

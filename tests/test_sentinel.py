@@ -7,6 +7,7 @@ test has one of its own.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -16,6 +17,8 @@ import anyio
 import pytest
 
 from aqueue import App
+from aqueue._redis import redis_client
+from aqueue._sentinel import _SentinelPool
 from aqueue.broker import from_url as broker_from_url
 from aqueue.canvas import chord
 from aqueue.exceptions import ImproperlyConfigured, OperationalError
@@ -36,9 +39,6 @@ from tests.redis_servers import (
 WAIT = 20.0
 
 globals().update(suite_of(test_tour, "app", "transport"))
-# Not run on Sentinel for now: under load its teardown (closing the app) has hung in about 1 of 20 runs,
-# which no run of it alone reproduced; the routing it tests is the same code on every Redis deployment.
-del globals()["test_task_routes_send_to_the_routed_queue_where_it_waits_for_its_worker"]
 globals().update(suite_of(test_contract, "broker", "broker_transport"))
 
 
@@ -203,3 +203,78 @@ async def test_the_kombu_layout_on_sentinel(shared_sentinels: SentinelSet, uniqu
                 delivery = await consumer.receive()
             await delivery.ack()
         assert delivery.id == f"id-{unique}"
+
+
+async def test_no_sentinel_round_trip_goes_through_wait_for(
+    shared_sentinels: SentinelSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a record of asyncio.wait_for's uses: on Python 3.11 it loses a cancellation that comes as
+    # what it waits for completes, and redis-py sends through it on a connection with a socket_timeout
+    uses: list[float | None] = []
+    wait_for = asyncio.wait_for
+
+    async def recorded(awaitable: Any, timeout: float | None) -> Any:
+        uses.append(timeout)
+        return await wait_for(awaitable, timeout)
+
+    monkeypatch.setattr(asyncio, "wait_for", recorded)
+    follows: list[None] = []
+    follow = _SentinelPool._follow
+
+    async def counted(self: _SentinelPool) -> None:
+        await follow(self)
+        follows.append(None)
+
+    monkeypatch.setattr(_SentinelPool, "_follow", counted)
+    # When a client connects (asking the sentinels for the master), its event listeners subscribe and
+    # look the master up, and it is closed
+    client = redis_client(shared_sentinels.url(), shared_sentinels.options)
+    try:
+        with anyio.fail_after(WAIT):
+            await client.ping()
+            while len(follows) < len(shared_sentinels.sentinels):
+                await asyncio.sleep(0.01)
+    finally:
+        with anyio.fail_after(WAIT):
+            await client.aclose()
+    # Then none of it went through asyncio.wait_for
+    assert uses == []
+
+
+async def test_closing_stops_the_event_listeners_even_if_a_cancellation_is_lost(
+    shared_sentinels: SentinelSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given event listeners whose first look-up of the master loses the cancellation that reaches it,
+    # as a library under them may (asyncio.wait_for on Python 3.11)
+    waiting: list[None] = []
+    lost: list[None] = []
+    follow = _SentinelPool._follow
+
+    async def losing(self: _SentinelPool) -> None:
+        if len(waiting) < len(shared_sentinels.sentinels):
+            waiting.append(None)
+            try:
+                await asyncio.sleep(WAIT)
+            except asyncio.CancelledError:
+                lost.append(None)
+        await follow(self)
+
+    monkeypatch.setattr(_SentinelPool, "_follow", losing)
+    client = redis_client(shared_sentinels.url(), shared_sentinels.options)
+    with anyio.fail_after(WAIT):
+        await client.ping()
+        while len(waiting) < len(shared_sentinels.sentinels):
+            await asyncio.sleep(0.01)
+    name = "_SentinelPool._listen_forever"
+    listeners = [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__qualname__", "") == name]
+    assert len(listeners) == len(shared_sentinels.sentinels)
+    # When the client is closed
+    try:
+        with anyio.fail_after(WAIT):
+            await client.aclose()
+        # Then every listener lost a cancellation, and stopped all the same
+        assert len(lost) == len(shared_sentinels.sentinels)
+        assert all(listener.done() for listener in listeners)
+    finally:
+        for listener in listeners:
+            listener.cancel()
