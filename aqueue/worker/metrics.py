@@ -9,19 +9,23 @@
 - ``aqueue_tasks_active`` (running) and ``aqueue_tasks_prefetched`` (received, waiting for a slot or a
   token): gauges, brought up to date every second.
 
-Counting is a few dictionary lookups and increments per task (each task name's counters are looked up
-once). The HTTP server is prometheus_client's, on a thread of its own. With ``PROMETHEUS_MULTIPROC_DIR``
-set, prometheus_client's multiprocess mode is used: each process keeps its values in that folder, and
-the one serving ``/metrics`` adds them up (so one endpoint serves several worker processes; this is how
+Counting is a few integer increments per task, on plain Python numbers (each task name's are looked up
+once): a collector turns them into prometheus_client's metric families when ``/metrics`` is scraped, so
+no lock is taken per task. The HTTP server is prometheus_client's, on a thread of its own. With
+``PROMETHEUS_MULTIPROC_DIR`` set, prometheus_client's multiprocess mode is used instead: each process
+keeps its values in that folder through prometheus_client's own counters and histograms, and the one
+serving ``/metrics`` adds them up (so one endpoint serves several worker processes; this is how
 ``worker --processes N`` serves its children's, see :mod:`aqueue.worker.supervised_metrics`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -32,6 +36,9 @@ from aqueue.worker.observer import Observer
 try:
     import prometheus_client
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+    from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+    from prometheus_client.registry import Collector
+    from prometheus_client.utils import floatToGoString
 except ImportError as exc:  # pragma: no cover - the extra is installed in the test environment
     raise ImproperlyConfigured(
         "Worker metrics need the 'prometheus_client' package, which is not installed. "
@@ -66,26 +73,30 @@ def multiprocess_registry(folder: str | None = None) -> CollectorRegistry:
     return registry
 
 
+_HELP = {kind: f"Tasks {kind}, by task name." for kind in _COUNTED}
+_HELP["runtime"] = "How long tasks ran, by task name."
+_HELP["waited"] = "How long tasks waited for their rate limit's token, by task name."
+_NAMES = {kind: f"aqueue_tasks_{kind}" for kind in _COUNTED}
+_NAMES |= {"runtime": "aqueue_task_runtime_seconds", "waited": "aqueue_rate_limit_wait_seconds"}
+
+
 class Metrics(Observer):
     """Counts what the worker does into Prometheus metrics (in ``registry``, or a new one)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._tasks: dict[str, _TaskMetrics] = {}
         # In multiprocess mode the values live in files; the serving process collects them.
         owner = None if in_multiprocess_mode() else self.registry
-        self._metrics: dict[str, Counter | Histogram] = {
-            kind: Counter(f"aqueue_tasks_{kind}", f"Tasks {kind}, by task name.", ["task"], registry=owner)
-            for kind in _COUNTED
-        }
-        self._metrics["runtime"] = Histogram(
-            "aqueue_task_runtime_seconds", "How long tasks ran, by task name.", ["task"], registry=owner
-        )
-        self._metrics["waited"] = Histogram(
-            "aqueue_rate_limit_wait_seconds",
-            "How long tasks waited for their rate limit's token, by task name.",
-            ["task"],
-            registry=owner,
-        )
+        self._files: dict[str, Counter | Histogram] | None = None
+        if owner is None:
+            self._files = {
+                kind: Counter(_NAMES[kind], _HELP[kind], ["task"], registry=None) for kind in _COUNTED
+            }
+            for kind in ("runtime", "waited"):
+                self._files[kind] = Histogram(_NAMES[kind], _HELP[kind], ["task"], registry=None)
+        else:
+            owner.register(_Collector(self))
         self.active = Gauge(
             "aqueue_tasks_active", "Tasks running.", registry=owner, multiprocess_mode="livesum"
         )
@@ -95,14 +106,16 @@ class Metrics(Observer):
             registry=owner,
             multiprocess_mode="livesum",
         )
-        self._tasks: dict[str, _TaskMetrics] = {}
 
     def _of(self, name: str) -> _TaskMetrics:
         found = self._tasks.get(name)
         if found is None:
-            found = self._tasks[name] = _TaskMetrics(
-                *(self._metrics[k].labels(name) for k in _TaskMetrics.KINDS)
-            )
+            files = self._files
+            if files is None:
+                series: list[Any] = [_Count() for _ in _COUNTED] + [_Histogram(), _Histogram()]
+            else:
+                series = [files[kind].labels(name) for kind in _TaskMetrics.KINDS]
+            found = self._tasks[name] = _TaskMetrics(time.time(), *series)
         return found
 
     def after_receive(self, message: Message) -> None:
@@ -141,8 +154,10 @@ class Metrics(Observer):
 
 @dataclass(slots=True)
 class _TaskMetrics:
-    """One task name's series, looked up once (fields in the order of ``KINDS``)."""
+    """One task name's series, looked up once (fields in the order of ``KINDS``): prometheus_client's in
+    multiprocess mode, :class:`_Count` and :class:`_Histogram` otherwise; when they were made)."""
 
+    created: float
     received: Any
     succeeded: Any
     failed: Any
@@ -153,6 +168,68 @@ class _TaskMetrics:
     waited: Any
 
     KINDS: ClassVar[tuple[str, ...]] = (*_COUNTED, "runtime", "waited")
+
+
+class _Count:
+    """A counter that is a plain number (read by the collector's thread: an int is read whole)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self) -> None:
+        self.value += 1
+
+
+_BOUNDS = Histogram.DEFAULT_BUCKETS
+"""prometheus_client's default buckets, ending with +Inf."""
+_LE = tuple(floatToGoString(bound) for bound in _BOUNDS)  # type: ignore[no-untyped-call]
+
+
+class _Histogram:
+    """prometheus_client's histogram with its default buckets, as plain numbers: a count per bucket."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(_BOUNDS)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(_BOUNDS, value)] += 1  # a bucket counts values <= its bound
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """Cumulative counts by upper bound, as Prometheus reads them."""
+        total, out = 0, []
+        for le, count in zip(_LE, list(self.counts), strict=True):
+            total += count
+            out.append((le, float(total)))
+        return out
+
+
+class _Collector(Collector):
+    """Reads the plain numbers of :class:`Metrics` when ``/metrics`` is scraped (on the server's thread)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        tasks = list(self.metrics._tasks.items())  # the loop may add a task name meanwhile
+        for i, kind in enumerate(_COUNTED):
+            counter = CounterMetricFamily(_NAMES[kind], _HELP[kind], labels=["task"])
+            for name, series in tasks:
+                counter.add_metric(
+                    [name], getattr(series, _TaskMetrics.KINDS[i]).value, created=series.created
+                )
+            yield counter
+        for kind in ("runtime", "waited"):
+            histogram = HistogramMetricFamily(_NAMES[kind], _HELP[kind], labels=["task"])
+            for name, series in tasks:
+                observed: _Histogram = getattr(series, kind)
+                histogram.add_metric([name], observed.buckets(), observed.sum)
+            yield histogram
 
 
 def _prefetched(worker: Worker) -> int:

@@ -9,11 +9,14 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from aqueue import App
 from aqueue.exceptions import ImproperlyConfigured
+from aqueue.message import Message
 from aqueue.worker import Worker
+from aqueue.worker.metrics import Metrics
 from tests.monitoring.scenario import define_tasks
 
 MakeApp = Callable[..., App]
@@ -129,3 +132,30 @@ async def test_a_port_in_use_is_a_clear_error(make_app: MakeApp) -> None:
         ):
             async with app, Worker(app, metrics_port=port):
                 pass
+
+
+def test_the_counts_read_as_prometheus_clients_own_counter_and_histogram_would() -> None:
+    # Given aqueue's counts and prometheus_client's own metrics, told the same runtimes (bounds included)
+    ours, theirs = Metrics(), CollectorRegistry()
+    succeeded = Counter("aqueue_tasks_succeeded", "Tasks succeeded, by task name.", ["task"], registry=theirs)
+    runtime = Histogram(
+        "aqueue_task_runtime_seconds", "How long tasks ran, by task name.", ["task"], registry=theirs
+    )
+    for i, seconds in enumerate([0.0, 0.005, 0.0051, 0.3, 1.0, 10.0, 11.0, 2.5e-7]):
+        task = "a" if i % 3 else "b"
+        ours.after_success(Message(f"id-{i}", task), None, seconds)
+        succeeded.labels(task).inc()
+        runtime.labels(task).observe(seconds)
+
+    def samples(registry: CollectorRegistry) -> dict[Any, float]:
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in registry.collect()
+            for sample in family.samples
+            if family.name in ("aqueue_tasks_succeeded", "aqueue_task_runtime_seconds")
+            and not sample.name.endswith("_created")
+        }
+
+    # Then /metrics gives the same series and values
+    assert samples(ours.registry) == samples(theirs)
+    assert samples(theirs)[("aqueue_task_runtime_seconds_bucket", (("le", "0.005"), ("task", "a")))] == 2
