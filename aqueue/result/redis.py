@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import contextlib
 import functools
 import logging
 import uuid
@@ -44,6 +43,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from aqueue._redis import dedicated_connection, exchange, pack, redis_client
+from aqueue._tasks import cancel_until_done
 from aqueue.exceptions import OperationalError, TimeoutError
 from aqueue.result.base import ResultBackend, TaskMeta
 from aqueue.urls import mask_password, parse
@@ -53,6 +53,8 @@ __all__ = ["RedisBackend"]
 logger = logging.getLogger("aqueue.result.redis")
 
 _LOST = (RedisConnectionError, RedisTimeoutError, OSError)
+_STOP_TIMEOUT = 5.0
+"""Longest wait for the result listener's tasks to stop on close."""
 _MAX_BATCH = 2000
 _STORE = (Path(__file__).parent / "redis_store.lua").read_bytes()
 _CHORD = (Path(__file__).parent / "redis_chord.lua").read_text()
@@ -393,12 +395,11 @@ class _Listener:
                 self._changed(channel)
 
     async def aclose(self) -> None:
-        for task in (self._sender, self._reader):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        tasks = [task for task in (self._sender, self._reader) if task is not None]
         self._sender = self._reader = None
+        # Cancelled until they stop (redis-py can lose one cancellation), without swallowing our own.
+        if await cancel_until_done(tasks, _STOP_TIMEOUT):
+            logger.warning("Redis result backend: the result listener did not stop")
         closed = OperationalError("The result backend was closed while waiting for a result.")
         self._fail(closed)
         for inboxes in self._watchers.values():

@@ -308,3 +308,26 @@ async def test_a_chords_join_keys_expire(make_backend: Factory, raw: aioredis.Re
     # Then both of the join's keys carry that time to live
     for key in (f"{prefix}chord-parts-{group_id}", f"{prefix}chord-{group_id}"):
         assert 0 < await raw.pttl(key) <= 60_000, key
+
+
+async def test_closing_stops_a_result_listener_that_loses_a_cancellation() -> None:
+    # Given a backend whose pub/sub reader swallows its first cancellation, as redis-py can
+    backend = RedisBackend("redis://127.0.0.1:6379/0")
+    listener = backend._listener
+    swallowed = asyncio.Event()
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            swallowed.set()
+        await asyncio.sleep(60)
+
+    reader = listener._reader = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    # When the backend closes, then the reader is stopped all the same, at once
+    started = time.monotonic()
+    async with asyncio.timeout(10):
+        await backend.aclose()
+    assert time.monotonic() - started < 5
+    assert swallowed.is_set() and reader.cancelled()
