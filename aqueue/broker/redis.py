@@ -105,6 +105,7 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from aqueue._redis import CLIENT_OPTIONS, Line, dedicated_connection, pack, read_replies, redis_client
+from aqueue._tasks import cancel_until_done
 from aqueue.broker.base import Broker, Consumer, Delivery
 from aqueue.broker.exchange import Exchange, ExchangeMessage, Listener
 from aqueue.exceptions import ImproperlyConfigured, OperationalError
@@ -127,6 +128,8 @@ _RESENT = (b"redelivered", b"1")
 """Marks an entry that is a redelivery, or a re-sent copy that may already have been stored."""
 _CACHED_CONTENT_TYPES = 64
 _LOST = (RedisConnectionError, RedisTimeoutError, OSError)
+_STOP_TIMEOUT = 5.0
+"""Longest wait for a consumer's background tasks to stop when it closes."""
 _SCRIPTS = ("reclaim", "settle", "move_due", "purge", "leave", "take_token", "advance", "bind")
 _LUA = {name: (Path(__file__).parent / f"redis_{name}.lua").read_text() for name in _SCRIPTS}
 _OWN_OPTIONS = ("visibility_timeout", "global_keyprefix", "max_deliveries", "max_connections")
@@ -672,11 +675,9 @@ class _RedisConsumer(Consumer):
 
     async def _shutdown(self) -> None:
         self.broker._consumers.discard(self)
-        if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
-            self._renewer = None
+        renewer, self._renewer = self._renewer, None
+        if renewer is not None and await cancel_until_done([renewer], _STOP_TIMEOUT):
+            logger.warning("Redis broker: the claim renewer of consumer %s did not stop", self.name)
         if self._flusher is not None:
             await asyncio.wait([self._flusher], timeout=_BLOCK + 10)
         self._started = False

@@ -6,7 +6,6 @@ See :mod:`aqueue.broker.redis_kombu` for the layout and the protocol.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import itertools
 import json
@@ -24,8 +23,9 @@ import pydantic_core
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisError
 
+from aqueue._tasks import cancel_until_done
 from aqueue.broker.base import Consumer, Delivery
-from aqueue.broker.redis import _LOST, _Backoff, _retrieved, _text, renew_forever
+from aqueue.broker.redis import _LOST, _STOP_TIMEOUT, _Backoff, _retrieved, _text, renew_forever
 from aqueue.broker.redis_kombu import opened, redelivered
 from aqueue.exceptions import OperationalError
 from aqueue.urls import mask_password
@@ -306,15 +306,12 @@ class KombuConsumer(Consumer):
         self.broker._kombu_consumers.discard(self)
         if self._flushers:
             await asyncio.wait(self._flushers, timeout=self.broker.command_timeout)
-        if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
-            self._renewer = None
-        for waiter in self._waiters.values():
-            waiter.cancel()
-        await asyncio.gather(*self._waiters.values(), return_exceptions=True)
+        # Cancelled until they stop (redis-py can lose one cancellation), without swallowing our own.
+        parts = [*self._waiters.values(), *([self._renewer] if self._renewer is not None else [])]
+        self._renewer = None
         self._waiters.clear()
+        if await cancel_until_done(parts, _STOP_TIMEOUT):
+            logger.warning("Redis kombu layout: parts of consumer %s did not stop", self.name)
         for conn in self._conns.values():
             await conn.disconnect()
 

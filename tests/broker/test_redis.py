@@ -16,6 +16,7 @@ from aqueue.broker.base import Consumer, Delivery
 from aqueue.broker.redis import GROUP, RedisBroker
 from aqueue.exceptions import ImproperlyConfigured, InvalidURL, OperationalError
 from aqueue.message import Envelope
+from tests.stubborn import stubborn_task
 
 URL = "redis://127.0.0.1:6379/0"
 JSON = "application/json"
@@ -539,3 +540,15 @@ async def test_a_server_that_never_answers_raises_after_socket_timeout(
         assert any("reconnecting" in r.getMessage() for r in caplog.records)
     finally:
         await broker.aclose()
+
+
+async def test_closing_stops_a_claim_renewer_that_loses_a_cancellation(broker: RedisBroker) -> None:
+    # Given a consumer whose claim renewer swallows its first cancellation, as redis-py can make it
+    async with broker.consume(["q"], prefetch=1) as consumer:
+        renewer, swallowed = stubborn_task()
+        consumer._renewer = renewer  # type: ignore[attr-defined]
+        await asyncio.sleep(0)
+        started = time.monotonic()
+    # When it closed, then the renewer was stopped all the same, at once
+    assert time.monotonic() - started < 5
+    assert swallowed.is_set() and renewer.cancelled()

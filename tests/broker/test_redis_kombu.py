@@ -35,6 +35,7 @@ from tests.broker.test_redis import kill_client, nothing_for, receive
 from tests.cli.conftest import subprocess_env
 from tests.conftest import REDIS_URL, RedisServer
 from tests.golden.calls import OPTIONS
+from tests.stubborn import stubborn_task
 
 URL = f"{REDIS_URL}/0"
 JSON = "application/json"
@@ -583,3 +584,17 @@ async def test_cancelled_receives_lose_nothing_and_repeat_nothing(broker: KombuR
             await delivery.ack()
         await nothing_for(consumer, 0.3)
     assert sorted(got) == sorted(sent)
+
+
+async def test_closing_stops_parts_that_lose_a_cancellation(broker: KombuRedisBroker) -> None:
+    # Given a consumer whose renewer and list waiter each swallow their first cancellation
+    async with broker.consume(["q"], prefetch=1) as consumer:
+        (renewer, renewer_swallowed), (waiter, waiter_swallowed) = stubborn_task(), stubborn_task()
+        consumer._renewer = renewer  # type: ignore[attr-defined]
+        consumer._waiters["q"] = waiter  # type: ignore[attr-defined]
+        await asyncio.sleep(0)
+        started = time.monotonic()
+    # When it closed, then both were stopped all the same, at once
+    assert time.monotonic() - started < 5
+    assert renewer_swallowed.is_set() and waiter_swallowed.is_set()
+    assert renewer.cancelled() and waiter.cancelled()

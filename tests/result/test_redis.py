@@ -21,6 +21,7 @@ from aqueue.result import from_url
 from aqueue.result.base import TaskMeta
 from aqueue.result.failure import exception_from_result, exception_to_result
 from aqueue.result.redis import RedisBackend
+from tests.stubborn import stubborn_task
 
 URL = "redis://127.0.0.1:6379/0"
 Factory = Callable[..., Awaitable[RedisBackend]]
@@ -313,17 +314,8 @@ async def test_a_chords_join_keys_expire(make_backend: Factory, raw: aioredis.Re
 async def test_closing_stops_a_result_listener_that_loses_a_cancellation() -> None:
     # Given a backend whose pub/sub reader swallows its first cancellation, as redis-py can
     backend = RedisBackend("redis://127.0.0.1:6379/0")
-    listener = backend._listener
-    swallowed = asyncio.Event()
-
-    async def stubborn() -> None:
-        try:
-            await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            swallowed.set()
-        await asyncio.sleep(60)
-
-    reader = listener._reader = asyncio.create_task(stubborn())
+    reader, swallowed = stubborn_task()
+    backend._listener._reader = reader
     await asyncio.sleep(0)
     # When the backend closes, then the reader is stopped all the same, at once
     started = time.monotonic()
