@@ -27,11 +27,8 @@ __all__ = ["install", "unmarshal_deliver", "unmarshal_properties"]
 _DELIVERY = struct.Struct(">QB")
 """``Basic.Deliver``'s delivery tag and its bit field (``redelivered`` is bit 0)."""
 
-_LAYOUT: tuple[tuple[str, int, str], ...] = tuple(
-    (name, commands.Basic.Properties.flags[name], getattr(commands.Basic.Properties, f"_{name}"))
-    for name in commands.Basic.Properties.__slots__
-)
-"""Each property's name, flag and AMQP type, in the order they are laid out."""
+_LAYOUT: tuple[tuple[str, int, str], ...] = ()
+"""Each property's name, flag and AMQP type, in the order they are laid out (read from pamqp by install)."""
 
 
 def _short(data: bytes, pos: int) -> tuple[str, int]:
@@ -93,6 +90,7 @@ def install() -> bool:
 
     Only while both still use pamqp's generic ``unmarshal``; returns whether they now use ours.
     """
+    global _LAYOUT
     deliver, properties = commands.Basic.Deliver, commands.Basic.Properties
     if (deliver.unmarshal, properties.unmarshal) == (unmarshal_deliver, unmarshal_properties):
         return True
@@ -101,10 +99,16 @@ def install() -> bool:
         or properties.unmarshal is not base.BasicProperties.unmarshal
     ):
         return False
-    if [deliver.amqp_type(name) for name in deliver.__slots__] != [
-        "shortstr", "longlong", "bit", "shortstr", "shortstr",
-    ]:  # fmt: skip
+    try:
+        fields = [deliver.amqp_type(name) for name in deliver.__slots__]
+        layout = tuple((n, properties.flags[n], getattr(properties, f"_{n}")) for n in properties.__slots__)
+    except (AttributeError, KeyError, TypeError):
+        return False  # another layout of pamqp's classes: keep its decoders
+    if fields != ["shortstr", "longlong", "bit", "shortstr", "shortstr"] or any(
+        kind not in ("shortstr", "table", "octet", "timestamp") for _, _, kind in layout
+    ):
         return False
+    _LAYOUT = layout
     deliver.unmarshal = unmarshal_deliver  # type: ignore[method-assign]
     properties.unmarshal = unmarshal_properties  # type: ignore[method-assign]
     return True
