@@ -189,6 +189,14 @@ TASKS_REDIS = [
         note="memory:// with the worker in the client's process: its CPU and RSS are the client's",
     ),
     Lib(
+        "aqueue (kombu lists)",
+        "aqueue",
+        _aqueue(),
+        0,
+        note="Redis in kombu's list layout (broker_transport_options={'layout': 'kombu'}), as shared with Celery",
+        extra_env=(("BENCH_AQ_LAYOUT", "kombu"),),
+    ),
+    Lib(
         "taskiq",
         "taskiq",
         _taskiq("taskiq_app"),

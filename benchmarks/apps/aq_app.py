@@ -9,7 +9,14 @@ from _env import BACKEND_URL, REDIS_URL, SLEEP
 
 from aqueue import App
 
-app = App("aq_app", broker=os.environ.get("BENCH_BROKER_URL", REDIS_URL), backend=BACKEND_URL)
+# BENCH_AQ_LAYOUT=kombu: Redis in kombu's list layout, the one shared with Celery.
+LAYOUT = {"layout": os.environ["BENCH_AQ_LAYOUT"]} if os.environ.get("BENCH_AQ_LAYOUT") else {}
+app = App(
+    "aq_app",
+    broker=os.environ.get("BENCH_BROKER_URL", REDIS_URL),
+    backend=BACKEND_URL,
+    broker_transport_options=LAYOUT,
+)
 
 
 @app.task
