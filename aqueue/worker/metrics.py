@@ -74,6 +74,8 @@ def multiprocess_registry(folder: str | None = None) -> CollectorRegistry:
 
 
 _HELP = {kind: f"Tasks {kind}, by task name." for kind in _COUNTED}
+_TIMED = ("runtime", "waited")
+"""The histograms, after the counters."""
 _HELP["runtime"] = "How long tasks ran, by task name."
 _HELP["waited"] = "How long tasks waited for their rate limit's token, by task name."
 _NAMES = {kind: f"aqueue_tasks_{kind}" for kind in _COUNTED}
@@ -93,7 +95,7 @@ class Metrics(Observer):
             self._files = {
                 kind: Counter(_NAMES[kind], _HELP[kind], ["task"], registry=None) for kind in _COUNTED
             }
-            for kind in ("runtime", "waited"):
+            for kind in _TIMED:
                 self._files[kind] = Histogram(_NAMES[kind], _HELP[kind], ["task"], registry=None)
         else:
             owner.register(_Collector(self))
@@ -112,7 +114,7 @@ class Metrics(Observer):
         if found is None:
             files = self._files
             if files is None:
-                series: list[Any] = [_Count() for _ in _COUNTED] + [_Histogram(), _Histogram()]
+                series: list[Any] = [_Count() for _ in _COUNTED] + [_Histogram() for _ in _TIMED]
             else:
                 series = [files[kind].labels(name) for kind in _TaskMetrics.KINDS]
             found = self._tasks[name] = _TaskMetrics(time.time(), *series)
@@ -167,7 +169,7 @@ class _TaskMetrics:
     runtime: Any
     waited: Any
 
-    KINDS: ClassVar[tuple[str, ...]] = (*_COUNTED, "runtime", "waited")
+    KINDS: ClassVar[tuple[str, ...]] = (*_COUNTED, *_TIMED)
 
 
 class _Count:
@@ -217,14 +219,12 @@ class _Collector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         tasks = list(self.metrics._tasks.items())  # the loop may add a task name meanwhile
-        for i, kind in enumerate(_COUNTED):
+        for kind in _COUNTED:
             counter = CounterMetricFamily(_NAMES[kind], _HELP[kind], labels=["task"])
             for name, series in tasks:
-                counter.add_metric(
-                    [name], getattr(series, _TaskMetrics.KINDS[i]).value, created=series.created
-                )
+                counter.add_metric([name], getattr(series, kind).value, created=series.created)
             yield counter
-        for kind in ("runtime", "waited"):
+        for kind in _TIMED:
             histogram = HistogramMetricFamily(_NAMES[kind], _HELP[kind], labels=["task"])
             for name, series in tasks:
                 observed: _Histogram = getattr(series, kind)
