@@ -96,10 +96,10 @@ class RedisExchanges:
         broker, data = self.broker, envelope(exchange, message)
         async with broker._errors(f"send to exchange {exchange.name!r}"):
             if exchange.type != "direct":  # on the broker's line: events go out at the rate of tasks
+                from aqueue.broker.redis import _raise_first_error
+
                 command = pack(b"PUBLISH", self.channel(exchange, message.routing_key), data)
-                (reply,) = await broker._line.send(command, 1)
-                if isinstance(reply, Exception):
-                    raise reply
+                _raise_first_error(await broker._line.send(command, 1))
                 return
             bindings = await broker._client.smembers(self._table(exchange))
             queues = {q for rk, _, q in (_binding(b) for b in bindings) if rk == message.routing_key}

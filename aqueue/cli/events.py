@@ -78,5 +78,4 @@ async def _print_events(
     except TimeoutError:
         pass
     finally:
-        out.flush()
         await app.aclose()
