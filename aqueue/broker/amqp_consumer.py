@@ -40,7 +40,7 @@ from aio_pika.abc import AbstractRobustChannel
 from aiormq.exceptions import ChannelInvalidStateError
 from pamqp import commands as spec
 
-from aqueue.broker import amqp_frames, amqp_table
+from aqueue.broker import amqp_frames, amqp_reader, amqp_table
 from aqueue.broker.amqp_table import UNREADABLE_HEADERS
 from aqueue.broker.amqp_wire import Outbox
 from aqueue.broker.base import Consumer, Delivery
@@ -94,6 +94,7 @@ def _tolerate_non_utf8() -> None:
     if not amqp_table.install():
         methods["table"] = field_table
     amqp_frames.install()  # faster, and as tolerant of text that is not UTF-8
+    amqp_reader.install()
 
 
 _tolerate_non_utf8()
@@ -168,9 +169,9 @@ class AMQPConsumer(Consumer):
         raw = cast(aiormq.Channel, await channel.get_underlay_channel())
         outbox = self._outbox = Outbox(raw)
         for name in self.queues:
-            await raw.basic_consume(name, functools.partial(self._received, name, outbox))
+            await amqp_reader.consume(raw, name, functools.partial(self._received, name, outbox))
 
-    async def _received(self, queue: str, outbox: Outbox, message: aiormq.abc.DeliveredMessage) -> None:
+    def _received(self, queue: str, outbox: Outbox, message: aiormq.abc.DeliveredMessage) -> None:
         deliver = cast(spec.Basic.Deliver, message.delivery)
         tag = cast(int, deliver.delivery_tag)
         outbox.delivered(tag)

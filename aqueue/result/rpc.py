@@ -38,6 +38,7 @@ import aiormq
 import aiormq.abc
 from aio_pika.abc import AbstractRobustChannel
 
+from aqueue.broker import amqp_reader
 from aqueue.broker.amqp import AMQPBroker
 from aqueue.broker.amqp_wire import Outbox, encode_properties
 from aqueue.exceptions import AqueueError, ImproperlyConfigured, OperationalError, SerializationError
@@ -136,7 +137,7 @@ class RPCBackend(ResultBackend):
     async def _consume(self, channel: AbstractRobustChannel) -> None:
         """Consume the reply queue on ``channel``'s current aiormq channel (again, after a reconnect)."""
         self._outbox = outbox = await Outbox.current(self._outbox, channel, self.broker.connect_timeout)
-        await outbox.channel.basic_consume(self.reply_to, self._received, no_ack=True)
+        await amqp_reader.consume(outbox.channel, self.reply_to, self._received, no_ack=True)
 
     async def aclose(self) -> None:
         """Close the connection; whoever still waits gets OperationalError."""
@@ -298,6 +299,11 @@ class RPCBackend(ResultBackend):
         await self._delete(task_id)
 
     async def _set(self, task_id: str, data: bytes, meta: TaskMeta) -> None:
+        self._keep(meta)
+
+    def _keep(self, meta: TaskMeta) -> None:
+        """Hold ``meta`` if this client sent its task, and wake who waits for it when it is ready."""
+        task_id = meta.task_id
         if task_id in self._sent:
             self._sent[task_id] = meta
             if meta.ready:
@@ -312,7 +318,7 @@ class RPCBackend(ResultBackend):
     async def _delete(self, task_id: str) -> None:
         self._sent.pop(task_id, None)
 
-    async def _received(self, message: aiormq.abc.DeliveredMessage) -> None:
+    def _received(self, message: aiormq.abc.DeliveredMessage) -> None:
         properties = message.header.properties
         batch = properties.message_type == _BATCH
         task_id = properties.correlation_id
@@ -331,7 +337,7 @@ class RPCBackend(ResultBackend):
             log.warning("Ignoring a reply that cannot be decoded (task %s): %s", task_id or "batch", exc)
             return
         for meta in metas:
-            await self._set(meta.task_id, b"", meta)
+            self._keep(meta)
 
     def _discard(self, task_id: str, waiter: asyncio.Future[None]) -> None:
         waiters = self._waiters.get(task_id)

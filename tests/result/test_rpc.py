@@ -18,6 +18,7 @@ import aio_pika
 import pytest
 
 from aqueue import states
+from aqueue.broker import amqp_reader
 from aqueue.exceptions import AqueueError, ImproperlyConfigured, OperationalError
 from aqueue.exceptions import TimeoutError as AqueueTimeoutError
 from aqueue.message import Message, decode_message, encode_message
@@ -174,7 +175,7 @@ async def test_states_stored_in_one_loop_turn_travel_as_one_message_per_client(
         for owner in (first, second):
             await owner.connect()
             assert owner._outbox is not None
-            consumers = owner._outbox.channel.consumers
+            consumers = amqp_reader.callbacks(owner._outbox.channel)
             tag, receive = next(iter(consumers.items()))
             consumers[tag] = _counting(receive, delivered)
         # When the worker stores all 80 results in the same loop turn
@@ -209,9 +210,9 @@ async def test_a_state_that_cannot_be_encoded_fails_its_store_alone(
 
 
 def _counting(receive: Any, counts: list[int]) -> Any:
-    async def counted(message: Any) -> None:
+    def counted(message: Any) -> None:
         counts.append(1)
-        await receive(message)
+        receive(message)
 
     return counted
 
