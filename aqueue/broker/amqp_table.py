@@ -163,7 +163,7 @@ def table_at(data: bytes, pos: int) -> tuple[dict[str, Any], int]:
     """
     try:
         return _table(data, pos)
-    except (struct.error, TypeError) as err:
+    except (struct.error, TypeError, IndexError) as err:
         raise ValueError("Could not unpack data") from err
     except UnicodeDecodeError:  # a name that is not UTF-8: one marker instead of failing the connection
         size = int.from_bytes(data[pos : pos + 4], "big")
@@ -183,6 +183,10 @@ def decode_field_array(value: bytes) -> tuple[int, list[Any]]:
     return end, array
 
 
+_NAMES: dict[bytes, str] = {}
+"""Each header name read, by its bytes (names are few, as for _KEYS)."""
+
+
 def _table(data: bytes, pos: int) -> tuple[dict[str, Any], int]:
     (length,) = _UINT.unpack_from(data, pos)
     pos += 4
@@ -190,45 +194,45 @@ def _table(data: bytes, pos: int) -> tuple[dict[str, Any], int]:
     if end > len(data):
         raise ValueError("Field table length exceeds available data")
     table: dict[str, Any] = {}
-    readers, size = _READERS, len(data)
+    readers, size, names, uint = _READERS, len(data), _NAMES, _UINT.unpack_from
     while pos < end:
-        key_length = data[pos]
-        pos += 1
-        if pos + key_length > end:
+        name_end = pos + 1 + data[pos]
+        if name_end > end:
             raise ValueError("Field table key length exceeds data")
-        key = data[pos : pos + key_length].decode("utf-8")
-        pos += key_length
+        raw = data[pos + 1 : name_end]
+        key = names.get(raw)
+        if key is None:
+            if len(names) >= _MAX_KEYS:
+                names.clear()
+            key = names[raw] = raw.decode("utf-8")
+        pos = name_end
         if pos >= size:
             table[key] = None  # pamqp reads nothing as None
             continue
         kind = data[pos]
         # The types of Celery's headers inline: S (strings), V (None), I (counts), t (flags).
         if kind == 0x53:
-            (length,) = _UINT.unpack_from(data, pos + 1)
             start = pos + 5
-            raw = data[start : start + length]
-            pos = start + length
+            pos = start + uint(data, pos + 1)[0]
+            raw = data[start:pos]
             try:
                 table[key] = raw.decode("utf-8")
             except UnicodeDecodeError:
                 table[key] = raw
-            continue
-        if kind == 0x56:
+        elif kind == 0x56:
             table[key] = None
             pos += 1
-            continue
-        if kind == 0x49:
+        elif kind == 0x49:
             (table[key],) = _INT.unpack_from(data, pos + 1)
             pos += 5
-            continue
-        if kind == 0x74:
-            table[key] = bool(_OCTET.unpack_from(data, pos + 1)[0])
+        elif kind == 0x74:
+            table[key] = data[pos + 1] != 0
             pos += 2
-            continue
-        reader = readers.get(kind)
-        if reader is None:
-            raise ValueError(f"Unknown type: {data[pos : pos + 1]!r}")
-        table[key], pos = reader(data, pos + 1)
+        else:
+            reader = readers.get(kind)
+            if reader is None:
+                raise ValueError(f"Unknown type: {data[pos : pos + 1]!r}")
+            table[key], pos = reader(data, pos + 1)
     return table, end
 
 

@@ -90,10 +90,12 @@ def test_tables_decode_as_pamqp_decodes_them(data: bytes, pamqps: Any) -> None:
     assert decode_field_table(data + b"tail") == pamqps(data + b"tail")
 
 
-@pytest.mark.parametrize("data", samples()[:3], ids=["ours", "pamqps", "non-utf8"])
+@pytest.mark.parametrize(
+    "data", [*samples()[:3], b"\x00\x00\x00\x03\x01kt"], ids=["ours", "pamqps", "non-utf8", "flag-cut"]
+)
 def test_cut_or_corrupt_tables_fail_as_pamqps_do(data: bytes, pamqps: Any) -> None:
     # Given every cut of a table, and every byte of it replaced by a bad one
-    broken = [data[:cut] for cut in range(len(data))]
+    broken = [data[:cut] for cut in range(len(data) + 1)]
     broken += [data[:i] + bytes([0xFE]) + data[i + 1 :] for i in range(len(data))]
     for value in broken:
         # Then both decoders give the same table, or both raise ValueError; where pamqp meets a name
