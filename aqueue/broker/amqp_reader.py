@@ -7,7 +7,8 @@ stream's buffer, and aqueue's consumers do no I/O of their own. So:
 
 - :func:`install` gives aiormq's ``FrameReceiver`` a ``get_frame`` that slices a frame out of the
   stream's buffer at once when all of it is there, and otherwise reads it with aiormq's own code (the
-  handshake, a frame split across reads, the end of the stream, and their errors).
+  handshake, a frame split across reads, the end of the stream, a connection that failed, and their
+  errors).
 - :func:`consume` starts a consumer whose callback is a plain function, called by the channel's
   reader as soon as a delivery's frames are in: no task per delivery. A callback that raises is
   logged, as aiormq logs a consumer task that failed, and the channel goes on.
@@ -53,13 +54,14 @@ _aiormq_get_frame = FrameReceiver.get_frame
 
 async def get_frame(self: FrameReceiver) -> Any:
     """``FrameReceiver.get_frame``: the next frame, sliced out of the buffer when all of it is there."""
-    buffer: bytearray = self.reader._buffer  # type: ignore[attr-defined]
-    if self.started and len(buffer) >= _HEAD and not self.lock.locked():
+    reader = self.reader
+    buffer: bytearray = reader._buffer  # type: ignore[attr-defined]
+    if self.started and len(buffer) >= _HEAD and reader.exception() is None and not self.lock.locked():
         end = _HEAD + _SIZE.unpack_from(buffer, 3)[0] + 1
         if len(buffer) >= end:
             data = bytes(buffer[:end])
             del buffer[:end]
-            self.reader._maybe_resume_transport()  # type: ignore[attr-defined]
+            reader._maybe_resume_transport()  # type: ignore[attr-defined]
             try:
                 return pamqp.frame.unmarshal(data)
             except PAMQPException as exc:

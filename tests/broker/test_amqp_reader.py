@@ -139,6 +139,18 @@ async def test_a_stream_cut_inside_a_frame_raises_aiormq_connection_error() -> N
         await amqp_reader.get_frame(receiver)
 
 
+async def test_frames_left_in_the_buffer_of_a_failed_connection_are_not_read() -> None:
+    # Given whole frames buffered, then the connection reset
+    reader = asyncio.StreamReader()
+    receiver = FrameReceiver(reader)
+    receiver.started = True
+    reader.feed_data(task_delivery(1, 1))
+    reader.set_exception(ConnectionResetError("reset by peer"))
+    # Then reading fails at once, as aiormq's own reader does, instead of handing out the delivery
+    with pytest.raises(AMQPConnectionError, match="reset"):
+        await amqp_reader.get_frame(receiver)
+
+
 def test_install_leaves_a_frame_receiver_someone_else_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
     # Given aiormq's get_frame replaced by another library
     async def other(self: FrameReceiver) -> Any:
