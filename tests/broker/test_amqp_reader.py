@@ -55,14 +55,15 @@ def task_delivery(tag: int, channel: int) -> bytes:
 
 
 def stream() -> bytes:
-    """Deliveries, confirms, a heartbeat and a table-only header: what a busy connection brings."""
+    """Deliveries, confirms, a heartbeat and a method with a table: what a busy connection brings."""
     parts = [pamqp.frame.marshal(Heartbeat(), 0)]
     for tag in range(1, 120):
         parts.append(task_delivery(tag, 1 + tag % 3))
         if tag % 7 == 0:
             parts.append(pamqp.frame.marshal(spec.Basic.Ack(tag, multiple=True), 2))
     table = encode_table({"a": 1, "b": [1, "two", None], "c": {"d": 2.5}})
-    parts.append(raw_frame(1, 5, struct.pack(">HH", 50, 10) + b"\x00" * 4 + table))  # queue.declare-ish
+    # queue.declare: reserved short, empty name, no flags, its arguments table
+    parts.append(raw_frame(1, 5, struct.pack(">HH", 50, 10) + b"\x00" * 4 + table))
     return b"".join(parts)
 
 
