@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -277,10 +278,10 @@ async def vhost(unique: str) -> AsyncIterator[str]:
 # A private redis-server, for tests that stop, pause or restart it ------------------------------------
 
 
-def reap(proc: subprocess.Popen[bytes]) -> None:
-    """Make sure ``proc`` is gone: SIGTERM, then SIGKILL; always wait for it."""
+def reap(proc: subprocess.Popen[bytes], signum: int = signal.SIGTERM) -> None:
+    """Make sure ``proc`` is gone: ``signum``, then SIGKILL; always wait for it."""
     if proc.poll() is None:
-        proc.terminate()
+        proc.send_signal(signum)
         try:
             proc.wait(5)
         except subprocess.TimeoutExpired:

@@ -10,6 +10,7 @@ client that sends the calls it is given and prints what ``result.get()`` gave, a
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,7 @@ class PaymentDeclined(Exception):
 
 CLIENT = """
 import json
+import signal
 import sys
 import time
 from datetime import datetime, timedelta, timezone
@@ -154,7 +156,9 @@ async def start_celery_worker(project: Project, *args: str, **settings: Any) -> 
         stdout=output,
         stderr=subprocess.STDOUT,
     )
-    worker = WorkerProcess(proc, output, Path(output.name))
+    # Torn down with SIGKILL: on SIGTERM (or SIGQUIT) Celery 5.7's worker here logs its warm (cold)
+    # shutdown and then stays until the teardown's SIGKILL five seconds later; every check is done by then.
+    worker = WorkerProcess(proc, output, Path(output.name), quit_signal=signal.SIGKILL)
     project.workers.append(worker)
     await worker.wait_for(" ready.", timeout=30)
     return worker

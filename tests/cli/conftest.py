@@ -99,9 +99,17 @@ def subprocess_env() -> dict[str, str]:
 class WorkerProcess:
     """One ``python -m aqueue ... worker`` subprocess, its log read from a file."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], output: IO[bytes], log_path: Path) -> None:
+    def __init__(
+        self,
+        proc: subprocess.Popen[bytes],
+        output: IO[bytes],
+        log_path: Path,
+        quit_signal: int = signal.SIGTERM,
+    ) -> None:
         self.proc, self._output, self.log_path = proc, output, log_path
         self.output_path = Path(output.name)
+        self.quit_signal = quit_signal
+        """What the teardown sends first."""
 
     @property
     def pid(self) -> int:
@@ -149,8 +157,8 @@ class WorkerProcess:
         return await self.wait(timeout)
 
     def reap(self) -> None:
-        """Make sure the process is gone: SIGTERM, then SIGKILL; always wait for it."""
-        reap(self.proc)
+        """Make sure the process is gone: ``quit_signal``, then SIGKILL; always wait for it."""
+        reap(self.proc, self.quit_signal)
         self._output.close()
 
 
