@@ -97,6 +97,8 @@ _DIRECT = callable(getattr(Channel, "_on_deliver_frame", None)) and callable(
     getattr(Channel, "_get_frame", None)
 )
 """Whether aiormq's channel reads deliveries the way :func:`_direct` replaces."""
+_CALLBACKS = "_aqueue_callbacks"
+"""The channel attribute holding :func:`consume`'s plain callbacks."""
 
 
 async def consume(
@@ -123,20 +125,17 @@ def callbacks(channel: Channel) -> dict[str, OnMessage]:
     return found
 
 
-_CALLBACKS = "_aqueue_callbacks"
-
-
 def _direct(channel: Channel) -> dict[str, OnMessage]:
     """The plain callbacks of ``channel`` by consumer tag; its reader calls them without a task."""
-    callbacks: dict[str, OnMessage] | None = channel.__dict__.get(_CALLBACKS)
-    if callbacks is not None:
-        return callbacks
-    callbacks = channel.__dict__[_CALLBACKS] = {}
+    plain: dict[str, OnMessage] | None = channel.__dict__.get(_CALLBACKS)
+    if plain is not None:
+        return plain
+    plain = channel.__dict__[_CALLBACKS] = {}
     next_frame = channel._get_frame
     in_tasks = channel._on_deliver_frame
 
     async def on_deliver(frame: spec.Basic.Deliver) -> None:
-        callback = callbacks.get(frame.consumer_tag) if frame.consumer_tag is not None else None
+        callback = plain.get(frame.consumer_tag) if frame.consumer_tag is not None else None
         if callback is None:
             await in_tasks(frame)
             return
@@ -159,4 +158,4 @@ def _direct(channel: Channel) -> dict[str, OnMessage]:
             log.exception("Consumer callback failed")
 
     channel._on_deliver_frame = on_deliver  # type: ignore[method-assign]
-    return callbacks
+    return plain
