@@ -3,8 +3,9 @@
 aiormq sends each publish and each acknowledgement as its own write, through an ``asyncio.Queue`` hop
 and a drain, and aio-pika adds a ``Message`` object per publish; on the hot path that per-message
 machinery costs more CPU than the rest of aqueue. An :class:`Outbox` instead gathers what its owner
-sends during one loop turn (publishes, acks, nacks), marshals it into one piece and puts that on the
-connection's write queue once:
+sends during one loop turn (publishes, acks, nacks), marshals it into one piece at the end of that turn
+and writes it once: straight to the socket when aiormq's write queue is empty
+(:mod:`aqueue.broker.amqp_writer`), else onto that queue:
 
 - publishes take their delivery tags under the channel's lock, as aiormq's own ``basic_publish``
   does, so the two may share a channel; each gets a future that the publisher confirm (or the
@@ -43,6 +44,7 @@ from aiormq import Channel
 from aiormq.abc import ChannelFrame
 from aiormq.exceptions import ChannelInvalidStateError
 
+from aqueue.broker import amqp_writer
 from aqueue.broker.amqp_table import encode_table
 from aqueue.exceptions import ImproperlyConfigured
 
@@ -174,6 +176,7 @@ def _installed_version(package: str) -> str:
 
 
 check_aiormq()
+amqp_writer.install()
 
 
 class Outbox:
@@ -188,6 +191,7 @@ class Outbox:
         "_nacks",
         "_publishes",
         "_routes",
+        "_soon",
         "_unsettled",
         "_writing",
         "channel",
@@ -206,6 +210,9 @@ class Outbox:
         self._unsettled: dict[int, None] = {}
         """Tags received and not settled yet, oldest first (at most the consumer's prefetch)."""
         self._flushing: asyncio.Task[None] | None = None
+        """The task writing what could not be written at once (the channel's lock or write queue was taken)."""
+        self._soon = False
+        """Whether this loop turn's frames are to be written at its end (``_write_soon`` is scheduled)."""
         self._writing = False
         channel.closing.add_done_callback(self._closed)
 
@@ -310,6 +317,7 @@ class Outbox:
 
     async def flush(self) -> None:
         """Write everything queued so far now (for instance before closing the channel)."""
+        self._write_soon()
         while self._flushing is not None and not self.channel.is_closed:
             await asyncio.shield(self._flushing)
 
@@ -318,7 +326,16 @@ class Outbox:
             raise ChannelInvalidStateError(f"channel {self.channel} is closed")
 
     def _schedule(self) -> None:
-        if self._flushing is None:
+        if self._flushing is None and not self._soon:
+            self._soon = True
+            self._loop.call_soon(self._write_soon)
+
+    def _write_soon(self) -> None:
+        """Write this loop turn's frames: at once where nothing needs waiting for, else from a task."""
+        if not self._soon:
+            return
+        self._soon = False
+        if self._flushing is None and not self.write_now():
             self._flushing = self._loop.create_task(self._flush())
 
     async def _flush(self) -> None:
@@ -334,7 +351,7 @@ class Outbox:
                     except Exception:
                         continue  # their futures have failed with the reason; the channel is closing
                 elif not self.channel.is_closed:
-                    await self.channel.write_queue.put(ChannelFrame(b"".join(frames), False))
+                    await self._put(b"".join(frames))
         finally:
             self._flushing = None
 
@@ -371,7 +388,7 @@ class Outbox:
             async with channel.lock:
                 first = self._number(publishes, frames)
                 try:
-                    await channel.write_queue.put(ChannelFrame(b"".join(frames), False))
+                    await self._put(b"".join(frames))
                 except BaseException:
                     self._unnumber(first)  # nothing was written: the tags are free again
                     raise
@@ -404,16 +421,22 @@ class Outbox:
             channel.confirmations.pop(unused, None)
         channel.delivery_tag = first
 
-    def write_now(self) -> None:
-        """Write what is queued at once when that needs no waiting; else the flush task writes it.
+    async def _put(self, data: bytes) -> None:
+        if not amqp_writer.write(self.channel.connection, data):
+            await self.channel.write_queue.put(ChannelFrame(data, False))
 
-        For a caller that has gathered its batch already: it saves the loop turn the flush task takes.
-        Safe because every publish on this channel goes through this outbox (aiormq's own publishes
-        take the channel lock, which ``_writing`` stands for here).
+    def write_now(self) -> bool:
+        """Write what is queued at once when that needs no waiting; returns whether it did.
+
+        If it did not, the flush task writes it. For a caller that has gathered its batch already: it
+        saves the loop turn to the end of this one. Safe because every publish on this channel goes
+        through this outbox (aiormq's own publishes take the channel lock, which ``_writing`` stands
+        for here). The frames go to the socket straight away when aiormq's write queue is empty
+        (:mod:`aqueue.broker.amqp_writer`), else onto that queue.
         """
         queue = self.channel.write_queue
         if self._writing or queue.full() or self.channel.is_closed:
-            return
+            return False
         self._run_fills()
         frames = self._nacks
         self._nacks = []
@@ -422,7 +445,10 @@ class Outbox:
             publishes, self._publishes = self._publishes, []
             self._number(publishes, frames)
         if frames:
-            queue.put_nowait(ChannelFrame(b"".join(frames), False))
+            data = b"".join(frames)
+            if not amqp_writer.write(self.channel.connection, data):
+                queue.put_nowait(ChannelFrame(data, False))
+        return True
 
     def _closed(self, closing: asyncio.Future[Any]) -> None:
         reason = ChannelInvalidStateError(f"channel {self.channel} closed: {_reason(closing)}")

@@ -14,6 +14,7 @@ from aiormq.exceptions import ChannelInvalidStateError, PublishError
 from pamqp import commands as spec
 from pamqp.header import ContentHeader
 
+from aqueue.broker import amqp_writer
 from aqueue.broker.amqp import AMQPBroker
 from aqueue.broker.amqp_consumer import AMQPConsumer
 from aqueue.broker.amqp_wire import SUPPORTED_AIORMQ, Outbox, check_aiormq, encode_properties
@@ -23,27 +24,31 @@ from tests.broker.test_amqp import broker, envelopes, queue, ready_count, receiv
 __all__ = ["broker", "queue"]  # the fixtures of test_amqp, used here too
 
 
-def frames_in(payload: bytes) -> list[Any]:
-    """The AMQP frames marshalled in ``payload``."""
+def frames_in(payload: bytes, channel: int | None = None) -> list[Any]:
+    """The AMQP frames marshalled in ``payload`` (those on ``channel`` only, if given)."""
     frames, offset = [], 0
     while offset < len(payload):
-        used, _, frame = pamqp.frame.unmarshal(payload[offset:])
-        frames.append(frame)
+        used, number, frame = pamqp.frame.unmarshal(payload[offset:])
+        if channel is None or number == channel:
+            frames.append(frame)
         offset += used
     return frames
 
 
 def written(outbox: Outbox) -> list[list[Any]]:
-    """The frames of each write ``outbox``'s channel puts on the connection from now on."""
+    """The frames on ``outbox``'s channel of each write to the connection's socket from now on."""
     writes: list[list[Any]] = []
-    write_queue = outbox.channel.write_queue
-    put_nowait = write_queue.put_nowait  # what Queue.put calls too
+    stream = amqp_writer.stream(outbox.channel.connection)
+    assert stream is not None
+    write = stream.write  # aiormq's writer task writes what it takes from its queue through this too
 
-    def recorded(frame: Any) -> None:
-        writes.append(frames_in(frame.payload))
-        put_nowait(frame)
+    def recorded(data: Any) -> None:
+        frames = frames_in(bytes(data), outbox.channel.number)
+        if frames:
+            writes.append(frames)
+        write(data)
 
-    write_queue.put_nowait = recorded  # type: ignore[method-assign,assignment]
+    stream.write = recorded  # type: ignore[method-assign]
     return writes
 
 
@@ -88,6 +93,25 @@ async def test_acks_of_one_turn_go_as_one_multiple_ack_and_singles(broker: AMQPB
         await consumer._outbox.flush()
         assert [(f.delivery_tag, f.multiple) for f in writes[1]] == [(4, True)]
     # And none of them came back to the queue when the consumer closed
+    assert await ready_count(broker, queue) == 0
+
+
+async def test_one_turns_acks_are_written_at_the_end_of_that_turn_without_a_task(
+    broker: AMQPBroker, queue: str
+) -> None:
+    # Given a delivery held by a consumer, its outbox's socket writes recorded
+    await broker.publish(envelopes(queue, 1))
+    async with consume(broker, queue, 1) as consumer:
+        held = await receive(consumer)
+        assert consumer._outbox is not None
+        writes = written(consumer._outbox)
+        # When it is acknowledged and the loop goes round once
+        await held.ack()
+        assert writes == []
+        await asyncio.sleep(0)
+        # Then the ack is on the socket already, and no flush task was needed for it
+        assert [[type(f).__name__ for f in frames] for frames in writes] == [["Ack"]]
+        assert consumer._outbox._flushing is None
     assert await ready_count(broker, queue) == 0
 
 
