@@ -9,13 +9,22 @@ stream's buffer, and aqueue's consumers do no I/O of their own. So:
   stream's buffer at once when all of it is there, and otherwise reads it with aiormq's own code (the
   handshake, a frame split across reads, the end of the stream, a connection that failed, and their
   errors).
-- :func:`consume` starts a consumer whose callback is a plain function, called by the channel's
-  reader as soon as a delivery's frames are in: no task per delivery. A callback that raises is
-  logged, as aiormq logs a consumer task that failed, and the channel goes on.
+- :func:`consume` starts a consumer whose callback is a plain function, called as soon as a
+  delivery's frames are in: no task per delivery. A callback that raises is logged, as aiormq logs a
+  consumer task that failed, and the channel goes on.
+- aiormq's connection reader puts every frame on its channel's queue, and the channel's reader task
+  takes it from there: a loop turn between the socket and the callback. On a channel :func:`consume`
+  started a plain callback on, or whose publisher confirms an :class:`~aqueue.broker.amqp_wire.Outbox`
+  waits for (:func:`take_confirms`), deliveries to plain callbacks and publisher confirms are handled
+  as the connection's reader puts them, but only while the channel's reader waits idle for its next
+  frame with nothing queued before them: so in the order they came, after everything before them.
+  Everything else, and those whenever frames wait in the queue, go through the queue and the
+  channel's reader as before.
 
-Both rely on internals (the frame receiver's ``reader``, ``lock`` and ``started``; the stream reader's
-buffer; the channel's ``_get_frame`` and ``_on_deliver_frame``) of the aiormq release pinned in
-``pyproject.toml``, checked before use: where one is missing, aiormq's own code is used.
+These rely on internals (the frame receiver's ``reader``, ``lock`` and ``started``; the stream reader's
+buffer; the channel's ``_get_frame``, ``_on_deliver_frame``, ``frames`` queue and
+``_confirm_delivery``; ``asyncio.Queue``'s ``_queue`` and ``_getters``) of the aiormq release pinned in
+``pyproject.toml`` and of asyncio, checked before use: where one is missing, aiormq's own code is used.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ from pamqp.header import ContentHeader
 
 from aqueue.ids import new_id
 
-__all__ = ["OnMessage", "callbacks", "consume", "install"]
+__all__ = ["OnMessage", "callbacks", "consume", "install", "take_confirms"]
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +117,7 @@ async def consume(
     tag = f"ctag{channel.number}.{new_id()}"
     started = _direct(channel) if _DIRECT else {}
     started[tag] = on_message
+    _route(channel)
 
     async def in_a_task(message: DeliveredMessage) -> None:  # aiormq's way, where _direct is not in use
         on_message(message)
@@ -123,6 +133,127 @@ def callbacks(channel: Channel) -> dict[str, OnMessage]:
     """The callbacks :func:`consume` started on ``channel``, by consumer tag (none if it started none)."""
     found: dict[str, OnMessage] = channel.__dict__.get(_CALLBACKS, {})
     return found
+
+
+def take_confirms(channel: Channel) -> bool:
+    """Have ``channel``'s publisher confirms settled as they come (see the module's docstring); returns
+    whether they are."""
+    router = _route(channel)
+    if router is None:
+        return False
+    router.confirms = bool(channel.publisher_confirms)
+    return router.confirms
+
+
+def _route(channel: Channel) -> _Router | None:
+    """The router of ``channel``'s frame queue, put in place by the first call."""
+    frames = channel.__dict__.get("frames")
+    if not _ROUTABLE or not isinstance(frames, asyncio.Queue) or type(frames) not in (asyncio.Queue, _Frames):
+        return None
+    router: _Router | None = frames.__dict__.get(_ROUTER)
+    if router is None:
+        router = frames.__dict__[_ROUTER] = _Router(channel, frames)
+        frames.__class__ = _Frames
+    return router
+
+
+class _Router:
+    """Takes a channel's deliveries to plain callbacks, and its confirms, off its frame queue."""
+
+    __slots__ = ("_content", "_frames", "channel", "confirms")
+
+    def __init__(self, channel: Channel, frames: asyncio.Queue[Any]) -> None:
+        self.channel = channel
+        self.confirms = False
+        self._frames = frames
+        self._content: list[Any] | None = None
+        """The delivery being read: its Deliver frame, callback, content header, body parts, size read."""
+
+    def take(self, frame: Any) -> bool:
+        """Handle ``frame`` now and return True, or return False to leave it to the channel's reader."""
+        if self._content is not None:
+            return self._more(frame)
+        if self._frames._queue or not _waits(self._frames):  # type: ignore[attr-defined]
+            return False  # frames before this one are still to be handled: after them, in order
+        kind = type(frame)
+        if kind is spec.Basic.Deliver:
+            callback = callbacks(self.channel).get(frame.consumer_tag or "")
+            if callback is None:
+                return False
+            self._content = [frame, callback, None, [], 0]
+            return True
+        if (kind is spec.Basic.Ack or kind is spec.Basic.Nack) and self.confirms:
+            self._confirm(frame)
+            return True
+        return False
+
+    def _more(self, frame: Any) -> bool:
+        content = self._content
+        assert content is not None
+        if content[2] is None:
+            if not isinstance(frame, ContentHeader):
+                return self._unexpected(frame)
+            content[2] = frame
+        elif isinstance(frame, ContentBody):
+            if frame.value:
+                content[3].append(frame.value)
+                content[4] += len(frame.value)
+            else:
+                content[4] = content[2].body_size
+        else:
+            return self._unexpected(frame)
+        if content[4] >= (content[2].body_size or 0):
+            self._content = None
+            deliver, callback, header, parts = content[:4]
+            body = parts[0] if len(parts) == 1 else b"".join(parts)
+            message = DeliveredMessage(delivery=deliver, header=header, body=body, channel=self.channel)
+            try:
+                callback(message)
+            except Exception:
+                log.exception("Consumer callback failed")
+        return True
+
+    def _unexpected(self, frame: Any) -> bool:
+        deliver = self._content[0] if self._content else None
+        self._content = None
+        log.error("Unexpected frame %r in the content of %r on channel %s", frame, deliver, self.channel)
+        return False
+
+    def _confirm(self, frame: spec.Basic.Ack | spec.Basic.Nack) -> None:
+        """What aiormq's ``Channel._on_confirm_frame`` does, without its loop turn."""
+        channel, tag = self.channel, frame.delivery_tag
+        if tag not in channel.confirmations:
+            log.error("Unexpected confirmation frame %r from broker", frame)
+            return
+        tags = [t for t in channel.confirmations if t <= tag] if frame.multiple else [tag]
+        for settled in tags:
+            channel._confirm_delivery(settled, frame)
+
+
+def _waits(frames: asyncio.Queue[Any]) -> bool:
+    """Whether a reader waits on ``frames``'s ``get()`` (the channel's reader, idle)."""
+    return any(not getter.done() for getter in frames._getters)  # type: ignore[attr-defined]
+
+
+_ROUTER = "_aqueue_router"
+
+
+class _Frames(asyncio.Queue):  # type: ignore[type-arg]
+    """A channel's frame queue with a :class:`_Router` (the class a queue's ``__class__`` becomes)."""
+
+    def put_nowait(self, item: Any) -> None:
+        router: _Router = self.__dict__[_ROUTER]
+        if not router.take(item[1]):
+            super().put_nowait(item)
+
+
+_ROUTABLE = (
+    callable(getattr(Channel, "_confirm_delivery", None))
+    and _assigns(Channel.__init__, ("frames", "confirmations", "publisher_confirms"))
+    and _assigns(asyncio.Queue.__init__, ("_getters",))
+    and _assigns(asyncio.Queue._init, ("_queue",))
+)
+"""Whether aiormq's channel and asyncio's queue have what :class:`_Router` uses."""
 
 
 def _direct(channel: Channel) -> dict[str, OnMessage]:

@@ -44,7 +44,7 @@ from aiormq import Channel
 from aiormq.abc import ChannelFrame
 from aiormq.exceptions import ChannelInvalidStateError
 
-from aqueue.broker import amqp_writer
+from aqueue.broker import amqp_reader, amqp_writer
 from aqueue.broker.amqp_table import encode_table
 from aqueue.exceptions import ImproperlyConfigured
 
@@ -215,6 +215,8 @@ class Outbox:
         """Whether this loop turn's frames are to be written at its end (``_write_soon`` is scheduled)."""
         self._writing = False
         channel.closing.add_done_callback(self._closed)
+        if channel.publisher_confirms:
+            amqp_reader.take_confirms(channel)  # settled as they come, without the channel reader's turn
 
     @classmethod
     async def current(cls, outbox: Outbox | None, channel: AbstractRobustChannel, timeout: float) -> Outbox:

@@ -19,7 +19,7 @@ from pamqp.heartbeat import Heartbeat
 
 from aqueue.broker import amqp_reader
 from aqueue.broker.amqp_table import encode_table
-from aqueue.broker.amqp_wire import encode_properties
+from aqueue.broker.amqp_wire import Outbox, encode_properties
 from aqueue.message import Message
 from aqueue.protocol import CeleryCodec
 from aqueue.serialization import get_serializer
@@ -197,6 +197,11 @@ async def until(condition: Any, timeout: float = 10.0) -> None:
             await asyncio.sleep(0.01)
 
 
+def task_of(wrapped: Any) -> int:
+    """The id of the asyncio task behind aiormq's ``TaskWrapper``."""
+    return id(getattr(wrapped, "task", wrapped))
+
+
 async def test_a_plain_callback_gets_every_delivery_from_the_channels_reader_without_a_task_each(
     channel: tuple[aiormq.Channel, str],
 ) -> None:
@@ -213,10 +218,68 @@ async def test_a_plain_callback_gets_every_delivery_from_the_channels_reader_wit
     # When 200 messages arrive
     await publish(raw, queue, [b"m%d" % i for i in range(200)])
     await until(lambda: len(received) == 200)
-    # Then each came in order, and all were handed over by one and the same task (the channel's
-    # reader), where aiormq's own consumers get a new task per delivery
+    # Then each came in order, and all were handed over by the connection's reader or the channel's
+    # (while the channel's reader handles the publisher confirms of this channel), where aiormq's own
+    # consumers get a new task per delivery
     assert [body for body, _ in received] == [b"m%d" % i for i in range(200)]
-    assert len({task for _, task in received}) == 1
+    connection: Any = raw.connection
+    readers = {task_of(connection._reader_task), task_of(cast(Any, raw)._Channel__reader_task)}
+    assert {task for _, task in received} <= readers
+
+
+async def test_deliveries_to_an_idle_channel_come_straight_from_the_connections_reader(
+    channel: tuple[aiormq.Channel, str],
+) -> None:
+    raw, queue = channel
+    # Given a plain callback on a channel of its own, which nothing else uses
+    consuming = cast(aiormq.Channel, await raw.connection.channel(publisher_confirms=False))
+    received: list[tuple[bytes, int]] = []
+
+    def on_message(message: Any) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        received.append((message.body, id(task)))
+
+    await amqp_reader.consume(consuming, queue, on_message, no_ack=True)
+    # When 200 messages arrive, one of several frames
+    body = bytes(range(256)) * 1000
+    await publish(raw, queue, [b"m%d" % i for i in range(199)] + [body])
+    await until(lambda: len(received) == 200)
+    # Then every one was handed over as the connection's reader read it: no loop turn through the
+    # channel's reader
+    assert [b for b, _ in received] == [b"m%d" % i for i in range(199)] + [body]
+    connection: Any = raw.connection
+    assert {task for _, task in received} == {task_of(connection._reader_task)}
+    await consuming.close()
+
+
+async def test_confirms_are_settled_as_they_come_and_after_frames_queued_before_them(
+    channel: tuple[aiormq.Channel, str],
+) -> None:
+    raw, queue = channel
+    # Given a channel whose confirms an outbox waits for
+    Outbox(raw)
+    loop = asyncio.get_running_loop()
+    # When RabbitMQ confirms publishes while the channel's reader is idle
+    confirmed: list[Any] = []
+    original = raw._on_confirm_frame
+
+    async def counted(frame: Any) -> None:
+        confirmed.append(frame)
+        await original(frame)
+
+    raw._on_confirm_frame = counted  # type: ignore[method-assign]
+    await publish(raw, queue, [b"c%d" % i for i in range(50)])
+    # Then none of them went through the channel's reader
+    assert confirmed == []
+    # And a confirm that comes while another frame waits in the queue waits for it
+    waiting = raw.confirmations[10_000] = loop.create_future()
+    raw.frames.put_nowait((0, spec.Basic.Qos()))  # a frame the channel's reader just passes on
+    raw.frames.put_nowait((0, spec.Basic.Ack(10_000)))
+    assert not waiting.done()
+    await asyncio.wait_for(waiting, 5)
+    assert [type(frame) for frame in confirmed] == [spec.Basic.Ack]
+    raw.rpc_frames.get_nowait()  # the passed-on Qos, which no call waits for
 
 
 async def test_a_callback_that_raises_is_logged_and_the_channel_goes_on(
