@@ -172,6 +172,9 @@ class RedisBackend(ResultBackend):
             raise TimeoutError(f"The operation timed out waiting for task {task_id}.") from None
 
     async def _wait(self, task_id: str) -> TaskMeta:
+        meta = await self.get(task_id)
+        if meta.ready:
+            return meta  # most often stored already (results collected after sending): no subscription
         async with self._listener.watch(self.key(task_id).encode()) as inbox:
             meta = await self.get(task_id)
             while not meta.ready:

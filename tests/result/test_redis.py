@@ -190,6 +190,22 @@ async def test_wait_returns_a_result_stored_before_it_started(backend: RedisBack
     assert meta.result == "early"
 
 
+async def test_wait_for_a_result_stored_already_reads_it_without_subscribing(
+    backend: RedisBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a stored result, and a backend whose listener must not be used
+    tid = uuid.uuid4().hex
+    await backend.store(TaskMeta(tid, states.SUCCESS, "stored"))
+
+    def no_watch(channel: bytes) -> Any:
+        raise AssertionError(f"subscribed to {channel!r}")
+
+    monkeypatch.setattr(backend._listener, "watch", no_watch)
+    # When waiting for it; Then it is read in one round trip, without subscribing to its channel
+    meta = await asyncio.wait_for(backend.wait(tid, timeout=2), 5)
+    assert meta.result == "stored"
+
+
 async def test_wait_is_woken_by_a_store_from_another_backend(make_backend: Factory) -> None:
     # Given a waiter on one backend
     waiter, writer = await make_backend(), await make_backend(client_name="writer")
