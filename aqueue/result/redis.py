@@ -11,8 +11,9 @@ most three commands: one Lua call for every store (GET to keep a SUCCESS, SET wi
 PUBLISH), one DEL, one MGET. Whatever is issued while it is in flight gathers for the next one. The
 worker stores results one by one; each caller's await resolves when its own write is done.
 
-``wait`` shares ONE pub/sub connection per backend between all waiters: a waiter subscribes to its
-task's channel (the SUBSCRIBEs of a loop turn go in one command, followed by a PING whose reply
+``wait`` first reads the key: a state that is ready already (as when results are collected after the
+tasks were sent) is returned in that one round trip. Otherwise it waits on ONE pub/sub connection per
+backend, shared by all waiters: a waiter subscribes to its task's channel (the SUBSCRIBEs of a loop turn go in one command, followed by a PING whose reply
 shows they are in place), then reads the key, which closes the race with a result stored before
 the subscription, then waits for the message. When the pub/sub connection drops, it reconnects
 with backoff, subscribes again, and every waiter reads its key again.

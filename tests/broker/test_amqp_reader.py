@@ -197,6 +197,18 @@ async def until(condition: Any, timeout: float = 10.0) -> None:
             await asyncio.sleep(0.01)
 
 
+def recorder() -> tuple[list[tuple[bytes, int]], amqp_reader.OnMessage]:
+    """A plain callback, and the list of each body it got with the id of the task it ran in."""
+    received: list[tuple[bytes, int]] = []
+
+    def on_message(message: Any) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        received.append((message.body, id(task)))
+
+    return received, on_message
+
+
 def task_of(wrapped: Any) -> int:
     """The id of the asyncio task behind aiormq's ``TaskWrapper``."""
     return id(getattr(wrapped, "task", wrapped))
@@ -207,13 +219,7 @@ async def test_a_plain_callback_gets_every_delivery_from_the_channels_reader_wit
 ) -> None:
     raw, queue = channel
     # Given a consumer started by amqp_reader.consume with a plain function
-    received: list[tuple[bytes, int]] = []
-
-    def on_message(message: Any) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        received.append((message.body, id(task)))
-
+    received, on_message = recorder()
     await amqp_reader.consume(raw, queue, on_message, no_ack=True)
     # When 200 messages arrive
     await publish(raw, queue, [b"m%d" % i for i in range(200)])
@@ -233,13 +239,7 @@ async def test_deliveries_to_an_idle_channel_come_straight_from_the_connections_
     raw, queue = channel
     # Given a plain callback on a channel of its own, which nothing else uses
     consuming = cast(aiormq.Channel, await raw.connection.channel(publisher_confirms=False))
-    received: list[tuple[bytes, int]] = []
-
-    def on_message(message: Any) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        received.append((message.body, id(task)))
-
+    received, on_message = recorder()
     await amqp_reader.consume(consuming, queue, on_message, no_ack=True)
     # When 200 messages arrive, one of several frames
     body = bytes(range(256)) * 1000
