@@ -11,11 +11,13 @@ most three commands: one Lua call for every store (GET to keep a SUCCESS, SET wi
 PUBLISH), one DEL, one MGET. Whatever is issued while it is in flight gathers for the next one. The
 worker stores results one by one; each caller's await resolves when its own write is done.
 
-``wait`` first reads the key: a state that is ready already (as when results are collected after the
-tasks were sent) is returned in that one round trip. Otherwise it waits on ONE pub/sub connection per
-backend, shared by all waiters: a waiter subscribes to its task's channel (the SUBSCRIBEs of a loop turn go in one command, followed by a PING whose reply
-shows they are in place), then reads the key, which closes the race with a result stored before
-the subscription, then waits for the message. When the pub/sub connection drops, it reconnects
+``wait`` first reads the key while most recent waits found their state ready at their first read (as
+when results are collected after the tasks were sent): such a state is returned in that one round
+trip, without subscribing. Otherwise (as when each result is waited for right after its task was
+sent) it goes straight to ONE pub/sub connection per backend, shared by all waiters: a waiter
+subscribes to its task's channel (the SUBSCRIBEs of a loop turn go in one command, followed by a PING
+whose reply shows they are in place), then reads the key, which closes the race with a result stored
+before the subscription, then waits for the message. When the pub/sub connection drops, it reconnects
 with backoff, subscribes again, and every waiter reads its key again.
 
 Connections (redis.asyncio connections, RESP2, hiredis when installed): exactly two per backend,
@@ -57,6 +59,8 @@ _LOST = (RedisConnectionError, RedisTimeoutError, OSError)
 _STOP_TIMEOUT = 5.0
 """Longest wait for the result listener's tasks to stop on close."""
 _MAX_BATCH = 2000
+_FOUND_WINDOW = 8
+"""About how many recent waits decide whether the next one reads before it subscribes."""
 _STORE = (Path(__file__).parent / "redis_store.lua").read_bytes()
 _CHORD = (Path(__file__).parent / "redis_chord.lua").read_text()
 Command = tuple[Any, ...]
@@ -98,6 +102,8 @@ class RedisBackend(ResultBackend):
         self.ttl_ms = int(expires * 1000) if expires and expires > 0 else 0
         self.format = self.serializer.name if self.serializer.name in ("json", "msgpack") else ""
         self._open(url, client_name, sentinel)
+        self._found_ready = 1.0
+        """How often a wait's first read found the state ready, of late (a moving average, 0 to 1)."""
 
     schemes: tuple[str, ...] = ("redis", "rediss", "sentinel")
 
@@ -173,17 +179,26 @@ class RedisBackend(ResultBackend):
             raise TimeoutError(f"The operation timed out waiting for task {task_id}.") from None
 
     async def _wait(self, task_id: str) -> TaskMeta:
-        meta = await self.get(task_id)
-        if meta.ready:
-            return meta  # most often stored already (results collected after sending): no subscription
+        read_first = self._found_ready >= 0.5
+        if read_first:
+            meta = await self.get(task_id)
+            self._found(meta.ready)
+            if meta.ready:
+                return meta  # one round trip, no subscription
         async with self._listener.watch(self.key(task_id).encode()) as inbox:
             meta = await self.get(task_id)
+            if not read_first:
+                self._found(meta.ready)
             while not meta.ready:
                 data = await inbox.get()
                 if isinstance(data, OperationalError):
                     raise data
                 meta = await self.get(task_id) if data is None else self._decode(data)
             return meta
+
+    def _found(self, ready: bool) -> None:
+        """Count one first read of a wait: whether the state was ready already."""
+        self._found_ready += ((1.0 if ready else 0.0) - self._found_ready) / _FOUND_WINDOW
 
     def _decode(self, data: bytes) -> TaskMeta:
         return TaskMeta.from_dict(self.serializer.decode(data))

@@ -206,6 +206,48 @@ async def test_wait_for_a_result_stored_already_reads_it_without_subscribing(
     assert meta.result == "stored"
 
 
+async def test_waits_subscribe_first_while_results_are_not_ready_at_once_and_read_first_again_after(
+    backend: RedisBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[str] = []
+    get = backend.get
+
+    async def counted(task_id: str) -> TaskMeta:
+        reads.append(task_id)
+        return await get(task_id)
+
+    monkeypatch.setattr(backend, "get", counted)
+
+    async def wait_for_late_result() -> None:
+        tid = uuid.uuid4().hex
+        waiting = asyncio.ensure_future(backend.wait(tid, timeout=5))
+        await asyncio.sleep(0.05)
+        await backend.store(TaskMeta(tid, states.SUCCESS, 1))
+        assert (await asyncio.wait_for(waiting, 5)).result == 1
+
+    # Given waits whose results were stored only after they started (as a result waited for right
+    # after its task was sent)
+    for _ in range(8):
+        await wait_for_late_result()
+    # When one more such wait runs; Then it reads the key once only, after subscribing
+    reads.clear()
+    await wait_for_late_result()
+    assert len(reads) == 1
+    # And when results are ready at once again for a while, a wait reads first and does not subscribe
+    for _ in range(8):
+        tid = uuid.uuid4().hex
+        await backend.store(TaskMeta(tid, states.SUCCESS, 2))
+        assert (await asyncio.wait_for(backend.wait(tid, timeout=5), 5)).result == 2
+    tid = uuid.uuid4().hex
+    await backend.store(TaskMeta(tid, states.SUCCESS, 3))
+
+    def no_watch(channel: bytes) -> Any:
+        raise AssertionError(f"subscribed to {channel!r}")
+
+    monkeypatch.setattr(backend._listener, "watch", no_watch)
+    assert (await asyncio.wait_for(backend.wait(tid, timeout=5), 5)).result == 3
+
+
 async def test_wait_is_woken_by_a_store_from_another_backend(make_backend: Factory) -> None:
     # Given a waiter on one backend
     waiter, writer = await make_backend(), await make_backend(client_name="writer")
