@@ -353,7 +353,11 @@ class Outbox:
                     except Exception:
                         continue  # their futures have failed with the reason; the channel is closing
                 elif not self.channel.is_closed:
-                    await self._put(b"".join(frames))
+                    self._writing = True  # write_now must not pass these (a multiple ack could)
+                    try:
+                        await self._put(b"".join(frames))
+                    finally:
+                        self._writing = False
         finally:
             self._flushing = None
 
