@@ -96,8 +96,12 @@ class _Child:
         return f"Process 'Worker-{self.index}' pid:{self.process.pid}"
 
     def signal(self, signum: int) -> None:
-        with suppress(ProcessLookupError):
-            self.process.send_signal(signum)
+        # Not Process.send_signal: subprocess polls first (waitpid), which reaps a child that has just
+        # exited before asyncio's child watcher does; the watcher then reports exit code 255.
+        # Until the watcher reaps it, the pid stays this child's (a zombie at worst).
+        if self.process.returncode is None:
+            with suppress(ProcessLookupError):
+                os.kill(self.process.pid, signum)
 
 
 class Supervisor:
