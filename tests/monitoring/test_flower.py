@@ -60,7 +60,9 @@ async def test_flower_lists_an_aqueue_worker_and_a_finished_task(side: Side) -> 
             task = tasks[sent.id]
             assert (task["name"], task["result"], task["worker"]) == ("tasks.add", "5", name)
             # And /api/workers lists the worker with what inspect told (stats, registered, queues)
-            workers = await poll(http, "/api/workers?refresh=1", lambda w: "stats" in w.get(name, {}))
+            # (each refresh asks again; Flower fills in each inspect reply that came in time)
+            told = {"stats", "registered", "active_queues"}
+            workers = await poll(http, "/api/workers?refresh=1", lambda w: told <= set(w.get(name, {})))
             worker = workers[name]
             assert worker["stats"]["pool"]["max-concurrency"] == 4
             assert "tasks.add" in worker["registered"]
