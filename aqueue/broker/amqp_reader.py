@@ -205,12 +205,7 @@ class _Router:
         if content[4] >= (content[2].body_size or 0):
             self._content = None
             deliver, callback, header, parts = content[:4]
-            body = parts[0] if len(parts) == 1 else b"".join(parts)
-            message = DeliveredMessage(delivery=deliver, header=header, body=body, channel=self.channel)
-            try:
-                callback(message)
-            except Exception:
-                log.exception("Consumer callback failed")
+            _hand_over(self.channel, callback, deliver, header, parts)
         return True
 
     def _unexpected(self, frame: Any) -> bool:
@@ -282,11 +277,22 @@ def _direct(channel: Channel) -> dict[str, OnMessage]:
                 break
             parts.append(content.value)
             got += len(content.value)
-        body = parts[0] if len(parts) == 1 else b"".join(parts)
-        try:
-            callback(DeliveredMessage(delivery=frame, header=header, body=body, channel=channel))
-        except Exception:
-            log.exception("Consumer callback failed")
+        _hand_over(channel, callback, frame, header, parts)
 
     channel._on_deliver_frame = on_deliver  # type: ignore[method-assign]
     return plain
+
+
+def _hand_over(
+    channel: Channel,
+    callback: OnMessage,
+    deliver: spec.Basic.Deliver,
+    header: ContentHeader,
+    parts: list[bytes],
+) -> None:
+    """Call ``callback`` with the delivery whose body came in ``parts``; log what it raises."""
+    body = parts[0] if len(parts) == 1 else b"".join(parts)
+    try:
+        callback(DeliveredMessage(delivery=deliver, header=header, body=body, channel=channel))
+    except Exception:
+        log.exception("Consumer callback failed")
